@@ -1,0 +1,21 @@
+"""The project's exception types: every failure a user can cause maps to one of these."""
+
+
+class InnsteerError(Exception):
+    """Base class of all innsteer-local errors."""
+
+
+class FlowFormatError(InnsteerError, ValueError):
+    """A flow file is missing, truncated, corrupted, not a flow, or fails validation."""
+
+
+class FlowMismatchError(InnsteerError, ValueError):
+    """A flow does not fit the model it is attached to (width or layer)."""
+
+
+class ModelError(InnsteerError):
+    """A model cannot be found, fetched or verified."""
+
+
+class SteeringError(InnsteerError, RuntimeError):
+    """Steering could not be applied (e.g. the model never computes the steered tensor)."""

@@ -1,0 +1,571 @@
+"""Flows: the invertible map phi and latent shift delta for each steered layer.
+
+A flow is an ordered list of op kinds per layer (affine, subspace, coupling, permute, linear),
+followed by the shift. The same list is the GGUF layout (docs/flow-format.md), the C structs
+(native/src/flow.h) and the torch modules. The NumPy maps here are the reference that the
+native library is tested against:
+
+    h' = phi^-1( phi(h) + a * (delta + edit_scale * phi(h)) )
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from .errors import FlowFormatError
+
+FORMAT_VERSION = 1
+ARCHITECTURE = "innsteer"
+METHODS = ("innsteer", "mean-diff", "pca", "affine-ot", "cvec", "random")
+ACTIVATIONS = ("relu", "tanh", "silu")
+
+# caps shared with native/src/flow.c
+MAX_EMBD = 65536
+MAX_SITES = 512
+MAX_OPS = 64
+MAX_MLP_LAYERS = 4
+MAX_WIDTH = 65536
+
+
+def _activate(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    if name == "tanh":
+        return np.tanh(x)
+    return x / (1.0 + np.exp(-x))
+
+
+@dataclass
+class Affine:
+    """Per-dimension affine map y = x * scale + bias (input normalisation)."""
+
+    scale: np.ndarray
+    bias: np.ndarray
+    kind = "affine"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x * self.scale + self.bias
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        return (y - self.bias) / self.scale
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"scale": self.scale, "bias": self.bias}
+
+
+@dataclass
+class Subspace:
+    """Restricts the following ops to span(basis rows); the orthogonal rest passes unchanged."""
+
+    basis: np.ndarray  # (rank, n_embd), orthonormal rows
+    kind = "subspace"
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"basis": self.basis}
+
+
+@dataclass
+class Coupling:
+    """Affine coupling: x[d1:] <- x[d1:] * exp(s) + t with (s_raw, t) = mlp(x[:d1]) and
+    s = clamp * tanh(s_raw / clamp). weights[k] has shape (out_k, in_k)."""
+
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+    clamp: float = 2.0
+    activation: str = "silu"
+    kind = "coupling"
+
+    def _params(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        d1 = x.shape[-1] // 2
+        d2 = x.shape[-1] - d1
+        h = x[..., :d1]
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = h @ w.T.astype(np.float64) + b
+            if k + 1 < len(self.weights):
+                h = _activate(self.activation, h)
+        s = self.clamp * np.tanh(h[..., :d2] / self.clamp)
+        return s, h[..., d2:], d1
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        s, t, d1 = self._params(x)
+        y = x.copy()
+        y[..., d1:] = x[..., d1:] * np.exp(s) + t
+        return y
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        s, t, d1 = self._params(y)
+        x = y.copy()
+        x[..., d1:] = (y[..., d1:] - t) * np.exp(-s)
+        return x
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            out[f"w{k}"] = w
+            out[f"b{k}"] = b
+        return out
+
+
+@dataclass
+class Permute:
+    """y[i] = x[perm[i]]: mixes which coordinates the next coupling conditions on."""
+
+    perm: np.ndarray
+    kind = "permute"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x[..., self.perm]
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        x = np.empty_like(y)
+        x[..., self.perm] = y
+        return x
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"perm": self.perm.astype(np.int32)}
+
+
+@dataclass
+class Linear:
+    """Invertible dense map y = matrix x + bias; the file stores the inverse as well."""
+
+    matrix: np.ndarray
+    matrix_inv: np.ndarray
+    bias: np.ndarray
+    kind = "linear"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.matrix.T.astype(np.float64) + self.bias
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        return (y - self.bias) @ self.matrix_inv.T.astype(np.float64)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"matrix": self.matrix, "matrix_inv": self.matrix_inv, "bias": self.bias}
+
+
+Op = Union[Affine, Subspace, Coupling, Permute, Linear]
+OP_KINDS = {cls.kind: cls for cls in (Affine, Subspace, Coupling, Permute, Linear)}
+
+
+@dataclass
+class Site:
+    """The flow at one layer."""
+
+    layer: int
+    ops: list[Op]
+    delta: np.ndarray
+    edit_scale: np.ndarray | None = None
+
+    @property
+    def subspace_index(self) -> int:
+        return next((i for i, op in enumerate(self.ops) if isinstance(op, Subspace)), -1)
+
+    def _split(self) -> tuple[list[Op], Subspace | None, list[Op]]:
+        k = self.subspace_index
+        if k < 0:
+            return list(self.ops), None, []
+        return list(self.ops[:k]), self.ops[k], list(self.ops[k + 1 :])  # type: ignore[return-value]
+
+    def forward(self, h: np.ndarray) -> np.ndarray:
+        """phi(h), n_embd wide (a subspace op leaves the complement unchanged)."""
+        pre, sub, post = self._split()
+        x = np.asarray(h, dtype=np.float64)
+        for op in pre:
+            x = op.forward(x)
+        if sub is not None:
+            u = sub.basis.astype(np.float64)
+            y0 = x @ u.T
+            y = y0
+            for op in post:
+                y = op.forward(y)
+            x = x + (y - y0) @ u
+        return x
+
+    def inverse(self, z: np.ndarray) -> np.ndarray:
+        pre, sub, post = self._split()
+        x = np.asarray(z, dtype=np.float64)
+        if sub is not None:
+            u = sub.basis.astype(np.float64)
+            y0 = x @ u.T
+            y = y0
+            for op in reversed(post):
+                y = op.inverse(y)
+            x = x + (y - y0) @ u
+        for op in reversed(pre):
+            x = op.inverse(x)
+        return x
+
+    def steer(self, h: np.ndarray, strength: float) -> np.ndarray:
+        """h' = phi^-1(phi(h) + a (delta + edit_scale * phi(h))), in float64."""
+        pre, sub, post = self._split()
+        x = np.asarray(h, dtype=np.float64)
+        for op in pre:
+            x = op.forward(x)
+        if sub is not None:
+            u = sub.basis.astype(np.float64)
+            y0 = x @ u.T
+            y = y0
+            for op in post:
+                y = op.forward(y)
+            y = self._shift(y, strength)
+            for op in reversed(post):
+                y = op.inverse(y)
+            x = x + (y - y0) @ u
+        else:
+            x = self._shift(x, strength)
+        for op in reversed(pre):
+            x = op.inverse(x)
+        return x
+
+    def _shift(self, z: np.ndarray, strength: float) -> np.ndarray:
+        edit = self.delta.astype(np.float64)
+        if self.edit_scale is not None:
+            edit = edit + self.edit_scale * z
+        return z + strength * edit
+
+    @property
+    def latent_dim(self) -> int:
+        k = self.subspace_index
+        return self.ops[k].rank if k >= 0 else int(self.delta.shape[0])  # type: ignore[union-attr]
+
+    def is_linear(self) -> bool:
+        return all(isinstance(op, (Affine, Permute, Linear, Subspace)) for op in self.ops)
+
+
+@dataclass
+class ModelInfo:
+    """The model a flow was trained for."""
+
+    name: str
+    architecture: str
+    n_embd: int
+    n_layer: int
+
+
+@dataclass
+class Flow:
+    """A steering flow for one model, at one or more layers."""
+
+    model: ModelInfo
+    sites: list[Site]
+    method: str = "innsteer"
+    behavior: str = ""
+    default_strength: float = 1.0
+    name: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return [s.layer for s in self.sites]
+
+    def site(self, layer: int) -> Site:
+        for s in self.sites:
+            if s.layer == layer:
+                return s
+        raise KeyError(f"flow has no site at layer {layer} (layers: {self.layers})")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Flow":
+        return read_flow(path)
+
+    def save(self, path: str | os.PathLike[str], dtype: str = "f32") -> None:
+        from .converters.flow_gguf import write_flow
+
+        write_flow(self, path, dtype=dtype)
+
+    @classmethod
+    def linear(cls, vectors: dict[int, np.ndarray], model: ModelInfo, **meta: Any) -> "Flow":
+        """A plain steering vector per layer (identity phi): h' = h + a * v."""
+        sites = [Site(layer=int(l), ops=[], delta=np.asarray(v, dtype=np.float32)) for l, v in sorted(vectors.items())]
+        return cls(model=model, sites=sites, **meta)
+
+    def describe(self) -> dict[str, Any]:
+        """Everything in the file, as plain data (for `inspect --json`)."""
+        sites = []
+        for s in self.sites:
+            ops = []
+            for op in s.ops:
+                entry: dict[str, Any] = {"kind": op.kind}
+                if isinstance(op, Coupling):
+                    entry.update(clamp=op.clamp, activation=op.activation,
+                                 widths=[int(op.weights[0].shape[1])] + [int(w.shape[0]) for w in op.weights])
+                if isinstance(op, Subspace):
+                    entry["rank"] = op.rank
+                entry["tensors"] = {k: list(v.shape) for k, v in op.tensors().items()}
+                entry["parameters"] = int(sum(v.size for v in op.tensors().values()))
+                ops.append(entry)
+            sites.append({
+                "layer": s.layer,
+                "ops": ops,
+                "latent_dim": s.latent_dim,
+                "delta_norm": float(np.linalg.norm(s.delta)),
+                "has_edit_scale": s.edit_scale is not None,
+                "parameters": int(sum(o["parameters"] for o in ops) + s.delta.size +
+                                  (s.edit_scale.size if s.edit_scale is not None else 0)),
+            })
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "behavior": self.behavior,
+            "method": self.method,
+            "default_strength": self.default_strength,
+            "model": vars(self.model).copy(),
+            "layers": self.layers,
+            "sites": sites,
+            "provenance": self.provenance,
+        }
+
+
+# ---- reading -----------------------------------------------------------------------------
+
+
+class _Fields:
+    """Typed access to GGUF key/values with messages that name the key."""
+
+    def __init__(self, reader: Any):
+        from gguf import GGUFValueType
+
+        self._vt = GGUFValueType
+        self._fields = reader.fields
+
+    def has(self, key: str) -> bool:
+        return key in self._fields
+
+    def _get(self, key: str, types: tuple[Any, ...], what: str) -> Any:
+        f = self._fields.get(key)
+        if f is None:
+            raise FlowFormatError(f"missing {what} {key}")
+        if not f.types or f.types[0] not in types:
+            raise FlowFormatError(f"{key} must be {what}, found {[t.name for t in f.types]}")
+        return f
+
+    def u32(self, key: str) -> int:
+        f = self._get(key, (self._vt.UINT32, self._vt.INT32), "a u32")
+        v = int(f.contents())
+        if v < 0:
+            raise FlowFormatError(f"{key} must be non-negative, found {v}")
+        return v
+
+    def f32(self, key: str) -> float:
+        return float(self._get(key, (self._vt.FLOAT32,), "an f32").contents())
+
+    def str(self, key: str) -> str:
+        f = self._get(key, (self._vt.STRING,), "a string")
+        return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
+
+    def u32_array(self, key: str) -> list[int]:
+        f = self._get(key, (self._vt.ARRAY,), "an array of u32")
+        if len(f.types) < 2 or f.types[1] not in (self._vt.UINT32, self._vt.INT32):
+            raise FlowFormatError(f"{key} must be an array of u32")
+        vals = [int(f.parts[i][0]) for i in f.data]
+        if any(v < 0 for v in vals):
+            raise FlowFormatError(f"{key} has negative entries")
+        return vals
+
+
+class _Tensors:
+    def __init__(self, reader: Any):
+        from gguf import GGMLQuantizationType as Q
+
+        self._q = Q
+        self._by_name = {}
+        for t in reader.tensors:
+            if t.name in self._by_name:
+                raise FlowFormatError(f"duplicate tensor '{t.name}'")
+            self._by_name[t.name] = t
+
+    def has(self, name: str) -> bool:
+        return name in self._by_name
+
+    def get(self, name: str, shape: tuple[int, ...], integer: bool = False) -> np.ndarray:
+        t = self._by_name.get(name)
+        if t is None:
+            raise FlowFormatError(f"missing tensor '{name}'")
+        ne = [int(d) for d in t.shape]
+        want_ne = list(reversed(shape))
+        if ne + [1] * (len(want_ne) - len(ne)) != want_ne + [1] * (len(ne) - len(want_ne)):
+            raise FlowFormatError(f"tensor '{name}' has shape {list(reversed(ne))}, expected {list(shape)}")
+        if integer:
+            if t.tensor_type != self._q.I32:
+                raise FlowFormatError(f"tensor '{name}' must be i32, found {t.tensor_type.name}")
+            return np.array(t.data, dtype=np.int32).reshape(shape)
+        if t.tensor_type not in (self._q.F32, self._q.F16):
+            raise FlowFormatError(f"tensor '{name}' must be f32 or f16, found {t.tensor_type.name}")
+        arr = np.array(t.data, dtype=np.float32).reshape(shape)
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.flatnonzero(~np.isfinite(arr.ravel()))[0])
+            raise FlowFormatError(f"tensor '{name}' element {bad} is not finite")
+        return arr
+
+
+def read_flow(path: str | os.PathLike[str]) -> Flow:
+    """Reads and validates a flow file. Raises FlowFormatError with a specific message."""
+    p = Path(path)
+    if not p.exists():
+        raise FlowFormatError(f"flow file not found: {p}")
+    if not p.is_file():
+        raise FlowFormatError(f"not a file: {p}")
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise FlowFormatError(f"{p} is not a GGUF file (bad magic bytes {magic!r})")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(p))
+    except FlowFormatError:
+        raise
+    except Exception as e:  # the gguf reader raises many types on corrupt input
+        raise FlowFormatError(f"{p} is corrupt or truncated: {type(e).__name__}: {e}") from None
+    try:
+        return _build(_Fields(reader), _Tensors(reader))
+    except FlowFormatError as e:
+        raise FlowFormatError(f"{p}: {e}") from None
+    except Exception as e:
+        raise FlowFormatError(f"{p} is corrupt: {type(e).__name__}: {e}") from None
+
+
+def _build(kv: _Fields, tensors: _Tensors) -> Flow:
+    arch = kv.str("general.architecture") if kv.has("general.architecture") else ""
+    if arch != ARCHITECTURE:
+        raise FlowFormatError(f"not an innsteer flow file: general.architecture is '{arch}', expected '{ARCHITECTURE}'")
+    version = kv.u32("innsteer.format_version")
+    if version != FORMAT_VERSION:
+        raise FlowFormatError(f"flow format version {version}, this reader supports version {FORMAT_VERSION}")
+    n_embd = kv.u32("innsteer.model.n_embd")
+    n_layer = kv.u32("innsteer.model.n_layer")
+    if not 1 <= n_embd <= MAX_EMBD:
+        raise FlowFormatError(f"innsteer.model.n_embd {n_embd} outside 1..{MAX_EMBD}")
+    if not 1 <= n_layer <= 100000:
+        raise FlowFormatError(f"innsteer.model.n_layer {n_layer} outside 1..100000")
+    strength = kv.f32("innsteer.default_strength")
+    if not math.isfinite(strength):
+        raise FlowFormatError("innsteer.default_strength is not finite")
+    model = ModelInfo(
+        name=kv.str("innsteer.model.name") if kv.has("innsteer.model.name") else "",
+        architecture=kv.str("innsteer.model.architecture") if kv.has("innsteer.model.architecture") else "",
+        n_embd=n_embd,
+        n_layer=n_layer,
+    )
+    layers = kv.u32_array("innsteer.layers")
+    if not 1 <= len(layers) <= MAX_SITES:
+        raise FlowFormatError(f"innsteer.layers has {len(layers)} entries, expected 1..{MAX_SITES}")
+    sites = []
+    for si, layer in enumerate(layers):
+        if layer >= n_layer:
+            raise FlowFormatError(f"innsteer.layers[{si}] = {layer} is outside the model's 0..{n_layer - 1}")
+        if layer in layers[:si]:
+            raise FlowFormatError(f"layer {layer} appears twice in innsteer.layers")
+        sites.append(_read_site(kv, tensors, si, layer, n_embd))
+    provenance: dict[str, Any] = {}
+    if kv.has("innsteer.provenance"):
+        try:
+            provenance = json.loads(kv.str("innsteer.provenance"))
+        except json.JSONDecodeError as e:
+            raise FlowFormatError(f"innsteer.provenance is not valid JSON: {e}") from None
+        if not isinstance(provenance, dict):
+            raise FlowFormatError("innsteer.provenance must be a JSON object")
+    return Flow(
+        model=model,
+        sites=sites,
+        method=kv.str("innsteer.method") if kv.has("innsteer.method") else "",
+        behavior=kv.str("innsteer.behavior") if kv.has("innsteer.behavior") else "",
+        default_strength=strength,
+        name=kv.str("general.name") if kv.has("general.name") else "",
+        provenance=provenance,
+    )
+
+
+def _read_site(kv: _Fields, tensors: _Tensors, si: int, layer: int, n_embd: int) -> Site:
+    kinds = [k for k in kv.str(f"innsteer.site.{si}.ops").split(" ") if k]
+    if len(kinds) > MAX_OPS:
+        raise FlowFormatError(f"innsteer.site.{si}.ops has {len(kinds)} ops, cap is {MAX_OPS}")
+    dim = n_embd
+    ops: list[Op] = []
+    for k, kind in enumerate(kinds):
+        prefix = f"site.{si}.op.{k}"
+        if kind == "affine":
+            scale = tensors.get(f"{prefix}.scale", (dim,))
+            mag = np.abs(scale)
+            if not np.all((mag >= np.float32(1e-6)) & (mag <= np.float32(1e6))):
+                i = int(np.flatnonzero(~((mag >= np.float32(1e-6)) & (mag <= np.float32(1e6))))[0])
+                raise FlowFormatError(f"site {si} op {k} (affine): scale[{i}] = {scale[i]} is outside 1e-6..1e6 in magnitude")
+            ops.append(Affine(scale=scale, bias=tensors.get(f"{prefix}.bias", (dim,))))
+        elif kind == "subspace":
+            if any(isinstance(o, Subspace) for o in ops):
+                raise FlowFormatError(f"site {si}: more than one subspace op")
+            basis_t = tensors._by_name.get(f"{prefix}.basis")
+            if basis_t is None:
+                raise FlowFormatError(f"missing tensor '{prefix}.basis'")
+            rank = int(basis_t.shape[1]) if len(basis_t.shape) > 1 else 1
+            if not 1 <= rank <= n_embd:
+                raise FlowFormatError(f"site {si} op {k}: subspace rank {rank} outside 1..{n_embd}")
+            basis = tensors.get(f"{prefix}.basis", (rank, n_embd))
+            gram = basis.astype(np.float64) @ basis.T.astype(np.float64)
+            if np.max(np.abs(gram - np.eye(rank))) > 1e-3:
+                raise FlowFormatError(f"site {si} op {k}: subspace basis rows are not orthonormal")
+            ops.append(Subspace(basis=basis))
+            dim = rank
+        elif kind == "coupling":
+            if dim < 2:
+                raise FlowFormatError(f"site {si} op {k}: coupling needs width >= 2, got {dim}")
+            n_layers = kv.u32(f"innsteer.{prefix}.mlp_layers")
+            if not 1 <= n_layers <= MAX_MLP_LAYERS:
+                raise FlowFormatError(f"innsteer.{prefix}.mlp_layers must be in 1..{MAX_MLP_LAYERS}, found {n_layers}")
+            clamp = kv.f32(f"innsteer.{prefix}.clamp")
+            if not 0.0 < clamp <= 20.0:
+                raise FlowFormatError(f"innsteer.{prefix}.clamp must be in (0, 20], found {clamp}")
+            act = kv.str(f"innsteer.{prefix}.activation")
+            if act not in ACTIVATIONS:
+                raise FlowFormatError(f"innsteer.{prefix}.activation: unknown activation '{act[:40]}'")
+            d1, d2 = dim // 2, dim - dim // 2
+            width, weights, biases = d1, [], []
+            for j in range(n_layers):
+                wt = tensors._by_name.get(f"{prefix}.w{j}")
+                if wt is None:
+                    raise FlowFormatError(f"missing tensor '{prefix}.w{j}'")
+                out = 2 * d2 if j + 1 == n_layers else (int(wt.shape[1]) if len(wt.shape) > 1 else 1)
+                if out > MAX_WIDTH:
+                    raise FlowFormatError(f"tensor '{prefix}.w{j}': hidden width above {MAX_WIDTH}")
+                weights.append(tensors.get(f"{prefix}.w{j}", (out, width)))
+                biases.append(tensors.get(f"{prefix}.b{j}", (out,)))
+                width = out
+            ops.append(Coupling(weights=weights, biases=biases, clamp=clamp, activation=act))
+        elif kind == "permute":
+            perm = tensors.get(f"{prefix}.perm", (dim,), integer=True)
+            if sorted(perm.tolist()) != list(range(dim)):
+                raise FlowFormatError(f"tensor '{prefix}.perm' is not a permutation of 0..{dim - 1}")
+            ops.append(Permute(perm=perm))
+        elif kind == "linear":
+            ops.append(Linear(matrix=tensors.get(f"{prefix}.matrix", (dim, dim)),
+                              matrix_inv=tensors.get(f"{prefix}.matrix_inv", (dim, dim)),
+                              bias=tensors.get(f"{prefix}.bias", (dim,))))
+        else:
+            raise FlowFormatError(f"site {si} op {k}: unknown op kind '{kind[:40]}'")
+    delta = tensors.get(f"site.{si}.delta", (dim,))
+    edit_scale = tensors.get(f"site.{si}.edit_scale", (dim,)) if tensors.has(f"site.{si}.edit_scale") else None
+    site = Site(layer=layer, ops=ops, delta=delta, edit_scale=edit_scale)
+    _check_roundtrip(site, si, n_embd)
+    return site
+
+
+def _check_roundtrip(site: Site, si: int, n_embd: int) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-2.0, 2.0, size=(3, n_embd))
+    with np.errstate(all="ignore"):
+        back = site.inverse(site.forward(x))
+    err = np.linalg.norm(back - x, axis=1)
+    if not np.all(np.isfinite(back)) or np.any(err > 1e-3 * np.linalg.norm(x, axis=1) + 1e-6):
+        raise FlowFormatError(f"site {si} (layer {site.layer}): phi is not invertible on a probe row")

@@ -1,0 +1,132 @@
+/*
+ * innsteer: nonlinear activation steering for llama.cpp.
+ *
+ * A flow file (GGUF, see docs/flow-format.md) holds, for one or more layers, an invertible map
+ * phi and a latent shift delta. Steering replaces every token row h of the layer output
+ * `l_out-<layer>` by
+ *
+ *     h' = phi^-1( phi(h) + a * (delta + edit_scale * phi(h)) )
+ *
+ * (edit_scale is zero except for per-dimension affine transport flows), computed in
+ * llama.cpp's scheduler eval callback. A flow's layer L is the layer where llama.cpp applies
+ * a control vector's `direction.L`, so both number layers alike.
+ *
+ * Usage from C, next to llama.cpp:
+ *
+ *     innsteer_flow *flow; char err[256];
+ *     if (innsteer_flow_load("honesty.gguf", &flow, err, sizeof err) != INNSTEER_OK) { ...err... }
+ *     innsteer_steerer *st = innsteer_steerer_new(llama_model_n_embd(model), llama_model_n_layer(model), 512);
+ *     int id; innsteer_steerer_attach(st, flow, 4.0f, &id, err, sizeof err);
+ *     cparams.cb_eval = innsteer_eval_callback; cparams.cb_eval_user_data = st;
+ *     ... llama_init_from_model(model, cparams) ... llama_decode(...) ...
+ *     innsteer_steerer_set_strength(st, id, 2.0f);   // takes effect at the next callback
+ *
+ * All functions return a status instead of aborting; where an `err` buffer is given it receives
+ * a message naming the offending value. The library links only against ggml-base.
+ */
+#ifndef INNSTEER_H
+#define INNSTEER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define INNSTEER_API __declspec(dllexport)
+#else
+#define INNSTEER_API __attribute__((visibility("default")))
+#endif
+
+#define INNSTEER_FORMAT_VERSION 1
+
+typedef enum {
+    INNSTEER_OK = 0,
+    INNSTEER_ERR_IO = 1,          /* file missing or unreadable */
+    INNSTEER_ERR_FORMAT = 2,      /* not a GGUF file, truncated or corrupted */
+    INNSTEER_ERR_NOT_FLOW = 3,    /* a valid GGUF file that is not an innsteer flow */
+    INNSTEER_ERR_UNSUPPORTED = 4, /* newer format version or unknown op kind */
+    INNSTEER_ERR_INVALID = 5,     /* flow content fails validation (non-finite, not invertible, ...) */
+    INNSTEER_ERR_MISMATCH = 6,    /* flow does not fit the model (n_embd, layer) */
+    INNSTEER_ERR_ARG = 7,         /* bad argument (NULL, unknown id, non-finite strength) */
+    INNSTEER_ERR_NOMEM = 8,
+} innsteer_status;
+
+typedef struct innsteer_flow innsteer_flow;
+typedef struct innsteer_steerer innsteer_steerer;
+struct ggml_tensor;
+
+INNSTEER_API const char *innsteer_status_name(innsteer_status status);
+
+/* ---- flows ------------------------------------------------------------------------------ */
+
+INNSTEER_API innsteer_status innsteer_flow_load(const char *path, innsteer_flow **out, char *err, size_t err_size);
+/* Same validation as innsteer_flow_load on an in-memory copy of a file (the data is copied). */
+INNSTEER_API innsteer_status innsteer_flow_load_buffer(const void *data, size_t size, innsteer_flow **out,
+                                                       char *err, size_t err_size);
+/* Flows are reference counted: a steerer keeps the flows attached to it alive. */
+INNSTEER_API void innsteer_flow_free(innsteer_flow *flow);
+
+INNSTEER_API int innsteer_flow_n_embd(const innsteer_flow *flow);
+INNSTEER_API int innsteer_flow_n_sites(const innsteer_flow *flow);
+INNSTEER_API int innsteer_flow_site_layer(const innsteer_flow *flow, int site);
+INNSTEER_API float innsteer_flow_default_strength(const innsteer_flow *flow);
+
+/* The maps themselves, row by row (rows are n_embd floats, contiguous). phi's latent lives in
+ * the same n_embd-dimensional space. These allocate scratch per call: use them for tests and
+ * tools; the eval callback does not. */
+INNSTEER_API innsteer_status innsteer_flow_forward(const innsteer_flow *flow, int site, const float *in, float *out,
+                                                   int64_t n_rows);
+INNSTEER_API innsteer_status innsteer_flow_inverse(const innsteer_flow *flow, int site, const float *in, float *out,
+                                                   int64_t n_rows);
+INNSTEER_API innsteer_status innsteer_flow_steer(const innsteer_flow *flow, int site, float strength, const float *in,
+                                                 float *out, int64_t n_rows);
+
+/* ---- steering inside llama.cpp ---------------------------------------------------------- */
+
+/* max_rows: the largest batch a callback will see (llama.cpp's n_ubatch); scratch grows if a
+ * larger one arrives. Returns NULL on bad sizes or out of memory. */
+INNSTEER_API innsteer_steerer *innsteer_steerer_new(int n_embd, int n_layer, int max_rows);
+INNSTEER_API void innsteer_steerer_free(innsteer_steerer *st);
+
+/* Flows at the same layer apply in attach order; layers apply in forward-pass order. */
+INNSTEER_API innsteer_status innsteer_steerer_attach(innsteer_steerer *st, innsteer_flow *flow, float strength,
+                                                     int *id_out, char *err, size_t err_size);
+INNSTEER_API innsteer_status innsteer_steerer_detach(innsteer_steerer *st, int id);
+INNSTEER_API innsteer_status innsteer_steerer_set_strength(innsteer_steerer *st, int id, float strength);
+INNSTEER_API innsteer_status innsteer_steerer_set_enabled(innsteer_steerer *st, int id, bool enabled);
+/* Master switch over all attached flows. */
+INNSTEER_API void innsteer_steerer_set_active(innsteer_steerer *st, bool active);
+
+/* Call another eval callback as well (e.g. one the application already used). */
+INNSTEER_API void innsteer_steerer_chain(innsteer_steerer *st,
+                                         bool (*cb)(struct ggml_tensor *t, bool ask, void *user_data),
+                                         void *user_data);
+
+/* Capture rows of l_out-<layer> before (post=false) or after (post=true) steering, appended
+ * in evaluation order. */
+INNSTEER_API innsteer_status innsteer_steerer_capture(innsteer_steerer *st, int layer, bool post, bool on);
+INNSTEER_API int64_t innsteer_steerer_captured_rows(const innsteer_steerer *st, int layer, bool post);
+INNSTEER_API innsteer_status innsteer_steerer_copy_captured(const innsteer_steerer *st, int layer, bool post,
+                                                            float *dst, int64_t max_rows);
+INNSTEER_API void innsteer_steerer_clear_captured(innsteer_steerer *st);
+
+/* Counters: how often l_out-<layer> was seen, rows steered, rows kept because steering made
+ * them non-finite. */
+INNSTEER_API uint64_t innsteer_steerer_layer_visits(const innsteer_steerer *st, int layer);
+INNSTEER_API uint64_t innsteer_steerer_rows_steered(const innsteer_steerer *st);
+INNSTEER_API uint64_t innsteer_steerer_rows_rejected(const innsteer_steerer *st);
+/* The last error met inside the callback (empty if none), e.g. a tensor of the wrong width. */
+INNSTEER_API const char *innsteer_steerer_last_error(const innsteer_steerer *st);
+
+/* The llama.cpp scheduler callback (ggml_backend_sched_eval_callback); user_data is the steerer. */
+INNSTEER_API bool innsteer_eval_callback(struct ggml_tensor *t, bool ask, void *user_data);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* INNSTEER_H */

@@ -1,0 +1,465 @@
+/* Flow loading: every value from the file is validated before it is used. */
+#include "flow.h"
+#include "gguf_read.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_EMBD 65536
+#define MAX_SITES 512
+#define MAX_WIDTH 65536
+#define MAX_FILE_BYTES ((size_t)1 << 31)
+#define ARENA_ALIGN 64
+
+const char *innsteer_status_name(innsteer_status status) {
+    switch (status) {
+        case INNSTEER_OK: return "ok";
+        case INNSTEER_ERR_IO: return "io error";
+        case INNSTEER_ERR_FORMAT: return "corrupt or truncated file";
+        case INNSTEER_ERR_NOT_FLOW: return "not a flow file";
+        case INNSTEER_ERR_UNSUPPORTED: return "unsupported flow";
+        case INNSTEER_ERR_INVALID: return "invalid flow";
+        case INNSTEER_ERR_MISMATCH: return "flow does not fit the model";
+        case INNSTEER_ERR_ARG: return "invalid argument";
+        case INNSTEER_ERR_NOMEM: return "out of memory";
+    }
+    return "unknown status";
+}
+
+typedef struct {
+    gguf_file g;
+    char *err;
+    size_t err_size;
+    uint8_t *arena;
+    size_t arena_used, arena_size;
+} loader;
+
+static innsteer_status failf(loader *L, innsteer_status st, const char *fmt, ...) {
+    if (L->err && L->err_size) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(L->err, L->err_size, fmt, ap);
+        va_end(ap);
+    }
+    return st;
+}
+
+/* Looks a tensor up, checks its shape (ne[0] = cols, ne[1] = rows) and copies it into the arena as
+ * f32 (or i32), rejecting non-finite values. */
+static innsteer_status load_tensor(loader *L, const char *name, int rows, int cols, bool is_int, const void **out) {
+    const gguf_tensor *t = gguf_find_tensor(&L->g, name);
+    if (!t) return failf(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
+    uint64_t want_rows = (uint64_t)rows;
+    bool shape_ok = t->ne[0] == (uint64_t)cols && t->ne[1] == want_rows && t->ne[2] == 1 && t->ne[3] == 1;
+    if (!shape_ok) {
+        return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' has shape [%llu x %llu], expected [%d x %d]", name,
+                     (unsigned long long)t->ne[1], (unsigned long long)t->ne[0], rows, cols);
+    }
+    if (is_int != (t->type == GT_I32)) {
+        return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' has ggml type %u, expected %s", name, t->type,
+                     is_int ? "i32" : "f32 or f16");
+    }
+    size_t n = (size_t)t->n_elements;
+    size_t bytes = (n * 4 + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+    if (bytes > L->arena_size - L->arena_used) return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' overflows the weight arena", name);
+    uint8_t *dst = L->arena + L->arena_used;
+    L->arena_used += bytes;
+    if (t->type == GT_F16) {
+        float *f = (float *)dst;
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, t->data + 2 * i, 2);
+            uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+            if (exp == 0x1f) {
+                return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' element %zu is not finite", name, i);
+            } else if (exp == 0) {
+                float v = ldexpf((float)mant, -24);
+                memcpy(&bits, &v, 4);
+                bits |= sign;
+            } else {
+                bits = sign | ((exp + 112) << 23) | (mant << 13);
+            }
+            memcpy(&f[i], &bits, 4);
+        }
+    } else {
+        memcpy(dst, t->data, n * 4);
+        if (!is_int) {
+            const float *f = (const float *)dst;
+            for (size_t i = 0; i < n; i++) {
+                if (!isfinite(f[i])) return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' element %zu is not finite", name, i);
+            }
+        }
+    }
+    *out = dst;
+    return INNSTEER_OK;
+}
+
+static innsteer_status load_vec(loader *L, const char *name, int n, const float **out) {
+    return load_tensor(L, name, 1, n, false, (const void **)out);
+}
+
+static innsteer_status load_mat(loader *L, const char *name, int rows, int cols, const float **out) {
+    return load_tensor(L, name, rows, cols, false, (const void **)out);
+}
+
+/* Orthonormal rows: |B B^T - I| below tol. */
+static bool rows_orthonormal(const float *b, int rows, int cols, float tol) {
+    for (int i = 0; i < rows; i++) {
+        for (int j = i; j < rows; j++) {
+            double acc = 0.0;
+            for (int k = 0; k < cols; k++) acc += (double)b[(size_t)i * cols + k] * b[(size_t)j * cols + k];
+            if (fabs(acc - (i == j ? 1.0 : 0.0)) > tol) return false;
+        }
+    }
+    return true;
+}
+
+/* Deterministic probe rows for the load-time invertibility check. */
+static void probe_row(float *v, int n, int seed) {
+    uint32_t s = 2463534242u + (uint32_t)seed * 7919u;
+    for (int i = 0; i < n; i++) {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        v[i] = ((float)(s & 0xffff) / 65535.0f - 0.5f) * 4.0f;
+    }
+}
+
+static innsteer_status load_op(loader *L, flow_site *s, int si, int k, gguf_str kind, int dim, int n_embd) {
+    flow_op *op = &s->ops[k];
+    char key[128], name[64];
+    innsteer_status st;
+    op->dim = dim;
+#define TNAME(suffix) (snprintf(name, sizeof name, "site.%d.op.%d.%s", si, k, suffix), name)
+    if (gguf_str_eq(kind, "affine")) {
+        op->kind = OP_AFFINE;
+        if ((st = load_vec(L, TNAME("scale"), dim, &op->scale)) || (st = load_vec(L, TNAME("bias"), dim, &op->bias))) return st;
+        for (int i = 0; i < dim; i++) {
+            float a = fabsf(op->scale[i]);
+            if (!(a >= 1e-6f && a <= 1e6f)) {
+                return failf(L, INNSTEER_ERR_INVALID, "site %d op %d (affine): scale[%d] = %g is outside 1e-6..1e6 in magnitude",
+                             si, k, i, (double)op->scale[i]);
+            }
+        }
+    } else if (gguf_str_eq(kind, "subspace")) {
+        op->kind = OP_SUBSPACE;
+        if (s->subspace_at >= 0) return failf(L, INNSTEER_ERR_INVALID, "site %d: more than one subspace op", si);
+        if (dim != n_embd) return failf(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace must act on the full n_embd", si, k);
+        const gguf_tensor *t = gguf_find_tensor(&L->g, TNAME("basis"));
+        if (!t) return failf(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
+        if (t->ne[1] < 1 || t->ne[1] > (uint64_t)n_embd) {
+            return failf(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace rank %llu outside 1..%d", si, k,
+                         (unsigned long long)t->ne[1], n_embd);
+        }
+        op->rank = (int)t->ne[1];
+        if ((st = load_mat(L, name, op->rank, n_embd, &op->basis))) return st;
+        if (!rows_orthonormal(op->basis, op->rank, n_embd, 1e-3f)) {
+            return failf(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace basis rows are not orthonormal", si, k);
+        }
+        s->subspace_at = k;
+    } else if (gguf_str_eq(kind, "coupling")) {
+        op->kind = OP_COUPLING;
+        if (dim < 2) return failf(L, INNSTEER_ERR_INVALID, "site %d op %d: coupling needs width >= 2, got %d", si, k, dim);
+        op->d1 = dim / 2;
+        op->d2 = dim - op->d1;
+        uint32_t n_layers = 0;
+        snprintf(key, sizeof key, "innsteer.site.%d.op.%d.mlp_layers", si, k);
+        if (!gguf_get_u32(&L->g, key, &n_layers) || n_layers < 1 || n_layers > MAX_MLP_LAYERS) {
+            return failf(L, INNSTEER_ERR_INVALID, "%s must be a u32 in 1..%d", key, MAX_MLP_LAYERS);
+        }
+        op->n_layers = (int)n_layers;
+        snprintf(key, sizeof key, "innsteer.site.%d.op.%d.clamp", si, k);
+        if (!gguf_get_f32(&L->g, key, &op->clamp) || !(op->clamp > 0.0f && op->clamp <= 20.0f)) {
+            return failf(L, INNSTEER_ERR_INVALID, "%s must be an f32 in (0, 20]", key);
+        }
+        snprintf(key, sizeof key, "innsteer.site.%d.op.%d.activation", si, k);
+        gguf_str act;
+        if (!gguf_get_str(&L->g, key, &act)) return failf(L, INNSTEER_ERR_INVALID, "missing string %s", key);
+        if (gguf_str_eq(act, "relu")) op->act = ACT_RELU;
+        else if (gguf_str_eq(act, "tanh")) op->act = ACT_TANH;
+        else if (gguf_str_eq(act, "silu")) op->act = ACT_SILU;
+        else return failf(L, INNSTEER_ERR_UNSUPPORTED, "%s: unknown activation '%.*s'", key, (int)(act.len > 40 ? 40 : act.len), act.ptr);
+        op->width[0] = op->d1;
+        for (int j = 0; j < op->n_layers; j++) {
+            char wn[16];
+            snprintf(wn, sizeof wn, "w%d", j);
+            const gguf_tensor *t = gguf_find_tensor(&L->g, TNAME(wn));
+            if (!t) return failf(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
+            int out = j + 1 == op->n_layers ? 2 * op->d2 : (int)(t->ne[1] <= MAX_WIDTH ? t->ne[1] : MAX_WIDTH + 1);
+            if (out > MAX_WIDTH) return failf(L, INNSTEER_ERR_INVALID, "tensor '%s': hidden width above %d", name, MAX_WIDTH);
+            op->width[j + 1] = out;
+            if ((st = load_mat(L, name, out, op->width[j], &op->w[j]))) return st;
+            snprintf(wn, sizeof wn, "b%d", j);
+            if ((st = load_vec(L, TNAME(wn), out, &op->b[j]))) return st;
+        }
+    } else if (gguf_str_eq(kind, "permute")) {
+        op->kind = OP_PERMUTE;
+        if ((st = load_tensor(L, TNAME("perm"), 1, dim, true, (const void **)&op->perm))) return st;
+        /* a permutation: every index in range and seen once */
+        uint8_t *seen = calloc((size_t)dim, 1);
+        if (!seen) return failf(L, INNSTEER_ERR_NOMEM, "out of memory");
+        for (int i = 0; i < dim; i++) {
+            int32_t p = op->perm[i];
+            if (p < 0 || p >= dim || seen[p]) {
+                free(seen);
+                return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' is not a permutation of 0..%d (entry %d = %d)", name, dim - 1, i, p);
+            }
+            seen[p] = 1;
+        }
+        free(seen);
+    } else if (gguf_str_eq(kind, "linear")) {
+        op->kind = OP_LINEAR;
+        if ((st = load_mat(L, TNAME("matrix"), dim, dim, &op->matrix)) || (st = load_mat(L, TNAME("matrix_inv"), dim, dim, &op->matrix_inv)) ||
+            (st = load_vec(L, TNAME("bias"), dim, &op->lbias))) {
+            return st;
+        }
+    } else {
+        return failf(L, INNSTEER_ERR_UNSUPPORTED, "site %d op %d: unknown op kind '%.*s'", si, k, (int)(kind.len > 40 ? 40 : kind.len), kind.ptr);
+    }
+#undef TNAME
+    return INNSTEER_OK;
+}
+
+static size_t site_scratch(const flow_site *s, int n_embd) {
+    int widest = 1;
+    for (int k = 0; k < s->n_ops; k++) {
+        const flow_op *op = &s->ops[k];
+        if (op->kind != OP_COUPLING) continue;
+        for (int j = 1; j <= op->n_layers; j++) widest = op->width[j] > widest ? op->width[j] : widest;
+    }
+    return 4 * (size_t)n_embd + 2 * (size_t)widest;
+}
+
+/* phi^-1(phi(x)) must return x: catches inconsistent inverse matrices and blow-ups that the
+ * per-tensor checks cannot see. */
+static innsteer_status check_roundtrip(loader *L, const flow_site *s, int si, int n_embd) {
+    float *buf = malloc(sizeof(float) * ((size_t)n_embd * 3 + s->scratch));
+    if (!buf) return failf(L, INNSTEER_ERR_NOMEM, "out of memory");
+    float *x = buf, *z = x + n_embd, *back = z + n_embd, *scratch = back + n_embd;
+    innsteer_status st = INNSTEER_OK;
+    for (int p = 0; p < 3 && st == INNSTEER_OK; p++) {
+        probe_row(x, n_embd, p);
+        flow_site_forward_row(s, n_embd, x, z, scratch);
+        flow_site_inverse_row(s, n_embd, z, back, scratch);
+        double err = 0.0, norm = 0.0;
+        for (int i = 0; i < n_embd; i++) {
+            err += ((double)back[i] - x[i]) * ((double)back[i] - x[i]);
+            norm += (double)x[i] * x[i];
+        }
+        bool finite = true;
+        for (int i = 0; i < n_embd; i++) finite = finite && isfinite(z[i]) && isfinite(back[i]);
+        if (!finite || !(sqrt(err) <= 1e-3 * sqrt(norm) + 1e-6)) {
+            st = failf(L, INNSTEER_ERR_INVALID, "site %d (layer %d): phi is not invertible on a probe row (relative error %.3g)",
+                       si, s->layer, finite ? sqrt(err / (norm + 1e-30)) : INFINITY);
+        }
+    }
+    free(buf);
+    return st;
+}
+
+static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
+    gguf_file *g = &L->g;
+    gguf_str arch;
+    if (!gguf_get_str(g, "general.architecture", &arch) || !gguf_str_eq(arch, "innsteer")) {
+        return failf(L, INNSTEER_ERR_NOT_FLOW, "not an innsteer flow file: general.architecture is '%.*s', expected 'innsteer'",
+                     gguf_get_str(g, "general.architecture", &arch) ? (int)(arch.len > 40 ? 40 : arch.len) : 0,
+                     gguf_get_str(g, "general.architecture", &arch) ? arch.ptr : "");
+    }
+    uint32_t version = 0, n_embd = 0, n_layer = 0;
+    if (!gguf_get_u32(g, "innsteer.format_version", &version)) return failf(L, INNSTEER_ERR_INVALID, "missing u32 innsteer.format_version");
+    if (version != INNSTEER_FORMAT_VERSION) {
+        return failf(L, INNSTEER_ERR_UNSUPPORTED, "flow format version %u, this library reads version %d", version, INNSTEER_FORMAT_VERSION);
+    }
+    if (!gguf_get_u32(g, "innsteer.model.n_embd", &n_embd) || n_embd < 1 || n_embd > MAX_EMBD) {
+        return failf(L, INNSTEER_ERR_INVALID, "innsteer.model.n_embd must be a u32 in 1..%d", MAX_EMBD);
+    }
+    if (!gguf_get_u32(g, "innsteer.model.n_layer", &n_layer) || n_layer < 1 || n_layer > 100000) {
+        return failf(L, INNSTEER_ERR_INVALID, "innsteer.model.n_layer must be a u32 in 1..100000");
+    }
+    if (!gguf_get_f32(g, "innsteer.default_strength", &flow->default_strength) || !isfinite(flow->default_strength)) {
+        return failf(L, INNSTEER_ERR_INVALID, "innsteer.default_strength must be a finite f32");
+    }
+    const gguf_kv *layers = gguf_find_kv(g, "innsteer.layers");
+    if (!layers || layers->type != GV_ARRAY || (layers->elem_type != GV_U32 && layers->elem_type != GV_I32)) {
+        return failf(L, INNSTEER_ERR_INVALID, "innsteer.layers must be an array of u32");
+    }
+    if (layers->count < 1 || layers->count > MAX_SITES) {
+        return failf(L, INNSTEER_ERR_INVALID, "innsteer.layers has %llu entries, expected 1..%d", (unsigned long long)layers->count, MAX_SITES);
+    }
+    flow->n_embd = (int)n_embd;
+    flow->n_sites = (int)layers->count;
+    flow->sites = calloc((size_t)flow->n_sites, sizeof *flow->sites);
+    if (!flow->sites) return failf(L, INNSTEER_ERR_NOMEM, "out of memory");
+
+    for (int si = 0; si < flow->n_sites; si++) {
+        flow_site *s = &flow->sites[si];
+        uint32_t layer;
+        if (!gguf_array_u32(g, layers, (uint64_t)si, &layer) || layer >= n_layer) {
+            return failf(L, INNSTEER_ERR_INVALID, "innsteer.layers[%d] = %u is outside the model's 0..%u", si, layer, n_layer - 1);
+        }
+        for (int j = 0; j < si; j++) {
+            if (flow->sites[j].layer == (int)layer) return failf(L, INNSTEER_ERR_INVALID, "layer %u appears twice in innsteer.layers", layer);
+        }
+        s->layer = (int)layer;
+        s->subspace_at = -1;
+        char key[96];
+        snprintf(key, sizeof key, "innsteer.site.%d.ops", si);
+        gguf_str ops;
+        if (!gguf_get_str(g, key, &ops)) return failf(L, INNSTEER_ERR_INVALID, "%s must be a string of op kinds", key);
+        int dim = (int)n_embd;
+        uint64_t pos = 0;
+        s->n_ops = 0;
+        while (pos < ops.len) {
+            if (ops.ptr[pos] == ' ') {
+                pos++;
+                continue;
+            }
+            uint64_t end = pos;
+            while (end < ops.len && ops.ptr[end] != ' ') end++;
+            if (s->n_ops == MAX_OPS) return failf(L, INNSTEER_ERR_INVALID, "%s has more than %d ops", key, MAX_OPS);
+            gguf_str kind = {ops.ptr + pos, end - pos};
+            int k = s->n_ops++;
+            innsteer_status st = load_op(L, s, si, k, kind, dim, (int)n_embd);
+            if (st) return st;
+            if (s->ops[k].kind == OP_SUBSPACE) dim = s->ops[k].rank;
+            pos = end;
+        }
+        s->latent_dim = dim;
+        char name[64];
+        innsteer_status st;
+        snprintf(name, sizeof name, "site.%d.delta", si);
+        if ((st = load_vec(L, name, dim, &s->delta))) return st;
+        snprintf(name, sizeof name, "site.%d.edit_scale", si);
+        if (gguf_find_tensor(g, name) && (st = load_vec(L, name, dim, &s->edit_scale))) return st;
+        s->scratch = site_scratch(s, (int)n_embd);
+        if ((st = check_roundtrip(L, s, si, (int)n_embd))) return st;
+    }
+    return INNSTEER_OK;
+}
+
+static innsteer_status load_from_buffer(const uint8_t *buf, size_t size, innsteer_flow **out, char *err, size_t err_size) {
+    loader L = {.err = err, .err_size = err_size};
+    if (err && err_size) err[0] = '\0';
+    if (!gguf_parse(&L.g, buf, size, err, err_size)) return INNSTEER_ERR_FORMAT;
+    innsteer_flow *flow = calloc(1, sizeof *flow);
+    /* tensors are copied into one arena: f16 doubles in size, plus alignment padding per tensor */
+    L.arena_size = 0;
+    for (uint64_t i = 0; i < L.g.n_tensors; i++) L.arena_size += (size_t)L.g.tensors[i].n_elements * 4 + ARENA_ALIGN;
+    L.arena = aligned_alloc(ARENA_ALIGN, (L.arena_size + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN + ARENA_ALIGN);
+    innsteer_status st;
+    if (!flow || !L.arena) {
+        st = failf(&L, INNSTEER_ERR_NOMEM, "out of memory");
+    } else {
+        flow->arena = L.arena;
+        atomic_init(&flow->refs, 1);
+        st = build_flow(&L, flow);
+    }
+    gguf_release(&L.g);
+    if (st != INNSTEER_OK) {
+        if (flow) {
+            free(flow->sites);
+            free(flow);
+        }
+        free(L.arena);
+        return st;
+    }
+    *out = flow;
+    return INNSTEER_OK;
+}
+
+innsteer_status innsteer_flow_load_buffer(const void *data, size_t size, innsteer_flow **out, char *err, size_t err_size) {
+    if (!out || (!data && size)) return INNSTEER_ERR_ARG;
+    *out = NULL;
+    /* copy so that the caller's buffer may go away and parsing never reads past an exact-size
+     * allocation (what a fuzzer gives us) */
+    uint8_t *copy = malloc(size ? size : 1);
+    if (!copy) return INNSTEER_ERR_NOMEM;
+    if (size) memcpy(copy, data, size);
+    innsteer_status st = load_from_buffer(copy, size, out, err, err_size);
+    free(copy);
+    return st;
+}
+
+innsteer_status innsteer_flow_load(const char *path, innsteer_flow **out, char *err, size_t err_size) {
+    if (!path || !out) return INNSTEER_ERR_ARG;
+    *out = NULL;
+    FILE *fp = fopen(path, "rb");
+    if (!fp) {
+        if (err && err_size) snprintf(err, err_size, "cannot open flow file '%s'", path);
+        return INNSTEER_ERR_IO;
+    }
+    uint8_t *buf = NULL;
+    size_t size = 0;
+    innsteer_status st = INNSTEER_OK;
+    if (fseek(fp, 0, SEEK_END) != 0) st = INNSTEER_ERR_IO;
+    long end = st == INNSTEER_OK ? ftell(fp) : -1;
+    if (end < 0 || fseek(fp, 0, SEEK_SET) != 0) st = INNSTEER_ERR_IO;
+    if (st == INNSTEER_OK && (size_t)end > MAX_FILE_BYTES) {
+        fclose(fp);
+        if (err && err_size) snprintf(err, err_size, "flow file '%s' is %ld bytes, cap is %zu", path, end, MAX_FILE_BYTES);
+        return INNSTEER_ERR_FORMAT;
+    }
+    if (st == INNSTEER_OK) {
+        size = (size_t)end;
+        buf = malloc(size ? size : 1);
+        if (!buf) st = INNSTEER_ERR_NOMEM;
+        else if (size && fread(buf, 1, size, fp) != size) st = INNSTEER_ERR_IO;
+    }
+    fclose(fp);
+    if (st != INNSTEER_OK) {
+        free(buf);
+        if (err && err_size) snprintf(err, err_size, "cannot read flow file '%s'", path);
+        return st;
+    }
+    st = load_from_buffer(buf, size, out, err, err_size);
+    free(buf);
+    return st;
+}
+
+void innsteer_flow_free(innsteer_flow *flow) {
+    if (!flow) return;
+    if (atomic_fetch_sub(&flow->refs, 1) != 1) return;
+    free(flow->sites);
+    free(flow->arena);
+    free(flow);
+}
+
+int innsteer_flow_n_embd(const innsteer_flow *flow) { return flow ? flow->n_embd : 0; }
+int innsteer_flow_n_sites(const innsteer_flow *flow) { return flow ? flow->n_sites : 0; }
+int innsteer_flow_site_layer(const innsteer_flow *flow, int site) {
+    return flow && site >= 0 && site < flow->n_sites ? flow->sites[site].layer : -1;
+}
+float innsteer_flow_default_strength(const innsteer_flow *flow) { return flow ? flow->default_strength : 0.0f; }
+
+typedef void (*row_map)(const flow_site *, int, const float *, float *, float *);
+
+static innsteer_status map_rows(const innsteer_flow *flow, int site, row_map map, float strength, bool steer,
+                                const float *in, float *out, int64_t n_rows) {
+    if (!flow || !in || !out || n_rows < 0 || site < 0 || site >= flow->n_sites || !isfinite(strength)) return INNSTEER_ERR_ARG;
+    const flow_site *s = &flow->sites[site];
+    float *scratch = malloc(sizeof(float) * s->scratch);
+    if (!scratch) return INNSTEER_ERR_NOMEM;
+    size_t n = (size_t)flow->n_embd;
+    for (int64_t r = 0; r < n_rows; r++) {
+        if (steer) flow_site_steer_row(s, flow->n_embd, strength, in + r * n, out + r * n, scratch);
+        else map(s, flow->n_embd, in + r * n, out + r * n, scratch);
+    }
+    free(scratch);
+    return INNSTEER_OK;
+}
+
+innsteer_status innsteer_flow_forward(const innsteer_flow *flow, int site, const float *in, float *out, int64_t n_rows) {
+    return map_rows(flow, site, flow_site_forward_row, 0.0f, false, in, out, n_rows);
+}
+
+innsteer_status innsteer_flow_inverse(const innsteer_flow *flow, int site, const float *in, float *out, int64_t n_rows) {
+    return map_rows(flow, site, flow_site_inverse_row, 0.0f, false, in, out, n_rows);
+}
+
+innsteer_status innsteer_flow_steer(const innsteer_flow *flow, int site, float strength, const float *in, float *out,
+                                    int64_t n_rows) {
+    return map_rows(flow, site, NULL, strength, true, in, out, n_rows);
+}

@@ -1,0 +1,67 @@
+/* A strict, allocation-light GGUF (v2/v3) reader over an in-memory buffer. Every count, size
+ * and offset is checked against the buffer before use; nothing points outside it. */
+#ifndef INNSTEER_GGUF_READ_H
+#define INNSTEER_GGUF_READ_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+enum gguf_value_type {
+    GV_U8 = 0, GV_I8 = 1, GV_U16 = 2, GV_I16 = 3, GV_U32 = 4, GV_I32 = 5, GV_F32 = 6, GV_BOOL = 7,
+    GV_STRING = 8, GV_ARRAY = 9, GV_U64 = 10, GV_I64 = 11, GV_F64 = 12,
+};
+
+/* ggml type ids this project reads */
+enum { GT_F32 = 0, GT_F16 = 1, GT_I32 = 26 };
+
+#define GGUF_MAX_DIMS 4
+
+typedef struct {
+    const char *ptr; /* not NUL-terminated */
+    uint64_t len;
+} gguf_str;
+
+typedef struct {
+    gguf_str key;
+    uint32_t type;
+    uint32_t elem_type; /* arrays only */
+    uint64_t count;     /* arrays only */
+    size_t offset;      /* of the value (arrays: of the first element) */
+} gguf_kv;
+
+typedef struct {
+    gguf_str name;
+    uint32_t n_dims;
+    uint64_t ne[GGUF_MAX_DIMS];
+    uint32_t type;
+    uint64_t n_elements;
+    const uint8_t *data;
+} gguf_tensor;
+
+typedef struct {
+    const uint8_t *buf;
+    size_t size;
+    uint32_t version;
+    uint64_t n_kv, n_tensors;
+    gguf_kv *kv;
+    gguf_tensor *tensors;
+} gguf_file;
+
+/* Parses buf (kept borrowed). On failure returns false and writes a message to err. */
+bool gguf_parse(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size);
+void gguf_release(gguf_file *f);
+
+const gguf_kv *gguf_find_kv(const gguf_file *f, const char *key);
+const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name);
+bool gguf_str_eq(gguf_str s, const char *c);
+
+/* Typed getters: return false if the key is missing or of another type. */
+bool gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out);
+bool gguf_get_f32(const gguf_file *f, const char *key, float *out);
+bool gguf_get_str(const gguf_file *f, const char *key, gguf_str *out);
+/* Element i of a string array / u32 array. */
+bool gguf_array_str(const gguf_file *f, const gguf_kv *kv, uint64_t i, gguf_str *out);
+bool gguf_array_u32(const gguf_file *f, const gguf_kv *kv, uint64_t i, uint32_t *out);
+
+#endif

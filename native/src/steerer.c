@@ -1,0 +1,376 @@
+/* The llama.cpp eval callback: steers (and optionally captures) the rows of l_out-<layer>. */
+#include "flow.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The few ggml functions we call, by their public signatures (ggml.h, ggml-backend.h). We never
+ * touch struct ggml_tensor's layout, so a newer ggml with the same API keeps working. */
+const char *ggml_get_name(const struct ggml_tensor *tensor);
+int64_t ggml_nelements(const struct ggml_tensor *tensor);
+int64_t ggml_nrows(const struct ggml_tensor *tensor);
+size_t ggml_element_size(const struct ggml_tensor *tensor);
+size_t ggml_nbytes(const struct ggml_tensor *tensor);
+bool ggml_is_contiguous(const struct ggml_tensor *tensor);
+void ggml_backend_tensor_get(const struct ggml_tensor *tensor, void *data, size_t offset, size_t size);
+void ggml_backend_tensor_set(struct ggml_tensor *tensor, const void *data, size_t offset, size_t size);
+
+#define MAX_ATTACHED 64
+static const char LAYER_PREFIX[] = "l_out-";
+
+typedef struct {
+    int id;
+    innsteer_flow *flow;
+    _Atomic float strength;
+    atomic_bool enabled;
+} attachment;
+
+typedef struct {
+    float *data;
+    int64_t rows, cap;
+    bool on;
+} capture_buf;
+
+struct innsteer_steerer {
+    int n_embd, n_layer;
+    pthread_mutex_t lock;
+    attachment att[MAX_ATTACHED];
+    int n_att, next_id;
+    atomic_bool active;
+    int *steered_at;        /* per layer: attachments with a site there */
+    capture_buf *captures;  /* per layer: [2*layer] pre, [2*layer+1] post */
+    int n_capturing;
+    atomic_uint_fast64_t *visits;
+    atomic_uint_fast64_t rows_steered, rows_rejected;
+    float *rows, *row_out, *scratch;
+    size_t rows_cap, scratch_cap;
+    bool (*chain_cb)(struct ggml_tensor *, bool, void *);
+    void *chain_ud;
+    char last_error[256];
+};
+
+innsteer_steerer *innsteer_steerer_new(int n_embd, int n_layer, int max_rows) {
+    if (n_embd < 1 || n_embd > 65536 || n_layer < 1 || n_layer > 100000 || max_rows < 1) return NULL;
+    innsteer_steerer *st = calloc(1, sizeof *st);
+    if (!st) return NULL;
+    st->n_embd = n_embd;
+    st->n_layer = n_layer;
+    st->steered_at = calloc((size_t)n_layer, sizeof *st->steered_at);
+    st->captures = calloc(2 * (size_t)n_layer, sizeof *st->captures);
+    st->visits = calloc((size_t)n_layer, sizeof *st->visits);
+    st->rows_cap = (size_t)max_rows;
+    st->rows = malloc(sizeof(float) * st->rows_cap * (size_t)n_embd);
+    st->row_out = malloc(sizeof(float) * (size_t)n_embd);
+    if (!st->steered_at || !st->captures || !st->visits || !st->rows || !st->row_out || pthread_mutex_init(&st->lock, NULL) != 0) {
+        free(st->steered_at);
+        free(st->captures);
+        free(st->visits);
+        free(st->rows);
+        free(st->row_out);
+        free(st);
+        return NULL;
+    }
+    atomic_init(&st->active, true);
+    st->next_id = 1;
+    return st;
+}
+
+void innsteer_steerer_free(innsteer_steerer *st) {
+    if (!st) return;
+    for (int i = 0; i < st->n_att; i++) innsteer_flow_free(st->att[i].flow);
+    for (int i = 0; i < 2 * st->n_layer; i++) free(st->captures[i].data);
+    pthread_mutex_destroy(&st->lock);
+    free(st->steered_at);
+    free(st->captures);
+    free(st->visits);
+    free(st->rows);
+    free(st->row_out);
+    free(st->scratch);
+    free(st);
+}
+
+static innsteer_status errf(char *err, size_t err_size, innsteer_status status, const char *fmt, ...) {
+    if (err && err_size) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, err_size, fmt, ap);
+        va_end(ap);
+    }
+    return status;
+}
+
+innsteer_status innsteer_steerer_attach(innsteer_steerer *st, innsteer_flow *flow, float strength, int *id_out, char *err,
+                                        size_t err_size) {
+    if (!st || !flow) return errf(err, err_size, INNSTEER_ERR_ARG, "steerer and flow must not be NULL");
+    if (!isfinite(strength)) return errf(err, err_size, INNSTEER_ERR_ARG, "strength %g is not finite", (double)strength);
+    if (flow->n_embd != st->n_embd) {
+        return errf(err, err_size, INNSTEER_ERR_MISMATCH, "flow n_embd %d does not match the model's n_embd %d", flow->n_embd, st->n_embd);
+    }
+    for (int s = 0; s < flow->n_sites; s++) {
+        if (flow->sites[s].layer >= st->n_layer) {
+            return errf(err, err_size, INNSTEER_ERR_MISMATCH, "flow layer %d is out of range for a model with %d layers (0..%d)",
+                        flow->sites[s].layer, st->n_layer, st->n_layer - 1);
+        }
+    }
+    size_t need = 0;
+    for (int s = 0; s < flow->n_sites; s++) need = flow->sites[s].scratch > need ? flow->sites[s].scratch : need;
+    pthread_mutex_lock(&st->lock);
+    if (st->n_att == MAX_ATTACHED) {
+        pthread_mutex_unlock(&st->lock);
+        return errf(err, err_size, INNSTEER_ERR_ARG, "at most %d flows can be attached at once", MAX_ATTACHED);
+    }
+    if (need > st->scratch_cap) {
+        float *grown = realloc(st->scratch, sizeof(float) * need);
+        if (!grown) {
+            pthread_mutex_unlock(&st->lock);
+            return errf(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+        }
+        st->scratch = grown;
+        st->scratch_cap = need;
+    }
+    attachment *a = &st->att[st->n_att++];
+    a->id = st->next_id++;
+    a->flow = flow;
+    atomic_fetch_add(&flow->refs, 1);
+    atomic_store(&a->strength, strength);
+    atomic_store(&a->enabled, true);
+    for (int s = 0; s < flow->n_sites; s++) st->steered_at[flow->sites[s].layer]++;
+    if (id_out) *id_out = a->id;
+    pthread_mutex_unlock(&st->lock);
+    return INNSTEER_OK;
+}
+
+static attachment *find(innsteer_steerer *st, int id) {
+    for (int i = 0; i < st->n_att; i++) {
+        if (st->att[i].id == id) return &st->att[i];
+    }
+    return NULL;
+}
+
+innsteer_status innsteer_steerer_detach(innsteer_steerer *st, int id) {
+    if (!st) return INNSTEER_ERR_ARG;
+    pthread_mutex_lock(&st->lock);
+    attachment *a = find(st, id);
+    if (!a) {
+        pthread_mutex_unlock(&st->lock);
+        return INNSTEER_ERR_ARG;
+    }
+    innsteer_flow *flow = a->flow;
+    for (int s = 0; s < flow->n_sites; s++) st->steered_at[flow->sites[s].layer]--;
+    int idx = (int)(a - st->att);
+    for (int i = idx; i + 1 < st->n_att; i++) {
+        st->att[i].id = st->att[i + 1].id;
+        st->att[i].flow = st->att[i + 1].flow;
+        atomic_store(&st->att[i].strength, atomic_load(&st->att[i + 1].strength));
+        atomic_store(&st->att[i].enabled, atomic_load(&st->att[i + 1].enabled));
+    }
+    st->n_att--;
+    pthread_mutex_unlock(&st->lock);
+    innsteer_flow_free(flow);
+    return INNSTEER_OK;
+}
+
+innsteer_status innsteer_steerer_set_strength(innsteer_steerer *st, int id, float strength) {
+    if (!st || !isfinite(strength)) return INNSTEER_ERR_ARG;
+    pthread_mutex_lock(&st->lock);
+    attachment *a = find(st, id);
+    if (a) atomic_store(&a->strength, strength);
+    pthread_mutex_unlock(&st->lock);
+    return a ? INNSTEER_OK : INNSTEER_ERR_ARG;
+}
+
+innsteer_status innsteer_steerer_set_enabled(innsteer_steerer *st, int id, bool enabled) {
+    if (!st) return INNSTEER_ERR_ARG;
+    pthread_mutex_lock(&st->lock);
+    attachment *a = find(st, id);
+    if (a) atomic_store(&a->enabled, enabled);
+    pthread_mutex_unlock(&st->lock);
+    return a ? INNSTEER_OK : INNSTEER_ERR_ARG;
+}
+
+void innsteer_steerer_set_active(innsteer_steerer *st, bool active) {
+    if (st) atomic_store(&st->active, active);
+}
+
+void innsteer_steerer_chain(innsteer_steerer *st, bool (*cb)(struct ggml_tensor *, bool, void *), void *user_data) {
+    if (!st) return;
+    pthread_mutex_lock(&st->lock);
+    st->chain_cb = cb;
+    st->chain_ud = user_data;
+    pthread_mutex_unlock(&st->lock);
+}
+
+innsteer_status innsteer_steerer_capture(innsteer_steerer *st, int layer, bool post, bool on) {
+    if (!st || layer < 0 || layer >= st->n_layer) return INNSTEER_ERR_ARG;
+    pthread_mutex_lock(&st->lock);
+    capture_buf *c = &st->captures[2 * layer + (post ? 1 : 0)];
+    if (c->on != on) st->n_capturing += on ? 1 : -1;
+    c->on = on;
+    pthread_mutex_unlock(&st->lock);
+    return INNSTEER_OK;
+}
+
+int64_t innsteer_steerer_captured_rows(const innsteer_steerer *st, int layer, bool post) {
+    if (!st || layer < 0 || layer >= st->n_layer) return -1;
+    return st->captures[2 * layer + (post ? 1 : 0)].rows;
+}
+
+innsteer_status innsteer_steerer_copy_captured(const innsteer_steerer *st, int layer, bool post, float *dst, int64_t max_rows) {
+    if (!st || !dst || layer < 0 || layer >= st->n_layer || max_rows < 0) return INNSTEER_ERR_ARG;
+    const capture_buf *c = &st->captures[2 * layer + (post ? 1 : 0)];
+    int64_t n = c->rows < max_rows ? c->rows : max_rows;
+    if (n) memcpy(dst, c->data, sizeof(float) * (size_t)n * (size_t)st->n_embd);
+    return INNSTEER_OK;
+}
+
+void innsteer_steerer_clear_captured(innsteer_steerer *st) {
+    if (!st) return;
+    pthread_mutex_lock(&st->lock);
+    for (int i = 0; i < 2 * st->n_layer; i++) st->captures[i].rows = 0;
+    pthread_mutex_unlock(&st->lock);
+}
+
+uint64_t innsteer_steerer_layer_visits(const innsteer_steerer *st, int layer) {
+    if (!st || layer < 0 || layer >= st->n_layer) return 0;
+    return atomic_load(&st->visits[layer]);
+}
+
+uint64_t innsteer_steerer_rows_steered(const innsteer_steerer *st) { return st ? atomic_load(&st->rows_steered) : 0; }
+uint64_t innsteer_steerer_rows_rejected(const innsteer_steerer *st) { return st ? atomic_load(&st->rows_rejected) : 0; }
+const char *innsteer_steerer_last_error(const innsteer_steerer *st) { return st ? st->last_error : ""; }
+
+/* Parses "l_out-<il>"; returns -1 for any other name. */
+static int steered_layer_of(const char *name, int n_layer) {
+    if (!name || strncmp(name, LAYER_PREFIX, sizeof LAYER_PREFIX - 1) != 0) return -1;
+    const char *p = name + sizeof LAYER_PREFIX - 1;
+    if (*p < '0' || *p > '9') return -1;
+    long il = 0;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        il = il * 10 + (*p - '0');
+        if (il >= n_layer) return -1;
+    }
+    return *p == '\0' ? (int)il : -1;
+}
+
+static bool wants_layer(innsteer_steerer *st, int layer) {
+    if (st->captures[2 * layer].on || st->captures[2 * layer + 1].on) return true;
+    if (!atomic_load(&st->active) || st->steered_at[layer] == 0) return false;
+    for (int i = 0; i < st->n_att; i++) {
+        attachment *a = &st->att[i];
+        if (!atomic_load(&a->enabled) || atomic_load(&a->strength) == 0.0f) continue;
+        for (int s = 0; s < a->flow->n_sites; s++) {
+            if (a->flow->sites[s].layer == layer) return true;
+        }
+    }
+    return false;
+}
+
+static void append_capture(innsteer_steerer *st, capture_buf *c, const float *rows, int64_t n_rows) {
+    size_t n_embd = (size_t)st->n_embd;
+    if (c->rows + n_rows > c->cap) {
+        int64_t cap = c->cap ? c->cap : 256;
+        while (cap < c->rows + n_rows) cap *= 2;
+        float *grown = realloc(c->data, sizeof(float) * (size_t)cap * n_embd);
+        if (!grown) {
+            snprintf(st->last_error, sizeof st->last_error, "out of memory capturing %lld rows", (long long)(c->rows + n_rows));
+            return;
+        }
+        c->data = grown;
+        c->cap = cap;
+    }
+    memcpy(c->data + (size_t)c->rows * n_embd, rows, sizeof(float) * (size_t)n_rows * n_embd);
+    c->rows += n_rows;
+}
+
+static bool all_finite(const float *v, int n) {
+    for (int i = 0; i < n; i++) {
+        if (!isfinite(v[i])) return false;
+    }
+    return true;
+}
+
+/* Steers rows in place with every active attachment at this layer, in attach order. */
+static bool steer_rows(innsteer_steerer *st, int layer, float *rows, int64_t n_rows) {
+    bool changed = false;
+    int n_embd = st->n_embd;
+    uint64_t steered = 0, rejected = 0;
+    for (int i = 0; i < st->n_att; i++) {
+        attachment *a = &st->att[i];
+        /* one strength for the whole batch: a concurrent set_strength never tears a row */
+        float strength = atomic_load(&a->strength);
+        if (!atomic_load(&a->enabled) || strength == 0.0f) continue;
+        for (int s = 0; s < a->flow->n_sites; s++) {
+            const flow_site *site = &a->flow->sites[s];
+            if (site->layer != layer) continue;
+            for (int64_t r = 0; r < n_rows; r++) {
+                float *row = rows + r * n_embd;
+                flow_site_steer_row(site, n_embd, strength, row, st->row_out, st->scratch);
+                if (all_finite(st->row_out, n_embd)) {
+                    memcpy(row, st->row_out, sizeof(float) * (size_t)n_embd);
+                    steered++;
+                } else {
+                    rejected++; /* keep the original row: the KV cache must never see NaN/Inf */
+                }
+            }
+            changed = true;
+        }
+    }
+    atomic_fetch_add(&st->rows_steered, steered);
+    atomic_fetch_add(&st->rows_rejected, rejected);
+    return changed;
+}
+
+static bool handle_tensor(innsteer_steerer *st, struct ggml_tensor *t, int layer) {
+    int64_t n = ggml_nelements(t), n_rows = ggml_nrows(t);
+    if (n_rows <= 0 || n % n_rows != 0 || n / n_rows != st->n_embd || ggml_element_size(t) != 4 ||
+        ggml_nbytes(t) != (size_t)n * 4 || !ggml_is_contiguous(t)) {
+        snprintf(st->last_error, sizeof st->last_error,
+                 "tensor %s is not a contiguous f32 tensor of %d-wide rows (%lld elements in %lld rows); not steered",
+                 ggml_get_name(t), st->n_embd, (long long)n, (long long)n_rows);
+        return false;
+    }
+    if ((size_t)n_rows > st->rows_cap) {
+        float *grown = realloc(st->rows, sizeof(float) * (size_t)n);
+        if (!grown) {
+            snprintf(st->last_error, sizeof st->last_error, "out of memory for %lld rows; not steered", (long long)n_rows);
+            return false;
+        }
+        st->rows = grown;
+        st->rows_cap = (size_t)n_rows;
+    }
+    size_t bytes = sizeof(float) * (size_t)n;
+    ggml_backend_tensor_get(t, st->rows, 0, bytes);
+    if (st->captures[2 * layer].on) append_capture(st, &st->captures[2 * layer], st->rows, n_rows);
+    bool changed = atomic_load(&st->active) && st->steered_at[layer] && steer_rows(st, layer, st->rows, n_rows);
+    if (changed) ggml_backend_tensor_set(t, st->rows, 0, bytes);
+    if (st->captures[2 * layer + 1].on) append_capture(st, &st->captures[2 * layer + 1], st->rows, n_rows);
+    return true;
+}
+
+bool innsteer_eval_callback(struct ggml_tensor *t, bool ask, void *user_data) {
+    innsteer_steerer *st = user_data;
+    if (!st) return !ask;
+    int layer = steered_layer_of(ggml_get_name(t), st->n_layer);
+    bool ours = false;
+    if (layer >= 0) {
+        pthread_mutex_lock(&st->lock);
+        if (ask) {
+            /* the scheduler asks about every node once per graph: count here, so a model whose
+             * graph lacks l_out-<layer> shows zero visits */
+            atomic_fetch_add(&st->visits[layer], 1);
+            ours = wants_layer(st, layer);
+        } else if (wants_layer(st, layer)) {
+            handle_tensor(st, t, layer);
+        }
+        pthread_mutex_unlock(&st->lock);
+    }
+    if (!st->chain_cb) return ask ? ours : true;
+    bool chained = st->chain_cb(t, ask, st->chain_ud);
+    /* ask: compute up to this node if either of us wants it; otherwise continue unless the
+     * chained callback asked to stop */
+    return ask ? (ours || chained) : chained;
+}
