@@ -4,10 +4,17 @@
 #include <math.h>
 #include <string.h>
 
+/* Eight independent partial sums: the compiler vectorises them without -ffast-math, and the
+ * rounding error grows with n/8 instead of n. */
 static float dot(const float *restrict a, const float *restrict b, int n) {
-    float acc = 0.0f;
-    for (int i = 0; i < n; i++) acc += a[i] * b[i];
-    return acc;
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
+    }
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
 static void matvec(const float *restrict m, const float *restrict bias, const float *restrict x, float *restrict y,

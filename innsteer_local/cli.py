@@ -1,0 +1,240 @@
+"""The `innsteer-local` command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from . import models as registry
+from .errors import InnsteerError
+
+MODEL_HELP = "registry model (see `models list`) or a local .gguf path [default: smollm2-135m]"
+FLOW_HELP = "flow file or shipped flow name, optionally FILE:STRENGTH; repeatable"
+
+
+def parse_flow_spec(spec: str) -> tuple[str, Optional[float]]:
+    """'honesty.gguf:2.5' -> ('honesty.gguf', 2.5); a path without a numeric suffix keeps its colons."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            value = float(tail)
+        except ValueError:
+            return spec, None
+        if not math.isfinite(value):
+            raise click.BadParameter(f"strength in '{spec}' is not finite", param_hint="--flow")
+        return head, value
+    return spec, None
+
+
+def finite_float(ctx: click.Context, param: click.Parameter, value: Optional[float]) -> Optional[float]:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def load_steered(model: Optional[str], flows: tuple[str, ...], strength: Optional[float], n_ctx: int, seed: int,
+                 threads: Optional[int]) -> Any:
+    from .steered import SteeredLlama
+
+    path, key = registry.resolve_model(model)
+    n_threads = threads or os.cpu_count() or 1
+    llm = SteeredLlama(str(path), n_ctx=n_ctx, seed=seed, n_threads=n_threads, n_threads_batch=n_threads,
+                       verbose=False)
+    llm.model_key = key
+    for spec in flows:
+        file, own = parse_flow_spec(spec)
+        flow_path = registry.resolve_flow(file, key)
+        llm.add_flow(flow_path, strength=own if own is not None else strength)
+    return llm
+
+
+def common_generation_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--model", "-m", default=None, help=MODEL_HELP),
+        click.option("--flow", "-f", "flows", multiple=True, help=FLOW_HELP),
+        click.option("--strength", "-a", type=float, default=None, callback=finite_float,
+                     help="strength for flows without their own :STRENGTH [default: the flow's default]"),
+        click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True),
+        click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True,
+                     help="0 = greedy"),
+        click.option("--seed", "-s", type=int, default=0, show_default=True),
+        click.option("--repeat-penalty", type=click.FloatRange(0.0), default=1.1, show_default=True),
+        click.option("--n-ctx", type=click.IntRange(64), default=2048, show_default=True),
+        click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]"),
+    ]):
+        f = opt(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="innsteer-local")
+def cli() -> None:
+    """Nonlinear activation steering (INNSteer) for llama.cpp models.
+
+    \b
+    innsteer-local chat --flow honesty.gguf          chat with the default model, steered
+    innsteer-local generate --prompt "..." --flow honesty --json
+    innsteer-local inspect FLOW.gguf                 what a flow file holds
+    innsteer-local models list|pull|path             the model registry
+    """
+
+
+@cli.group()
+def models() -> None:
+    """List, fetch and locate registry models."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def models_list(as_json: bool) -> None:
+    """Known models and whether they are cached."""
+    default = registry.default_model()
+    rows = []
+    for e in registry.entries().values():
+        rows.append({"name": e.key, "default": e.key == default, "cached": registry.is_cached(e),
+                     "size_mb": round(e.size / 1e6, 1), "architecture": e.architecture, "n_embd": e.n_embd,
+                     "n_layer": e.n_layer, "chat": e.chat, "description": e.description,
+                     "shipped_flows": sorted(registry.shipped_flows(e.key))})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        state = "cached" if r["cached"] else "not downloaded"
+        click.echo(f"{mark} {r['name']:<14} {r['size_mb']:>6.1f} MB  {r['architecture']:<7} n_embd {r['n_embd']:<4} "
+                   f"layers {r['n_layer']:<3} {state}")
+        click.echo(f"    {r['description']}")
+        if r["shipped_flows"]:
+            click.echo(f"    shipped flows: {', '.join(r['shipped_flows'])}")
+
+
+@models.command("pull")
+@click.argument("name", required=False)
+@click.option("--force", is_flag=True, help="download again even if cached")
+def models_pull(name: Optional[str], force: bool) -> None:
+    """Download and verify a model (default: the default model)."""
+    click.echo(registry.pull(name or registry.default_model(), force=force))
+
+
+@models.command("path")
+@click.argument("name", required=False)
+def models_path(name: Optional[str]) -> None:
+    """Print the cached path of a model, downloading it first if needed."""
+    click.echo(registry.pull(name or registry.default_model()))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print everything as one JSON object")
+def inspect(file: str, as_json: bool) -> None:
+    """Show what a flow file holds: model, layers, method, ops, shift and provenance."""
+    from .flow import Flow
+
+    flow = Flow.load(registry.resolve_flow(file, registry.default_model()))
+    d = flow.describe()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    m = d["model"]
+    click.echo(f"flow        {d['name']}  (format v{d['format_version']})")
+    click.echo(f"behavior    {d['behavior'] or '-'}")
+    click.echo(f"method      {d['method']}")
+    click.echo(f"model       {m['name']}  ({m['architecture']}, n_embd {m['n_embd']}, {m['n_layer']} layers)")
+    click.echo(f"layers      {', '.join(map(str, d['layers']))}")
+    click.echo(f"strength    {d['default_strength']:g} (default)")
+    for s in d["sites"]:
+        ops = " -> ".join(o["kind"] + (f"(r={o['rank']})" if "rank" in o else "") +
+                          (f"({'x'.join(map(str, o['widths']))}, {o['activation']}, clamp {o['clamp']:g})"
+                           if o["kind"] == "coupling" else "") for o in s["ops"]) or "identity"
+        click.echo(f"  layer {s['layer']:<3} phi: {ops}")
+        click.echo(f"            shift: |delta| = {s['delta_norm']:.4g} in {s['latent_dim']} dims"
+                   f"{' + per-dim edit scale' if s['has_edit_scale'] else ''};  {s['parameters']:,} parameters")
+    if d["provenance"]:
+        click.echo("provenance")
+        for k, v in d["provenance"].items():
+            click.echo(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+
+
+@cli.command()
+@click.option("--prompt", "-p", required=True, help="the user message (or, with --raw, the text to continue)")
+@common_generation_options
+@click.option("--raw", is_flag=True, help="plain completion of the prompt text, no chat template")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object with the text and the settings")
+def generate(prompt: str, model: Optional[str], flows: tuple[str, ...], strength: Optional[float], max_tokens: int,
+             temperature: float, seed: int, repeat_penalty: float, n_ctx: int, threads: Optional[int], raw: bool,
+             as_json: bool) -> None:
+    """Generate one reply, steered by the given flows (none = unsteered)."""
+    llm = load_steered(model, flows, strength, n_ctx, seed, threads)
+    kwargs = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
+    if raw:
+        result = llm.create_completion(prompt, **kwargs)
+        text = result["choices"][0]["text"]
+    else:
+        result = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], **kwargs)
+        text = result["choices"][0]["message"]["content"] or ""
+    if as_json:
+        click.echo(json.dumps({
+            "text": text,
+            "prompt": prompt,
+            "model": getattr(llm, "model_key", None) or llm.model_info.name,
+            "model_path": llm.model_path,
+            "flows": [{"path": a.path, "strength": a.strength, "layers": a.layers, "method": a.flow.method,
+                       "behavior": a.flow.behavior} for a in llm.flows],
+            "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "repeat_penalty": repeat_penalty,
+            "raw": raw, "finish_reason": result["choices"][0].get("finish_reason"),
+            "usage": result.get("usage"), "steering": llm.steering_stats,
+        }, ensure_ascii=False))
+    else:
+        click.echo(text)
+
+
+@cli.command()
+@common_generation_options
+@click.option("--compare", is_flag=True, help="print the unsteered and the steered reply to every turn")
+@click.option("--system", default=None, help="system message")
+def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float], max_tokens: int, temperature: float,
+         seed: int, repeat_penalty: float, n_ctx: int, threads: Optional[int], compare: bool,
+         system: Optional[str]) -> None:
+    """Chat with a steered model. Reads lines from stdin, so it also works piped:
+
+    \b
+      echo "Is the earth flat?" | innsteer-local chat --flow honesty.gguf --compare
+    """
+    from .chat import ChatSession
+
+    llm = load_steered(model, flows, strength, n_ctx, seed, threads)
+    if not llm.metadata.get("tokenizer.chat_template"):
+        click.echo("note: this model has no chat template (a base model); replies follow a generic format",
+                   err=True)
+    session = ChatSession(llm=llm, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                          repeat_penalty=repeat_penalty, compare=compare)
+    session.run(sys.stdin, interactive=sys.stdin.isatty())
+
+
+def main() -> None:
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except InnsteerError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
