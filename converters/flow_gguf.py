@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from innsteer_local.flow import Flow
 
 DTYPES = {"f32": np.float32, "f16": np.float16}
+# Kept in f32 whatever the dtype: rounded to f16, a basis is no longer orthonormal and a matrix
+# no longer the inverse of its stored inverse, so phi^-1(phi(h)) would drift (~1e-3).
+EXACT_F32 = ("basis", "matrix", "matrix_inv")
 
 
 def write_flow(flow: "Flow", path: str | os.PathLike[str], dtype: str = "f32") -> None:
@@ -60,7 +63,12 @@ def write_flow(flow: "Flow", path: str | os.PathLike[str], dtype: str = "f32") -
                     w.add_float32(f"innsteer.{prefix}.clamp", float(op.clamp))
                     put_str(f"innsteer.{prefix}.activation", op.activation)
                 for name, arr in op.tensors().items():
-                    data = arr.astype(np.int32) if name == "perm" else np.ascontiguousarray(arr, dtype=float_type)
+                    if name == "perm":
+                        data = arr.astype(np.int32)
+                    elif name in EXACT_F32:
+                        data = np.ascontiguousarray(arr, dtype=np.float32)
+                    else:
+                        data = np.ascontiguousarray(arr, dtype=float_type)
                     w.add_tensor(f"{prefix}.{name}", data)
             w.add_tensor(f"site.{si}.delta", np.ascontiguousarray(site.delta, dtype=float_type))
             if site.edit_scale is not None:

@@ -218,6 +218,30 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
     session.run(sys.stdin, interactive=sys.stdin.isatty())
 
 
+@cli.command()
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--flow", "-f", "flows", multiple=True, help="flow files to time (default: a linear and an INN flow)")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--gen-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--reps", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+@click.option("--json", "as_json", is_flag=True)
+def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: int, gen_tokens: int, reps: int,
+          threads: Optional[int], as_json: bool) -> None:
+    """Prompt and decode tokens/s: unsteered, llama.cpp control vector and flows, side by side."""
+    import tempfile
+
+    from .bench import default_flows, format_table, run_bench
+
+    llm = load_steered(model, (), None, prompt_tokens + gen_tokens + 16, 0, threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = ({Path(f).name: registry.resolve_flow(f, getattr(llm, "model_key", None)) for f in flows}
+                 or default_flows(llm, Path(tmp)))
+        result = run_bench(llm, paths, n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps,
+                           progress=lambda msg: click.echo(msg, err=True))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
 def main() -> None:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -34,6 +35,13 @@ class AttachedFlow:
 
 
 FlowRef = Union[AttachedFlow, int, str, None]
+
+
+def _finite(strength: float) -> float:
+    value = float(strength)
+    if not math.isfinite(value):
+        raise ValueError(f"strength must be a finite number, got {strength!r}")
+    return value
 
 
 class SteeredLlama(Llama):
@@ -99,7 +107,7 @@ class SteeredLlama(Llama):
                 f"not for this model '{info.name}' ({info.architecture}, {info.n_layer} layers); steering may not "
                 "mean the same here", UserWarning, stacklevel=2)
         native = NativeFlow(path)
-        value = meta.default_strength if strength is None else float(strength)
+        value = meta.default_strength if strength is None else _finite(strength)
         fid = self._steerer.attach(native, value)
         native.close()  # the steerer holds its own reference
         attached = AttachedFlow(id=fid, path=str(path), flow=meta, strength=value)
@@ -122,7 +130,7 @@ class SteeredLlama(Llama):
 
     def set_strength(self, strength: float, flow: FlowRef = None) -> None:
         """Sets the strength of one flow, or of every attached flow. Takes effect at the next token."""
-        value = float(strength)
+        value = _finite(strength)
         for a in self._resolve(flow):
             self._steerer.set_strength(a.id, value)
             a.strength = value

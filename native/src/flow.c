@@ -117,6 +117,31 @@ static bool rows_orthonormal(const float *b, int rows, int cols, float tol) {
     return true;
 }
 
+/* Modified Gram-Schmidt in double, in place: the project/lift pair is exact only for an
+ * orthonormal basis, and f16 storage or rounding leaves it slightly off. innsteer_local/flow.py
+ * runs the same loop, so both readers end with the same basis. */
+static bool orthonormalise(float *b, int rows, int cols) {
+    double *q = malloc(sizeof(double) * (size_t)rows * (size_t)cols);
+    if (!q) return false;
+    for (int k = 0; k < rows; k++) {
+        double *v = q + (size_t)k * cols;
+        for (int i = 0; i < cols; i++) v[i] = b[(size_t)k * cols + i];
+        for (int j = 0; j < k; j++) {
+            const double *u = q + (size_t)j * cols;
+            double d = 0.0;
+            for (int i = 0; i < cols; i++) d += v[i] * u[i];
+            for (int i = 0; i < cols; i++) v[i] -= d * u[i];
+        }
+        double norm = 0.0;
+        for (int i = 0; i < cols; i++) norm += v[i] * v[i];
+        norm = sqrt(norm);
+        for (int i = 0; i < cols; i++) v[i] /= norm;
+    }
+    for (size_t i = 0; i < (size_t)rows * cols; i++) b[i] = (float)q[i];
+    free(q);
+    return true;
+}
+
 /* Deterministic probe rows for the load-time invertibility check. */
 static void probe_row(float *v, int n, int seed) {
     uint32_t s = 2463534242u + (uint32_t)seed * 7919u;
@@ -156,9 +181,10 @@ static innsteer_status load_op(loader *L, flow_site *s, int si, int k, gguf_str 
         }
         op->rank = (int)t->ne[1];
         if ((st = load_mat(L, name, op->rank, n_embd, &op->basis))) return st;
-        if (!rows_orthonormal(op->basis, op->rank, n_embd, 1e-3f)) {
+        if (!rows_orthonormal(op->basis, op->rank, n_embd, 1e-2f)) {
             return failf(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace basis rows are not orthonormal", si, k);
         }
+        if (!orthonormalise((float *)op->basis, op->rank, n_embd)) return failf(L, INNSTEER_ERR_NOMEM, "out of memory");
         s->subspace_at = k;
     } else if (gguf_str_eq(kind, "coupling")) {
         op->kind = OP_COUPLING;
@@ -262,12 +288,6 @@ static innsteer_status check_roundtrip(loader *L, const flow_site *s, int si, in
 
 static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
     gguf_file *g = &L->g;
-    gguf_str arch;
-    if (!gguf_get_str(g, "general.architecture", &arch) || !gguf_str_eq(arch, "innsteer")) {
-        return failf(L, INNSTEER_ERR_NOT_FLOW, "not an innsteer flow file: general.architecture is '%.*s', expected 'innsteer'",
-                     gguf_get_str(g, "general.architecture", &arch) ? (int)(arch.len > 40 ? 40 : arch.len) : 0,
-                     gguf_get_str(g, "general.architecture", &arch) ? arch.ptr : "");
-    }
     uint32_t version = 0, n_embd = 0, n_layer = 0;
     if (!gguf_get_u32(g, "innsteer.format_version", &version)) return failf(L, INNSTEER_ERR_INVALID, "missing u32 innsteer.format_version");
     if (version != INNSTEER_FORMAT_VERSION) {
@@ -343,7 +363,16 @@ static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
 static innsteer_status load_from_buffer(const uint8_t *buf, size_t size, innsteer_flow **out, char *err, size_t err_size) {
     loader L = {.err = err, .err_size = err_size};
     if (err && err_size) err[0] = '\0';
-    if (!gguf_parse(&L.g, buf, size, err, err_size)) return INNSTEER_ERR_FORMAT;
+    if (!gguf_parse_header(&L.g, buf, size, err, err_size)) return INNSTEER_ERR_FORMAT;
+    gguf_str arch = {"", 0};
+    gguf_get_str(&L.g, "general.architecture", &arch);
+    if (!gguf_str_eq(arch, "innsteer")) {
+        failf(&L, INNSTEER_ERR_NOT_FLOW, "not an innsteer flow file: general.architecture is '%.*s', expected 'innsteer'",
+              (int)(arch.len > 40 ? 40 : arch.len), arch.ptr);
+        gguf_release(&L.g);
+        return INNSTEER_ERR_NOT_FLOW;
+    }
+    if (!gguf_parse_tensors(&L.g, err, err_size)) return INNSTEER_ERR_FORMAT;
     innsteer_flow *flow = calloc(1, sizeof *flow);
     /* tensors are copied into one arena: f16 doubles in size, plus alignment padding per tensor */
     L.arena_size = 0;

@@ -104,7 +104,7 @@ static bool skip_value(cursor *c, uint32_t type, int depth, const char *key) {
     return take(c, sz, &p, key);
 }
 
-bool gguf_parse(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size) {
+bool gguf_parse_header(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size) {
     memset(f, 0, sizeof *f);
     f->buf = buf;
     f->size = size;
@@ -160,6 +160,20 @@ bool gguf_parse(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t
         }
     }
 
+    f->tensor_info_at = c.pos;
+    f->alignment = alignment;
+    return true;
+
+bad:
+    gguf_release(f);
+    return false;
+}
+
+bool gguf_parse_tensors(gguf_file *f, char *err, size_t err_size) {
+    cursor c = {f->buf, f->size, f->tensor_info_at, err, err_size};
+    const uint8_t *buf = f->buf;
+    size_t size = f->size;
+    uint32_t alignment = f->alignment;
     uint64_t *offsets = calloc(f->n_tensors ? f->n_tensors : 1, sizeof *offsets);
     if (!offsets) {
         fail(&c, "out of memory");

@@ -46,10 +46,15 @@ typedef struct {
     uint64_t n_kv, n_tensors;
     gguf_kv *kv;
     gguf_tensor *tensors;
+    size_t tensor_info_at;
+    uint32_t alignment;
 } gguf_file;
 
-/* Parses buf (kept borrowed). On failure returns false and writes a message to err. */
-bool gguf_parse(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size);
+/* Parses buf (kept borrowed) in two steps, so a caller can check the keys (is this a flow?)
+ * before tensor types it does not support are judged. On failure they return false, write a
+ * message to err and release f. */
+bool gguf_parse_header(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size);
+bool gguf_parse_tensors(gguf_file *f, char *err, size_t err_size);
 void gguf_release(gguf_file *f);
 
 const gguf_kv *gguf_find_kv(const gguf_file *f, const char *key);
