@@ -19,6 +19,7 @@ class Variant:
     name: str
     setup: Callable[[], None]
     teardown: Callable[[], None]
+    model: Any = None  # None: the steered model
     prompt_tps: list[float] = field(default_factory=list)
     decode_tps: list[float] = field(default_factory=list)
 
@@ -35,8 +36,11 @@ def _time_variant(llm: Any, tokens: list[int], n_prompt: int, n_gen: int) -> tup
 
 
 def run_bench(llm: Any, flow_paths: dict[str, Path], n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
-              cvec_layer: int = 15, progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """Measures unsteered, llama.cpp's control vector, and each flow, interleaved `reps` times."""
+              cvec_layer: int = 15, plain: Any = None,
+              progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Measures unsteered, llama.cpp's control vector, and each flow, interleaved `reps` times.
+    `plain`: an optional llama_cpp.Llama of the same model without our callback, as a baseline
+    that shows what merely installing the callback costs."""
     import llama_cpp
 
     info = llm.model_info
@@ -57,18 +61,23 @@ def run_bench(llm: Any, flow_paths: dict[str, Path], n_prompt: int = 512, n_gen:
         return (lambda: handle.append(llm.add_flow(path)),
                 lambda: llm.remove_flow(handle.pop()))
 
-    variants = [Variant("unsteered", lambda: None, lambda: None),
+    variants = [Variant("unsteered", lambda: None, lambda: None)]
+    if plain is not None:
+        variants.append(Variant("plain llama.cpp (no callback)", lambda: None, lambda: None, model=plain))
+    variants += [
                 Variant(f"llama.cpp control vector (layer {cvec_layer})", lambda: set_cvec(True), lambda: set_cvec(False))]
     for name, path in flow_paths.items():
         variants.append(Variant(name, *attach(path)))
-    _time_variant(llm, tokens, min(n_prompt, 64), 8)  # warm-up
+    for m in (llm, plain):
+        if m is not None:
+            _time_variant(m, tokens, min(n_prompt, 64), 8)  # warm-up
     for rep in range(reps):
         for var in variants:
             if progress:
                 progress(f"rep {rep + 1}/{reps}: {var.name}")
             var.setup()
             try:
-                p, d = _time_variant(llm, tokens, n_prompt, n_gen)
+                p, d = _time_variant(var.model or llm, tokens, n_prompt, n_gen)
             finally:
                 var.teardown()
             var.prompt_tps.append(p)

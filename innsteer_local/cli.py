@@ -13,7 +13,7 @@ from typing import Any, Optional
 import click
 
 from . import models as registry
-from .errors import InnsteerError
+from .errors import InnsteerError, ModelError
 
 MODEL_HELP = "registry model (see `models list`) or a local .gguf path [default: smollm2-135m]"
 FLOW_HELP = "flow file or shipped flow name, optionally FILE:STRENGTH; repeatable"
@@ -45,8 +45,12 @@ def load_steered(model: Optional[str], flows: tuple[str, ...], strength: Optiona
 
     path, key = registry.resolve_model(model)
     n_threads = threads or os.cpu_count() or 1
-    llm = SteeredLlama(str(path), n_ctx=n_ctx, seed=seed, n_threads=n_threads, n_threads_batch=n_threads,
-                       verbose=False)
+    try:
+        llm = SteeredLlama(str(path), n_ctx=n_ctx, seed=seed, n_threads=n_threads, n_threads_batch=n_threads,
+                           verbose=False)
+    except ValueError as e:  # llama-cpp-python's word for a file llama.cpp cannot load
+        raise ModelError(f"cannot load model {path}: {e} (not a llama.cpp GGUF model, corrupt, or an "
+                         "unsupported architecture)") from None
     llm.model_key = key
     for spec in flows:
         file, own = parse_flow_spec(spec)
@@ -233,11 +237,16 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: int, gen_
 
     from .bench import default_flows, format_table, run_bench
 
+    import llama_cpp
+
     llm = load_steered(model, (), None, prompt_tokens + gen_tokens + 16, 0, threads)
+    n_threads = threads or os.cpu_count() or 1
+    plain = llama_cpp.Llama(llm.model_path, n_ctx=prompt_tokens + gen_tokens + 16, n_threads=n_threads,
+                            n_threads_batch=n_threads, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
         paths = ({Path(f).name: registry.resolve_flow(f, getattr(llm, "model_key", None)) for f in flows}
                  or default_flows(llm, Path(tmp)))
-        result = run_bench(llm, paths, n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps,
+        result = run_bench(llm, paths, n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps, plain=plain,
                            progress=lambda msg: click.echo(msg, err=True))
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 

@@ -41,7 +41,8 @@ def library_path() -> Path:
 def _expose_ggml() -> None:
     import llama_cpp  # noqa: F401  (loads libllama and ggml)
 
-    lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
+    # the same directory llama-cpp-python loaded its libraries from
+    lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).resolve().parent / "lib")
     mode = getattr(os, "RTLD_GLOBAL", 0) | getattr(os, "RTLD_NOW", 0)
     for stem in ("ggml-base", "ggml", "llama"):
         for cand in (lib_dir / f"lib{stem}.so", lib_dir / f"lib{stem}.dylib", lib_dir / f"{stem}.dll"):

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import llama_cpp
 from llama_cpp import Llama
 from llama_cpp import _internals as internals
+from llama_cpp._utils import suppress_stdout_stderr
 
 from .errors import FlowMismatchError, SteeringError
 from .flow import Flow, ModelInfo
@@ -77,8 +78,9 @@ class SteeredLlama(Llama):
         self.context_params.cb_eval = llama_cpp.ggml_backend_sched_eval_callback(eval_callback_address())
         self.context_params.cb_eval_user_data = self._steerer.ptr
         self._ctx.close()
-        self._ctx = self._stack.enter_context(contextlib.closing(
-            internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)))
+        with suppress_stdout_stderr(disable=self.verbose):
+            ctx = internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)
+        self._ctx = self._stack.enter_context(contextlib.closing(ctx))
         if getattr(self, "_lora_adapter", None) is not None:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora_adapter)
             scales = (llama_cpp.ctypes.c_float * 1)(self.lora_scale)

@@ -110,3 +110,11 @@ def test_cli_errors_are_clear(args, fragment):
     assert proc.returncode == 2
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_model_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    proc = run("generate", "-p", "x", "--model", str(bad), check=False)
+    assert proc.returncode == 2
+    assert "cannot load model" in proc.stderr and "Traceback" not in proc.stderr

@@ -130,3 +130,17 @@ def test_strength_must_be_finite(steered, good_flow):
             steered.set_strength(bad, h)
     with pytest.raises(ValueError, match="finite"):
         steered.add_flow(good_flow, strength=float("-inf"))
+
+
+def test_unseen_layer_fails_loudly(steered, good_flow):
+    """The check behind 'fail loudly if the model never computes l_out-<layer>': before any graph
+    ran nothing was seen, so verifying must raise; after a real evaluation it must pass."""
+    from innsteer_local import SteeringError
+
+    steered.add_flow(good_flow)
+    with pytest.raises(SteeringError, match="l_out-12"):
+        steered._verify_layers()
+    steered.add_flow(good_flow)
+    steered.reset()
+    steered.eval(steered.tokenize(b"Hello"))  # verifies: would raise if l_out-12 never ran
+    assert steered.native_steerer.layer_visits(12) > 0
