@@ -1,0 +1,58 @@
+"""Steering changes between requests never reuse KV entries computed under other steering."""
+
+from __future__ import annotations
+
+import pytest
+
+from innsteer_local import Flow
+
+MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+
+def reply(llm) -> str:
+    out = llm.create_chat_completion(messages=MESSAGES, max_tokens=24, temperature=0.0, seed=0)
+    return out["choices"][0]["message"]["content"]
+
+
+@pytest.fixture()
+def flow_path(model_info, tmp_path):
+    path = tmp_path / "f.gguf"
+    Flow.random(model_info, [12], rank=32, blocks=2, hidden=64, seed=4, delta_scale=2.0).save(path)
+    return path
+
+
+def test_strength_change_between_requests_matches_a_fresh_model(model_path, flow_path):
+    from innsteer_local import SteeredLlama
+
+    def fresh(strength):
+        llm = SteeredLlama(str(model_path), n_ctx=512, verbose=False, seed=0)
+        if strength is not None:
+            llm.add_flow(flow_path, strength=strength)
+        text = reply(llm)
+        llm.close()
+        return text
+
+    expected = {None: fresh(None), 1.0: fresh(1.0), 2.0: fresh(2.0)}
+    assert len(set(expected.values())) == 3, "the strengths must give different replies for this test to mean anything"
+
+    llm = SteeredLlama(str(model_path), n_ctx=512, verbose=False, seed=0)
+    assert reply(llm) == expected[None]
+    h = llm.add_flow(flow_path, strength=1.0)
+    assert reply(llm) == expected[1.0]  # the same prompt prefix is in the KV cache, unsteered
+    llm.set_strength(2.0, h)
+    assert reply(llm) == expected[2.0]
+    llm.disable()
+    assert reply(llm) == expected[None]
+    llm.enable()
+    assert reply(llm) == expected[2.0]
+    llm.close()
+
+
+def test_streaming_is_steered(steered, flow_path):
+    plain = "".join(c["choices"][0]["delta"].get("content") or "" for c in steered.create_chat_completion(
+        messages=MESSAGES, max_tokens=24, temperature=0.0, stream=True))
+    steered.add_flow(flow_path, strength=2.0)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in steered.create_chat_completion(
+        messages=MESSAGES, max_tokens=24, temperature=0.0, stream=True))
+    assert streamed != plain
+    assert streamed == reply(steered)
