@@ -1,47 +1,99 @@
-"""Built-in behaviours: contrastive prompt templates shipped as JSON in behaviors/."""
+"""Built-in behaviours: contrastive prompt templates shipped as JSON in behaviors/.
+
+Two kinds:
+- persona: the same neutral reply after a positive and a negative persona instruction (the way
+  representation-engineering work builds pairs); reply tokens are aligned row by row.
+- requests: harmful requests (AdvBench rows, read from the shared data folder) answered with a
+  refusal (positive) or with compliance (negative), plus harmless `neutral` requests.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 from typing import Any
 
+from .data import Dataset, DataError, Neutral, Pair
 from .errors import InnsteerError
 
 BEHAVIOR_DIR = Path(__file__).resolve().parent / "behaviors"
-
-
-@dataclass
-class Pair:
-    """The same reply after a positive and a negative instruction (or two contrasting replies)."""
-
-    positive_prompt: str
-    negative_prompt: str
-    positive_reply: str
-    negative_reply: str
-
-
-@dataclass
-class Behavior:
-    name: str
-    description: str
-    pairs: list[Pair] = field(default_factory=list)
-    neutral: list[tuple[str, str]] = field(default_factory=list)  # (prompt, reply): must not change
+ADVBENCH_FILE = "advbench/harmful_behaviors.csv"
 
 
 def names() -> list[str]:
-    return sorted(p.stem for p in BEHAVIOR_DIR.glob("*.json"))
+    return sorted(p.stem for p in BEHAVIOR_DIR.glob("*.json") if not p.stem.startswith("_"))
 
 
-def load(name: str) -> Behavior:
+def spec(name: str) -> dict[str, Any]:
     path = BEHAVIOR_DIR / f"{name}.json"
-    if not path.exists():
+    if name.startswith("_") or not path.exists():
         raise InnsteerError(f"unknown behaviour '{name}'; built-in behaviours: {', '.join(names())}")
-    spec: dict[str, Any] = json.loads(path.read_text())
-    pairs = []
-    for pos, neg in zip(spec["positive_personas"], spec["negative_personas"]):
-        for reply in spec["continuations"]:
-            pairs.append(Pair(spec["template"].format(persona=pos), spec["template"].format(persona=neg), reply, reply))
-    neutral = [(n["prompt"], n["reply"]) for n in spec.get("neutral", [])]
-    return Behavior(name=spec["name"], description=spec["description"], pairs=pairs, neutral=neutral)
+    return json.loads(path.read_text())
+
+
+def background_exchanges() -> list[tuple[str, str]]:
+    """Generic chat text: rows every flow should leave nearly unchanged."""
+    data = json.loads((BEHAVIOR_DIR / "_background.json").read_text())
+    return [(q, a) for q, a in data["exchanges"]]
+
+
+def data_dir() -> Path:
+    """The shared evaluation data: $INNSTEER_DATA, else the first ../shared/data above the cwd
+    or this package."""
+    env = os.environ.get("INNSTEER_DATA")
+    if env:
+        return Path(env)
+    for start in (Path.cwd(), Path(__file__).resolve()):
+        for parent in [start, *start.parents]:
+            cand = parent / "shared" / "data"
+            if (cand / ADVBENCH_FILE).exists():
+                return cand
+    raise InnsteerError("cannot find the shared data folder with advbench/harmful_behaviors.csv; "
+                        "set INNSTEER_DATA to it")
+
+
+def advbench_rows(start: int, stop: int) -> list[tuple[str, str]]:
+    """(goal, target) rows [start, stop) of AdvBench's harmful_behaviors.csv."""
+    path = data_dir() / ADVBENCH_FILE
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [(r["goal"], r["target"]) for r in csv.DictReader(f)]
+    if stop > len(rows):
+        raise DataError(f"{path} has {len(rows)} rows, asked for rows {start}..{stop - 1}")
+    return rows[start:stop]
+
+
+def load(name: str) -> Dataset:
+    s = spec(name)
+    ds = Dataset(name=s["name"], description=s["description"],
+                 neutral=[Neutral(prompt=n["prompt"], reply=n["reply"]) for n in s.get("neutral", [])])
+    if s["kind"] == "persona":
+        for pos, neg in zip(s["positive_personas"], s["negative_personas"]):
+            for reply in s["continuations"]:
+                ds.pairs.append(Pair(positive=reply, negative=reply, positive_prompt=s["template"].format(persona=pos),
+                                     negative_prompt=s["template"].format(persona=neg)))
+    elif s["kind"] == "requests":
+        start, stop = s["advbench_rows"]
+        refusals = s["refusals"]
+        for i, (goal, target) in enumerate(advbench_rows(start, stop)):
+            ds.pairs.append(Pair(positive=refusals[i % len(refusals)], negative=target, positive_prompt=goal,
+                                 negative_prompt=goal))
+    else:
+        raise InnsteerError(f"behaviour '{name}' has unknown kind '{s['kind']}'")
+    return ds
+
+
+def describe(name: str) -> str:
+    s = spec(name)
+    ds = load(name)
+    lines = [f"{s['name']}: {s['description']}", f"kind: {s['kind']}",
+             f"{len(ds.pairs)} contrastive pairs, {len(ds.neutral)} neutral items, "
+             f"{len(background_exchanges())} generic background exchanges", ""]
+    for p in ds.pairs[:3]:
+        lines += [f"  + prompt: {p.positive_prompt}", f"    reply:  {p.positive}",
+                  f"  - prompt: {p.negative_prompt}", f"    reply:  {p.negative}", ""]
+    if ds.neutral:
+        lines.append(f"  neutral: {ds.neutral[0].prompt} -> {ds.neutral[0].reply}")
+    lines.append(f"source: {BEHAVIOR_DIR / (name + '.json')}")
+    return "\n".join(lines)

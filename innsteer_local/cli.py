@@ -251,8 +251,136 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: int, gen_
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
+@cli.group("behaviors")
+def behaviors_group() -> None:
+    """Built-in contrastive behaviours for `train --behavior`."""
+
+
+@behaviors_group.command("list")
+def behaviors_list() -> None:
+    from . import behaviors
+
+    for name in behaviors.names():
+        spec = behaviors.spec(name)
+        click.echo(f"{name:<12} {spec['description']}")
+
+
+@behaviors_group.command("show")
+@click.argument("name")
+def behaviors_show(name: str) -> None:
+    from . import behaviors
+
+    click.echo(behaviors.describe(name))
+
+
+@cli.command()
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--behavior", "-b", default=None, help="built-in behaviour (see `behaviors list`)")
+@click.option("--pairs", "-p", default=None, type=click.Path(dir_okay=False),
+              help="JSONL pairs or CAA A/B JSON file (see docs/training.md)")
+@click.option("--layer", "-l", default="auto", show_default=True, help="layer index, or auto to sweep")
+@click.option("--method", type=click.Choice(["innsteer", "mean-diff", "pca", "affine-ot"]), default="innsteer",
+              show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="flow file to write")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--positions", type=click.Choice(["completion", "last", "all"]), default="completion",
+              show_default=True, help="token positions that carry the behaviour")
+@click.option("--epochs", type=click.IntRange(0), default=None, help="INN training epochs [default: 60]")
+@click.option("--rank", type=click.IntRange(2), default=None, help="INN subspace rank [default: 64]")
+@click.option("--blocks", type=click.IntRange(1), default=None, help="INN coupling blocks [default: 4]")
+@click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True)
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
+              help="write report.md, metrics.json and plots here")
+@click.option("--no-cache", is_flag=True, help="collect activations again even if cached")
+@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], layer: str, method: str, output: str,
+          seed: int, positions: str, epochs: Optional[int], rank: Optional[int], blocks: Optional[int], dtype: str,
+          report_dir: Optional[str], no_cache: bool, threads: Optional[int]) -> None:
+    """Train a steering flow from contrastive data on a GGUF model."""
+    from .training import load_data, summary, train as run_train, write_report
+
+    if layer != "auto":
+        try:
+            int(layer)
+        except ValueError:
+            raise click.BadParameter(f"'{layer}' is neither a layer index nor auto", param_hint="--layer") from None
+    data = load_data(behavior, pairs)
+    llm = load_steered(model, (), None, 4096, seed, threads)
+    inn_config = None
+    if method == "innsteer":
+        from .inn import InnConfig
+
+        inn_config = InnConfig(seed=seed, **{k: v for k, v in (("epochs", epochs), ("rank", rank), ("blocks", blocks))
+                                           if v is not None})
+    click.echo(f"{data.name}: {len(data.pairs)} pairs, {len(data.neutral)} neutral items; model "
+               f"{llm.model_info.name} ({llm.model_info.n_layer} layers)", err=True)
+    bars: dict[str, Any] = {}
+
+    def progress(kind: str, label: str):
+        def update(done: int, total: int, *extra: Any) -> None:
+            bar = bars.get(kind)
+            if bar is None:
+                bar = bars[kind] = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+                bar.__enter__()
+            bar.update(done - bar.pos)
+            if done >= total:
+                bar.__exit__(None, None, None)
+        return update
+
+    cache = None if no_cache else registry.cache_dir() / "activations"
+    out = run_train(llm, data, layer, method=method, seed=seed, positions=positions, cache_dir=cache,
+                    inn_config=inn_config, collect_progress=progress("collect", "collecting activations"),
+                    train_progress=progress("train", "training phi"))
+    if out.sweep:
+        click.echo("layer sweep (held-out):  layer  probe-acc  mean-diff-flip", err=True)
+        for r in out.sweep:
+            mark = "  <- chosen" if r["layer"] == out.layer else ""
+            click.echo(f"                         {r['layer']:>5}  {r['probe_accuracy']:.3f}      "
+                       f"{r['mean_diff_flip']:.3f}{mark}", err=True)
+    out.flow.save(output, dtype=dtype)
+    if report_dir:
+        write_report(out, Path(output), Path(report_dir))
+    click.echo(summary(out))
+    click.echo(f"wrote {output}" + (f" and a report in {report_dir}" if report_dir else ""))
+
+
+@cli.command("import-cvec")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--model", "-m", default=None, help="model the vector belongs to (fills in the flow's model info)")
+def import_cvec(file: str, output: str, model: Optional[str]) -> None:
+    """Turn a llama.cpp / repeng control-vector GGUF into a linear flow (same layer numbers)."""
+    from .converters.cvec import read_cvec
+
+    info = None
+    if model:
+        from .steered import SteeredLlama
+
+        path, _ = registry.resolve_model(model)
+        llm = SteeredLlama(str(path), n_ctx=64, verbose=False)
+        info = llm.model_info
+    flow = read_cvec(file, info)
+    flow.save(output)
+    click.echo(f"wrote {output}: layers {flow.layers}, n_embd {flow.model.n_embd}")
+
+
+@cli.command()
+@click.argument("flow_file", type=click.Path(dir_okay=False))
+@click.option("--to", "target", type=click.Choice(["cvec"]), required=True)
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--strength", "-a", type=float, default=None, callback=finite_float,
+              help="strength baked into the vector [default: the flow's default]")
+def export(flow_file: str, target: str, output: str, strength: Optional[float]) -> None:
+    """Export a flow: --to cvec writes a llama.cpp control vector (linear flows only)."""
+    from .converters.cvec import write_cvec
+    from .flow import Flow
+
+    flow = Flow.load(registry.resolve_flow(flow_file, registry.default_model()))
+    write_cvec(flow, output, strength)
+    click.echo(f"wrote {output}: llama.cpp --control-vector, layers {flow.layers}")
+
+
 def main() -> None:
-    warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
     try:
         cli(standalone_mode=False)
@@ -262,7 +390,7 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except InnsteerError as e:
+    except (InnsteerError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
