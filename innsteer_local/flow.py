@@ -56,6 +56,10 @@ class Affine:
     def inverse(self, y: np.ndarray) -> np.ndarray:
         return (y - self.bias) / self.scale
 
+    def inverse_delta(self, x_in: np.ndarray, x_out: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """The edit of the input that an edit d of the output corresponds to (see Site.steer)."""
+        return d / self.scale
+
     def tensors(self) -> dict[str, np.ndarray]:
         return {"scale": self.scale, "bias": self.bias}
 
@@ -70,6 +74,9 @@ class Subspace:
     @property
     def rank(self) -> int:
         return int(self.basis.shape[0])
+
+    def inverse_delta(self, x_in: np.ndarray, x_out: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return d @ self.basis.astype(np.float64)
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {"basis": self.basis}
@@ -109,6 +116,13 @@ class Coupling:
         x[..., d1:] = (y[..., d1:] - t) * np.exp(-s)
         return x
 
+    def inverse_delta(self, x_in: np.ndarray, x_out: np.ndarray, d: np.ndarray) -> np.ndarray:
+        moved = self.inverse(x_out + d)  # conditions on x_in[:d1] + d[:d1]
+        out = d.copy()
+        d1 = x_in.shape[-1] // 2
+        out[..., d1:] = moved[..., d1:] - x_in[..., d1:]
+        return out
+
     def tensors(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
@@ -132,6 +146,9 @@ class Permute:
         x[..., self.perm] = y
         return x
 
+    def inverse_delta(self, x_in: np.ndarray, x_out: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return self.inverse(d)
+
     def tensors(self) -> dict[str, np.ndarray]:
         return {"perm": self.perm.astype(np.int32)}
 
@@ -150,6 +167,9 @@ class Linear:
 
     def inverse(self, y: np.ndarray) -> np.ndarray:
         return (y - self.bias) @ self.matrix_inv.T.astype(np.float64)
+
+    def inverse_delta(self, x_in: np.ndarray, x_out: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return d @ self.matrix_inv.T.astype(np.float64)
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {"matrix": self.matrix, "matrix_inv": self.matrix_inv, "bias": self.bias}
@@ -208,26 +228,20 @@ class Site:
         return x
 
     def steer(self, h: np.ndarray, strength: float) -> np.ndarray:
-        """h' = phi^-1(phi(h) + a (delta + edit_scale * phi(h))), in float64."""
-        pre, sub, post = self._split()
+        """h' = phi^-1(phi(h) + a (delta + edit_scale * phi(h))), in float64.
+
+        Computed as h + dh: the latent edit is carried back through each op as a difference
+        (as native/src/flow_math.c does), so rounding scales with the edit, not with |h|."""
         x = np.asarray(h, dtype=np.float64)
-        for op in pre:
-            x = op.forward(x)
-        if sub is not None:
-            u = sub.basis.astype(np.float64)
-            y0 = x @ u.T
-            y = y0
-            for op in post:
-                y = op.forward(y)
-            y = self._shift(y, strength)
-            for op in reversed(post):
-                y = op.inverse(y)
-            x = x + (y - y0) @ u
-        else:
-            x = self._shift(x, strength)
-        for op in reversed(pre):
-            x = op.inverse(x)
-        return x
+        acts = [x]
+        for op in self.ops:
+            acts.append(acts[-1] @ op.basis.T.astype(np.float64) if isinstance(op, Subspace) else op.forward(acts[-1]))
+        z = acts[-1]
+        d = strength * (self.delta.astype(np.float64) + (self.edit_scale * z if self.edit_scale is not None else 0.0))
+        d = np.broadcast_to(d, z.shape).copy()
+        for k in reversed(range(len(self.ops))):
+            d = self.ops[k].inverse_delta(acts[k], acts[k + 1], d)
+        return x + d
 
     def _shift(self, z: np.ndarray, strength: float) -> np.ndarray:
         edit = self.delta.astype(np.float64)

@@ -53,6 +53,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     latent: dict[str, np.ndarray] = field(default_factory=dict)  # held-out latents for the report
+    torch_steer: Optional[Callable[[np.ndarray, float], np.ndarray]] = None
 
 
 def _torch():
@@ -88,9 +89,9 @@ def build_basis(pos: np.ndarray, neg: np.ndarray, targets: np.ndarray, backgroun
 
     diffs = top((np.asarray(targets, np.float64) - neg) / sd, rank)
     data = top((np.concatenate([pos, neg, background]).astype(np.float64) - mu) / sd, rank)
-    inter = np.empty((2 * rank, len(vn)))
-    inter[0::2], inter[1::2] = diffs[:rank], data[:rank]
-    cand = np.concatenate([vn[None] / np.linalg.norm(vn), inter])
+    inter = [row for pair in zip(diffs, data) for row in pair] + list(diffs[len(data):]) + list(data[len(diffs):])
+    filler = rng.normal(size=(rank, len(vn)))  # only used when there are fewer rows than rank
+    cand = np.concatenate([vn[None] / np.linalg.norm(vn), np.array(inter).reshape(-1, len(vn)), filler])
     q, _ = np.linalg.qr(cand.T)
     q = q[:, :rank].T
     if q[0] @ vn < 0:
@@ -297,14 +298,19 @@ def train_inn(layer: int, pos: np.ndarray, neg: np.ndarray, background: np.ndarr
     latent_probe = LinearProbe.fit(z_pos[~pos_val], z_neg[~neg_val])
     latent_acc = latent_probe.accuracy(z_pos[pos_val], z_neg[neg_val])
     y_probe = LinearProbe.fit(y_pos.double().numpy()[~pos_val], y_neg.double().numpy()[~neg_val])
+    f_pos, f_neg = site.forward(pos), site.forward(neg)  # the full n_embd-wide latent
+    full_probe = LinearProbe.fit(f_pos[~pos_val], f_neg[~neg_val])
     metrics = {
         "layer": layer, "trained": trained, "best_epoch": best_epoch, "rank": rank,
         "held_out_pairs": int(held.sum()), "train_pairs": int((~held).sum()),
         "rows": {"pos": len(pos), "neg": len(neg), "background": len(background), "neutral": len(neutral)},
         "mean_diff_norm": v_norm,
         "identity_start": start_metrics, "selected": best_metrics,
-        "raw_probe_accuracy": raw_acc, "latent_probe_accuracy": latent_acc,
-        "subspace_probe_accuracy": y_probe.accuracy(y_pos.double().numpy()[pos_val], y_neg.double().numpy()[neg_val]),
+        # linear probes on held-out pairs: raw h vs the full latent phi(h) (both n_embd wide), and
+        # inside the rank-r subspace: its raw coordinates vs phi's coordinates there
+        "raw_probe_accuracy": raw_acc, "latent_probe_accuracy": full_probe.accuracy(f_pos[pos_val], f_neg[neg_val]),
+        "subspace_raw_probe_accuracy": y_probe.accuracy(y_pos.double().numpy()[pos_val], y_neg.double().numpy()[neg_val]),
+        "subspace_latent_probe_accuracy": latent_acc,
         "config": asdict(cfg),
     }
     if not trained:
@@ -315,7 +321,16 @@ def train_inn(layer: int, pos: np.ndarray, neg: np.ndarray, background: np.ndarr
                      "identity_start": start_metrics, "selected": best_metrics, "best_epoch": best_epoch}})
     flow = Flow(model=model, sites=[site], method="innsteer", provenance=prov, **meta)
     latent = {"pos": z_pos[pos_val], "neg": z_neg[neg_val], "background": z_bg[bg_val]}
-    return TrainResult(flow=flow, history=history, metrics=metrics, seconds=time.perf_counter() - t_start, latent=latent)
+
+    def torch_steer(h: np.ndarray, strength: float) -> np.ndarray:
+        """The trained torch modules' own steering map (to check the exported file against)."""
+        with torch.no_grad():
+            y = T(to_y(h))
+            moved = net.inverse(net.forward(y)[0] + strength * scale * best_delta) - y
+            return f64(h) + (moved.double() @ torch.tensor(lift)).numpy()
+
+    return TrainResult(flow=flow, history=history, metrics=metrics, seconds=time.perf_counter() - t_start, latent=latent,
+                       torch_steer=torch_steer)
 
 
 def _calibrate(move: Callable[[float], float], target: float, lo: float = 0.0, hi: float = 4.0) -> float:

@@ -249,14 +249,18 @@ static innsteer_status load_op(loader *L, flow_site *s, int si, int k, gguf_str 
     return INNSTEER_OK;
 }
 
-static size_t site_scratch(const flow_site *s, int n_embd) {
+static void size_scratch(flow_site *s, int n_embd) {
     int widest = 1;
     for (int k = 0; k < s->n_ops; k++) {
         const flow_op *op = &s->ops[k];
         if (op->kind != OP_COUPLING) continue;
         for (int j = 1; j <= op->n_layers; j++) widest = op->width[j] > widest ? op->width[j] : widest;
     }
-    return 4 * (size_t)n_embd + 2 * (size_t)widest;
+    s->widest = widest;
+    s->acts_floats = flow_site_acts_floats(s, n_embd);
+    size_t maps = 4 * (size_t)n_embd + 2 * (size_t)widest;                    /* forward / inverse */
+    size_t steer = s->acts_floats + 2 * (size_t)n_embd + 2 * (size_t)widest;  /* steer */
+    s->scratch = maps > steer ? maps : steer;
 }
 
 /* phi^-1(phi(x)) must return x: catches inconsistent inverse matrices and blow-ups that the
@@ -354,7 +358,7 @@ static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
         if ((st = load_vec(L, name, dim, &s->delta))) return st;
         snprintf(name, sizeof name, "site.%d.edit_scale", si);
         if (gguf_find_tensor(g, name) && (st = load_vec(L, name, dim, &s->edit_scale))) return st;
-        s->scratch = site_scratch(s, (int)n_embd);
+        size_scratch(s, (int)n_embd);
         if ((st = check_roundtrip(L, s, si, (int)n_embd))) return st;
     }
     return INNSTEER_OK;

@@ -41,7 +41,9 @@ typedef struct {
     int latent_dim;   /* width of delta */
     const float *delta;
     const float *edit_scale; /* NULL when zero */
-    size_t scratch;   /* floats of scratch per row for steer() */
+    int widest;         /* widest coupling layer */
+    size_t acts_floats; /* forward activations kept by steer() */
+    size_t scratch;     /* floats of scratch per row for every row map */
 } flow_site;
 
 struct innsteer_flow {
@@ -54,6 +56,7 @@ struct innsteer_flow {
 };
 
 /* Row maps. scratch must hold site->scratch floats. */
+size_t flow_site_acts_floats(const flow_site *s, int n_embd);
 void flow_site_steer_row(const flow_site *s, int n_embd, float strength, const float *in, float *out, float *scratch);
 void flow_site_forward_row(const flow_site *s, int n_embd, const float *in, float *out, float *scratch);
 void flow_site_inverse_row(const flow_site *s, int n_embd, const float *in, float *out, float *scratch);

@@ -2,6 +2,7 @@
 #include "flow.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 /* Eight independent partial sums: the compiler vectorises them without -ffast-math, and the
@@ -106,14 +107,13 @@ typedef struct {
 } row_scratch;
 
 static row_scratch split_scratch(const flow_site *s, int n_embd, float *scratch) {
-    (void)s;
     row_scratch r;
     r.x = scratch;
     r.y = r.x + n_embd;
     r.y0 = r.y + n_embd;
     r.tmp = r.y0 + n_embd;
     r.ha = r.tmp + n_embd;
-    r.hb = r.ha + (s->scratch - 4 * (size_t)n_embd) / 2;
+    r.hb = r.ha + s->widest;
     return r;
 }
 
@@ -122,10 +122,11 @@ static void project(const flow_op *op, const float *x, float *y, int n_embd) {
     matvec(op->basis, NULL, x, y, op->rank, n_embd);
 }
 
-/* x += basis^T (y - y0): moves x within the subspace only, the complement stays bit-exact. */
+/* x += basis^T (y - y0) (y0 NULL: x += basis^T y): moves x within the subspace only, the
+ * complement stays bit-exact. */
 static void lift(const flow_op *op, float *x, const float *y, const float *y0, int n_embd) {
     for (int k = 0; k < op->rank; k++) {
-        float d = y[k] - y0[k];
+        float d = y0 ? y[k] - y0[k] : y[k];
         if (d == 0.0f) continue;
         const float *u = op->basis + (size_t)k * n_embd;
         for (int i = 0; i < n_embd; i++) x[i] += d * u[i];
@@ -140,30 +141,87 @@ static void run_inverse(const flow_site *s, int from, int to, float *v, row_scra
     for (int k = to - 1; k >= from; k--) op_inverse(&s->ops[k], v, r->tmp, r->ha, r->hb);
 }
 
+/* Carries a latent edit back to raw space as a difference: each op maps (its forward input,
+ * its forward output, the edit of its output) to the edit of its input. The result is h + dh, so
+ * rounding error scales with the edit, not with |h|; an op that is the identity (a coupling at its
+ * zero initialisation) passes the edit through bit-exactly, and the rest of h is never touched. */
+static void op_inverse_delta(const flow_op *op, const float *x_in, const float *x_out, float *d, float *tmp, float *ha,
+                             float *hb) {
+    switch (op->kind) {
+        case OP_AFFINE:
+            for (int i = 0; i < op->dim; i++) d[i] /= op->scale[i];
+            break;
+        case OP_PERMUTE:
+            for (int i = 0; i < op->dim; i++) tmp[op->perm[i]] = d[i];
+            memcpy(d, tmp, sizeof(float) * (size_t)op->dim);
+            break;
+        case OP_LINEAR:
+            matvec(op->matrix_inv, NULL, d, tmp, op->dim, op->dim);
+            memcpy(d, tmp, sizeof(float) * (size_t)op->dim);
+            break;
+        case OP_COUPLING: {
+            bool cond_moved = false;
+            for (int i = 0; i < op->d1; i++) cond_moved = cond_moved || d[i] != 0.0f;
+            float *d2 = d + op->d1;
+            if (!cond_moved) { /* same s and t as the forward pass: the inverse is linear in the edit */
+                const float *p = coupling_params(op, x_in, ha, hb);
+                for (int i = 0; i < op->d2; i++) d2[i] *= expf(-op->clamp * tanhf(p[i] / op->clamp));
+                break;
+            }
+            for (int i = 0; i < op->d1; i++) tmp[i] = x_in[i] + d[i];
+            const float *p = coupling_params(op, tmp, ha, hb);
+            for (int i = 0; i < op->d2; i++) {
+                float s = op->clamp * tanhf(p[i] / op->clamp);
+                float x2 = (x_out[op->d1 + i] + d2[i] - p[op->d2 + i]) * expf(-s);
+                d2[i] = x2 - x_in[op->d1 + i];
+            }
+            break;
+        }
+        case OP_SUBSPACE:
+            break; /* handled by the caller: it changes the width */
+    }
+}
+
+size_t flow_site_acts_floats(const flow_site *s, int n_embd) {
+    size_t acts = 0;
+    for (int k = 0; k < s->n_ops; k++) acts += (size_t)(s->subspace_at >= 0 && k >= s->subspace_at ? s->latent_dim : n_embd);
+    return acts;
+}
+
 void flow_site_steer_row(const flow_site *s, int n_embd, float strength, const float *in, float *out, float *scratch) {
-    row_scratch r = split_scratch(s, n_embd, scratch);
+    /* acts[k] is the input of op k; the input of op 0 is `in` itself */
+    const float *acts[MAX_OPS + 1];
+    float *cursor = scratch;
+    float *d = scratch + s->acts_floats, *tmp = d + n_embd, *ha = tmp + n_embd, *hb = ha + s->widest;
     int sub = s->subspace_at;
-    int pre_end = sub >= 0 ? sub : s->n_ops;
-    memcpy(r.x, in, sizeof(float) * (size_t)n_embd);
-    run_forward(s, 0, pre_end, r.x, &r);
-    float *z = r.x;
-    if (sub >= 0) {
-        project(&s->ops[sub], r.x, r.y, n_embd);
-        memcpy(r.y0, r.y, sizeof(float) * (size_t)s->latent_dim);
-        run_forward(s, sub + 1, s->n_ops, r.y, &r);
-        z = r.y;
+    acts[0] = in;
+    for (int k = 0; k < s->n_ops; k++) {
+        const flow_op *op = &s->ops[k];
+        int w_out = (sub >= 0 && k >= sub) ? s->latent_dim : n_embd;
+        float *next = cursor;
+        cursor += w_out;
+        if (op->kind == OP_SUBSPACE) {
+            project(op, acts[k], next, n_embd);
+        } else {
+            memcpy(next, acts[k], sizeof(float) * (size_t)w_out);
+            op_forward(op, next, tmp, ha, hb);
+        }
+        acts[k + 1] = next;
     }
-    if (s->edit_scale) {
-        for (int i = 0; i < s->latent_dim; i++) z[i] += strength * (s->delta[i] + s->edit_scale[i] * z[i]);
-    } else {
-        for (int i = 0; i < s->latent_dim; i++) z[i] += strength * s->delta[i];
+    const float *z = acts[s->n_ops];
+    int w = s->latent_dim;
+    for (int i = 0; i < w; i++) d[i] = strength * (s->delta[i] + (s->edit_scale ? s->edit_scale[i] * z[i] : 0.0f));
+    for (int k = s->n_ops - 1; k >= 0; k--) {
+        const flow_op *op = &s->ops[k];
+        if (op->kind == OP_SUBSPACE) {
+            memset(tmp, 0, sizeof(float) * (size_t)n_embd);
+            lift(op, tmp, d, NULL, n_embd);
+            memcpy(d, tmp, sizeof(float) * (size_t)n_embd);
+        } else {
+            op_inverse_delta(op, acts[k], acts[k + 1], d, tmp, ha, hb);
+        }
     }
-    if (sub >= 0) {
-        run_inverse(s, sub + 1, s->n_ops, r.y, &r);
-        lift(&s->ops[sub], r.x, r.y, r.y0, n_embd);
-    }
-    run_inverse(s, 0, pre_end, r.x, &r);
-    memcpy(out, r.x, sizeof(float) * (size_t)n_embd);
+    for (int i = 0; i < n_embd; i++) out[i] = in[i] + d[i];
 }
 
 /* The latent of a site with a subspace is x + basis^T (g(basis x) - basis x): n_embd wide, the
