@@ -73,6 +73,10 @@ def write_flow(flow: "Flow", path: str | os.PathLike[str], dtype: str = "f32") -
             w.add_tensor(f"site.{si}.delta", np.ascontiguousarray(site.delta, dtype=float_type))
             if site.edit_scale is not None:
                 w.add_tensor(f"site.{si}.edit_scale", np.ascontiguousarray(site.edit_scale, dtype=float_type))
+            if site.gate is not None:
+                w.add_tensor(f"site.{si}.gate_center", np.ascontiguousarray(site.gate.center, dtype=np.float32))
+                for f in ("radius", "softness", "target_pos", "target_neg"):
+                    w.add_float32(f"innsteer.site.{si}.gate.{f}", float(getattr(site.gate, f)))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

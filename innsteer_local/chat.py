@@ -9,6 +9,7 @@ from typing import Any, Optional, TextIO
 HELP = """commands:
   /strength A   set the strength of every flow (e.g. /strength 2.5, /strength -1)
   /on  /off     turn steering on or off
+  /gate MODE    off, density or target (flows that carry gate parameters)
   /flows        list the attached flows
   /reset        forget the conversation
   /help         this text
@@ -43,7 +44,7 @@ class ChatSession:
         state = "on" if self.llm.steering_active else "off"
         rows = [f"steering {state}"]
         for a in self.llm.flows:
-            rows.append(f"  [{a.id}] {a.path}  strength {a.strength:g}  layers {a.layers}  "
+            rows.append(f"  [{a.id}] {a.path}  strength {a.strength:g}  gate {a.gate}  layers {a.layers}  "
                         f"{a.flow.method} / {a.flow.behavior or '-'}{'' if a.enabled else '  (disabled)'}")
         return "\n".join(rows)
 
@@ -65,6 +66,13 @@ class ChatSession:
                 return True
             self.llm.set_strength(value)
             self._print(f"strength set to {value:g}")
+        elif cmd == "/gate":
+            try:
+                self.llm.set_gate(arg.strip())
+            except (ValueError, KeyError) as e:
+                self._print(str(e))
+                return True
+            self._print(f"gate {arg.strip()}")
         elif cmd == "/on":
             self.llm.enable()
             self._print("steering on")

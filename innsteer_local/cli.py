@@ -40,7 +40,7 @@ def finite_float(ctx: click.Context, param: click.Parameter, value: Optional[flo
 
 
 def load_steered(model: Optional[str], flows: tuple[str, ...], strength: Optional[float], n_ctx: int, seed: int,
-                 threads: Optional[int]) -> Any:
+                 threads: Optional[int], gate: str = "off") -> Any:
     from .steered import SteeredLlama
 
     path, key = registry.resolve_model(model)
@@ -55,7 +55,7 @@ def load_steered(model: Optional[str], flows: tuple[str, ...], strength: Optiona
     for spec in flows:
         file, own = parse_flow_spec(spec)
         flow_path = registry.resolve_flow(file, key)
-        llm.add_flow(flow_path, strength=own if own is not None else strength)
+        llm.add_flow(flow_path, strength=own if own is not None else strength, gate=gate)
     return llm
 
 
@@ -71,6 +71,9 @@ def common_generation_options(f: Any) -> Any:
         click.option("--seed", "-s", type=int, default=0, show_default=True),
         click.option("--repeat-penalty", type=click.FloatRange(0.0), default=1.1, show_default=True),
         click.option("--n-ctx", type=click.IntRange(64), default=2048, show_default=True),
+        click.option("--gate", type=click.Choice(["off", "density", "target"]), default="off", show_default=True,
+                     help="runtime gate for flows that carry one: damp rows off the training support, or move "
+                          "each row only as far as the positive class"),
         click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]"),
     ]):
         f = opt(f)
@@ -172,10 +175,10 @@ def inspect(file: str, as_json: bool) -> None:
 @click.option("--raw", is_flag=True, help="plain completion of the prompt text, no chat template")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with the text and the settings")
 def generate(prompt: str, model: Optional[str], flows: tuple[str, ...], strength: Optional[float], max_tokens: int,
-             temperature: float, seed: int, repeat_penalty: float, n_ctx: int, threads: Optional[int], raw: bool,
-             as_json: bool) -> None:
+             temperature: float, seed: int, repeat_penalty: float, n_ctx: int, gate: str, threads: Optional[int],
+             raw: bool, as_json: bool) -> None:
     """Generate one reply, steered by the given flows (none = unsteered)."""
-    llm = load_steered(model, flows, strength, n_ctx, seed, threads)
+    llm = load_steered(model, flows, strength, n_ctx, seed, threads, gate)
     kwargs = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
     if raw:
         result = llm.create_completion(prompt, **kwargs)
@@ -190,7 +193,7 @@ def generate(prompt: str, model: Optional[str], flows: tuple[str, ...], strength
             "model": getattr(llm, "model_key", None) or llm.model_info.name,
             "model_path": llm.model_path,
             "flows": [{"path": a.path, "strength": a.strength, "layers": a.layers, "method": a.flow.method,
-                       "behavior": a.flow.behavior} for a in llm.flows],
+                       "behavior": a.flow.behavior, "gate": a.gate} for a in llm.flows],
             "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "repeat_penalty": repeat_penalty,
             "raw": raw, "finish_reason": result["choices"][0].get("finish_reason"),
             "usage": result.get("usage"), "steering": llm.steering_stats,
@@ -204,7 +207,7 @@ def generate(prompt: str, model: Optional[str], flows: tuple[str, ...], strength
 @click.option("--compare", is_flag=True, help="print the unsteered and the steered reply to every turn")
 @click.option("--system", default=None, help="system message")
 def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float], max_tokens: int, temperature: float,
-         seed: int, repeat_penalty: float, n_ctx: int, threads: Optional[int], compare: bool,
+         seed: int, repeat_penalty: float, n_ctx: int, gate: str, threads: Optional[int], compare: bool,
          system: Optional[str]) -> None:
     """Chat with a steered model. Reads lines from stdin, so it also works piped:
 
@@ -213,7 +216,7 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
     """
     from .chat import ChatSession
 
-    llm = load_steered(model, flows, strength, n_ctx, seed, threads)
+    llm = load_steered(model, flows, strength, n_ctx, seed, threads, gate)
     if not llm.metadata.get("tokenizer.chat_template"):
         click.echo("note: this model has no chat template (a base model); replies follow a generic format",
                    err=True)

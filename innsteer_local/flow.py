@@ -179,6 +179,51 @@ Op = Union[Affine, Subspace, Coupling, Permute, Linear]
 OP_KINDS = {cls.kind: cls for cls in (Affine, Subspace, Coupling, Permute, Linear)}
 
 
+GATES = ("off", "density", "target")
+
+
+@dataclass
+class Gate:
+    """Parameters of the runtime gates, in the latent where delta lives (width latent_dim).
+
+    density: weight 1 / (1 + exp((mean((z - center)^2) - radius) / softness)): rows far from the
+    training support get a damped edit. target: move along delta only until the projection on
+    delta reaches target_pos (target_neg for negative strength), at most `strength` deltas."""
+
+    center: np.ndarray
+    radius: float
+    softness: float
+    target_pos: float
+    target_neg: float
+
+    @classmethod
+    def fit(cls, z_pos: np.ndarray, z_neg: np.ndarray, z_held_out: np.ndarray, delta: np.ndarray,
+            quantile: float = 0.95) -> "Gate":
+        """Support = the class rows; radius = `quantile` of held-out class rows' distances."""
+        zc = np.concatenate([z_pos, z_neg]).astype(np.float64)
+        center = zc.mean(0)
+        held = np.asarray(z_held_out, np.float64) if len(z_held_out) else zc
+        d2 = ((held - center) ** 2).mean(1)
+        radius = float(max(np.quantile(d2, quantile), 1e-6))
+        u = delta.astype(np.float64) / max(np.linalg.norm(delta), 1e-12)
+        return cls(center=center.astype(np.float32), radius=radius, softness=max(0.1 * radius, 1e-6),
+                   target_pos=float((z_pos @ u).mean()), target_neg=float((z_neg @ u).mean()))
+
+    def weight(self, z: np.ndarray, delta: np.ndarray, strength: float, mode: str) -> np.ndarray:
+        z = np.atleast_2d(z)
+        if mode == "density":
+            d2 = ((z - self.center.astype(np.float64)) ** 2).mean(1)
+            return 0.5 * (1.0 - np.tanh(0.5 * (d2 - self.radius) / self.softness))  # = logistic, no overflow
+        if mode == "target":
+            if strength == 0:
+                return np.zeros(len(z))
+            norm = np.linalg.norm(delta.astype(np.float64))
+            need = ((self.target_pos if strength > 0 else self.target_neg) - z @ delta.astype(np.float64) / norm) / norm
+            k = np.clip(need, 0, strength) if strength > 0 else np.clip(need, strength, 0)
+            return k / strength
+        return np.ones(len(z))
+
+
 @dataclass
 class Site:
     """The flow at one layer."""
@@ -187,6 +232,7 @@ class Site:
     ops: list[Op]
     delta: np.ndarray
     edit_scale: np.ndarray | None = None
+    gate: Gate | None = None
 
     @property
     def subspace_index(self) -> int:
@@ -227,7 +273,7 @@ class Site:
             x = op.inverse(x)
         return x
 
-    def steer(self, h: np.ndarray, strength: float) -> np.ndarray:
+    def steer(self, h: np.ndarray, strength: float, gate: str = "off") -> np.ndarray:
         """h' = phi^-1(phi(h) + a (delta + edit_scale * phi(h))), in float64.
 
         Computed as h + dh: the latent edit is carried back through each op as a difference
@@ -237,8 +283,15 @@ class Site:
         for op in self.ops:
             acts.append(acts[-1] @ op.basis.T.astype(np.float64) if isinstance(op, Subspace) else op.forward(acts[-1]))
         z = acts[-1]
-        d = strength * (self.delta.astype(np.float64) + (self.edit_scale * z if self.edit_scale is not None else 0.0))
+        d = self.delta.astype(np.float64) + (self.edit_scale * z if self.edit_scale is not None else 0.0)
         d = np.broadcast_to(d, z.shape).copy()
+        if gate != "off":
+            if self.gate is None:
+                raise ValueError(f"site at layer {self.layer} has no gate parameters")
+            w = self.gate.weight(z, self.delta, strength, gate)
+            d = d * (strength * w).reshape(z.shape[:-1] + (1,)) if z.ndim > 1 else d * strength * w[0]
+        else:
+            d = strength * d
         for k in reversed(range(len(self.ops))):
             d = self.ops[k].inverse_delta(acts[k], acts[k + 1], d)
         return x + d
@@ -358,6 +411,8 @@ class Flow:
                 "latent_dim": s.latent_dim,
                 "delta_norm": float(np.linalg.norm(s.delta)),
                 "has_edit_scale": s.edit_scale is not None,
+                "gate": None if s.gate is None else {"radius": s.gate.radius, "softness": s.gate.softness,
+                                                     "target_pos": s.gate.target_pos, "target_neg": s.gate.target_neg},
                 "parameters": int(sum(o["parameters"] for o in ops) + s.delta.size +
                                   (s.edit_scale.size if s.edit_scale is not None else 0)),
             })
@@ -602,7 +657,15 @@ def _read_site(kv: _Fields, tensors: _Tensors, si: int, layer: int, n_embd: int)
             raise FlowFormatError(f"site {si} op {k}: unknown op kind '{kind[:40]}'")
     delta = tensors.get(f"site.{si}.delta", (dim,))
     edit_scale = tensors.get(f"site.{si}.edit_scale", (dim,)) if tensors.has(f"site.{si}.edit_scale") else None
-    site = Site(layer=layer, ops=ops, delta=delta, edit_scale=edit_scale)
+    gate = None
+    if tensors.has(f"site.{si}.gate_center"):
+        vals = {f: kv.f32(f"innsteer.site.{si}.gate.{f}") for f in ("radius", "softness", "target_pos", "target_neg")}
+        if not all(math.isfinite(v) for v in vals.values()):
+            raise FlowFormatError(f"site {si}: gate parameters must be finite")
+        if not (vals["radius"] > 0 and vals["softness"] > 0):
+            raise FlowFormatError(f"site {si}: gate radius and softness must be positive")
+        gate = Gate(center=tensors.get(f"site.{si}.gate_center", (dim,)), **vals)
+    site = Site(layer=layer, ops=ops, delta=delta, edit_scale=edit_scale, gate=gate)
     _check_roundtrip(site, si, n_embd)
     return site
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .baselines import LinearProbe, mean_diff, pair_targets
-from .flow import Affine, Coupling, Flow, Linear, ModelInfo, Site, Subspace
+from .flow import Affine, Coupling, Flow, Gate, Linear, ModelInfo, Site, Subspace
 
 
 @dataclass
@@ -287,7 +287,11 @@ def train_inn(layer: int, pos: np.ndarray, neg: np.ndarray, background: np.ndarr
         if k < len(net.mixes):
             q = net.mixes[k].numpy()
             ops.append(Linear(matrix=q.copy(), matrix_inv=q.T.copy(), bias=np.zeros(rank, np.float32)))
-    site = Site(layer=layer, ops=ops, delta=(best_delta.numpy() * scale).astype(np.float32))
+    final_delta = (best_delta.numpy() * scale).astype(np.float32)
+    with torch.no_grad():
+        zl_pos, zl_neg = net.forward(y_pos)[0].double().numpy(), net.forward(y_neg)[0].double().numpy()
+    gate = Gate.fit(zl_pos[~pos_val], zl_neg[~neg_val], np.concatenate([zl_pos[pos_val], zl_neg[neg_val]]), final_delta)
+    site = Site(layer=layer, ops=ops, delta=final_delta, gate=gate)
 
     # held-out separability: raw-space vs latent-space probes
     with torch.no_grad():

@@ -78,6 +78,9 @@ def lib() -> ctypes.CDLL:
             "innsteer_flow_forward": (c_int, [c_void_p, c_int, _F32P, _F32P, c_int64]),
             "innsteer_flow_inverse": (c_int, [c_void_p, c_int, _F32P, _F32P, c_int64]),
             "innsteer_flow_steer": (c_int, [c_void_p, c_int, c_float, _F32P, _F32P, c_int64]),
+            "innsteer_flow_steer_gated": (c_int, [c_void_p, c_int, c_float, c_int, _F32P, _F32P, c_int64]),
+            "innsteer_flow_has_gate": (c_bool, [c_void_p]),
+            "innsteer_steerer_set_gate": (c_int, [c_void_p, c_int, c_int]),
             "innsteer_steerer_new": (c_void_p, [c_int, c_int, c_int]),
             "innsteer_steerer_free": (None, [c_void_p]),
             "innsteer_steerer_attach": (c_int, [c_void_p, c_void_p, c_float, ctypes.POINTER(c_int), c_char_p, c_size_t]),
@@ -105,6 +108,14 @@ def lib() -> ctypes.CDLL:
 def eval_callback_address() -> int:
     """Address of innsteer_eval_callback, for llama_context_params.cb_eval."""
     return ctypes.cast(lib().innsteer_eval_callback, ctypes.c_void_p).value or 0
+
+
+def gate_code(gate: str) -> int:
+    from .flow import GATES
+
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
+    return GATES.index(gate)
 
 
 def _rows(a: np.ndarray, n_embd: int) -> np.ndarray:
@@ -150,8 +161,12 @@ class NativeFlow:
     def inverse(self, z: np.ndarray, site: int = 0) -> np.ndarray:
         return self._map("innsteer_flow_inverse", site, z)
 
-    def steer(self, x: np.ndarray, strength: float, site: int = 0) -> np.ndarray:
-        return self._map("innsteer_flow_steer", site, x, ctypes.c_float(strength))
+    def steer(self, x: np.ndarray, strength: float, site: int = 0, gate: str = "off") -> np.ndarray:
+        return self._map("innsteer_flow_steer_gated", site, x, ctypes.c_float(strength), gate_code(gate))
+
+    @property
+    def has_gate(self) -> bool:
+        return bool(lib().innsteer_flow_has_gate(self._h))
 
     def close(self) -> None:
         if getattr(self, "_h", None):
@@ -198,6 +213,11 @@ class Steerer:
 
     def set_enabled(self, fid: int, enabled: bool) -> None:
         self._check(self._l.innsteer_steerer_set_enabled(self.ptr, fid, enabled), f"enable flow {fid}")
+
+    def set_gate(self, fid: int, gate: str) -> None:
+        if self._l.innsteer_steerer_set_gate(self.ptr, fid, gate_code(gate)) != OK:
+            raise ValueError(f"flow {fid} carries no gate parameters, so gate '{gate}' is not available "
+                             "(train it with this version, or use gate 'off')")
 
     def set_active(self, active: bool) -> None:
         self._l.innsteer_steerer_set_active(self.ptr, active)

@@ -29,6 +29,7 @@ class AttachedFlow:
     flow: Flow
     strength: float
     enabled: bool = True
+    gate: str = "off"
 
     @property
     def layers(self) -> list[int]:
@@ -89,8 +90,11 @@ class SteeredLlama(Llama):
 
     # ---- flows -------------------------------------------------------------------------
 
-    def add_flow(self, path: Union[str, os.PathLike[str]], strength: Optional[float] = None) -> AttachedFlow:
-        """Attaches a flow file; strength defaults to the flow's own default strength."""
+    def add_flow(self, path: Union[str, os.PathLike[str]], strength: Optional[float] = None,
+                 gate: str = "off") -> AttachedFlow:
+        """Attaches a flow file; strength defaults to the flow's own default strength. gate: 'off',
+        'density' (damp rows off the training support) or 'target' (move each row only as far as
+        the positive class), for flows that carry gate parameters."""
         meta = Flow.load(path)  # validates and gives clear errors before the native loader
         info = self.model_info
         if meta.model.n_embd != info.n_embd:
@@ -113,6 +117,13 @@ class SteeredLlama(Llama):
         fid = self._steerer.attach(native, value)
         native.close()  # the steerer holds its own reference
         attached = AttachedFlow(id=fid, path=str(path), flow=meta, strength=value)
+        if gate != "off":
+            try:
+                self._steerer.set_gate(fid, gate)
+            except ValueError:
+                self._steerer.detach(fid)
+                raise
+            attached.gate = gate
         self._attached.append(attached)
         self._unverified_layers.update(meta.layers)
         self._changed()
@@ -136,6 +147,13 @@ class SteeredLlama(Llama):
         for a in self._resolve(flow):
             self._steerer.set_strength(a.id, value)
             a.strength = value
+        self._changed()
+
+    def set_gate(self, gate: str, flow: FlowRef = None) -> None:
+        """Gate mode of one flow or of every attached flow ('off', 'density', 'target')."""
+        for a in self._resolve(flow):
+            self._steerer.set_gate(a.id, gate)
+            a.gate = gate
         self._changed()
 
     def enable(self, flow: FlowRef = None) -> None:

@@ -14,11 +14,20 @@ from . import behaviors
 from .baselines import LinearProbe, linear_flow, mean_diff
 from .collect import Activations, collect_dataset
 from .data import Dataset, load_file
-from .flow import Flow
+from .flow import Flow, Gate
 
 METHODS = ("innsteer", "mean-diff", "pca", "affine-ot")
-# strength written into linear flows: the shipped mean-diff honesty flow was fluent and visible at 4
-DEFAULT_STRENGTH = 4.0
+# The default strength moves rows by this share of a typical activation norm: on smollm2-135m,
+# mean-diff honesty at layer 15 was visible and still fluent there (strength 4 = 16 %).
+DEFAULT_MOVE_FRACTION = 0.16
+
+
+def default_strength(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Strength at which mean-diff (and so every calibrated method) moves rows by
+    DEFAULT_MOVE_FRACTION of their median norm, to two significant digits."""
+    typical = float(np.median(np.linalg.norm(np.concatenate([pos, neg]), axis=1)))
+    a = DEFAULT_MOVE_FRACTION * typical / max(float(np.linalg.norm(mean_diff(pos, neg))), 1e-12)
+    return float(f"{a:.2g}")
 
 
 def load_data(behavior: Optional[str], pairs: Optional[str]) -> Dataset:
@@ -90,7 +99,7 @@ def train(llm: Any, data: Dataset, layer: int | str, method: str = "innsteer", s
         raise ValueError("the data gave no behaviour rows (empty replies?)")
     sweep = layer_sweep(acts, seed) if len(layers) > 1 else []
     chosen = max(sweep, key=lambda r: r["score"])["layer"] if sweep else layers[0]
-    meta = dict(behavior=data.name, name=data.name, default_strength=DEFAULT_STRENGTH,
+    meta = dict(behavior=data.name, name=data.name, default_strength=default_strength(acts.pos[chosen], acts.neg[chosen]),
                 provenance={"data": data.name, "data_sha256": data.digest(), "pairs": len(data.pairs),
                             "neutral_items": len(data.neutral), "positions": positions, "seed": seed,
                             "rows": {"positive": int(len(acts.pos[chosen])), "negative": int(len(acts.neg[chosen])),
@@ -114,6 +123,9 @@ def train(llm: Any, data: Dataset, layer: int | str, method: str = "innsteer", s
         pv, nv = held_out_mask(acts.pos_pair, seed=seed), held_out_mask(acts.neg_pair, seed=seed)
         probe = LinearProbe.fit(acts.pos[chosen][~pv], acts.neg[chosen][~nv])
         site = out.flow.sites[0]
+        # a linear flow's latent is h itself: its gate lives in raw space
+        site.gate = Gate.fit(acts.pos[chosen][~pv], acts.neg[chosen][~nv],
+                             np.concatenate([acts.pos[chosen][pv], acts.neg[chosen][nv]]), site.delta)
         steered = site.steer(acts.neg[chosen][nv], 1.0)
         out.metrics = {"layer": chosen, "raw_probe_accuracy": probe.accuracy(acts.pos[chosen][pv], acts.neg[chosen][nv]),
                        "flip_rate": float((probe.score(steered) > 0).mean()),

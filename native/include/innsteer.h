@@ -57,6 +57,12 @@ typedef enum {
 
 typedef struct innsteer_flow innsteer_flow;
 typedef struct innsteer_steerer innsteer_steerer;
+
+/* How much of the edit a row gets (flows that carry gate parameters; see docs/flow-format.md):
+ * OFF every row the full edit; DENSITY rows far from the training support (latent distance above
+ * the flow's radius) get a damped edit; TARGET each row moves along delta only as far as it needs
+ * to reach the positive class (never past it), up to `strength` times delta. */
+typedef enum { INNSTEER_GATE_OFF = 0, INNSTEER_GATE_DENSITY = 1, INNSTEER_GATE_TARGET = 2 } innsteer_gate;
 struct ggml_tensor;
 
 INNSTEER_API const char *innsteer_status_name(innsteer_status status);
@@ -84,6 +90,10 @@ INNSTEER_API innsteer_status innsteer_flow_inverse(const innsteer_flow *flow, in
                                                    int64_t n_rows);
 INNSTEER_API innsteer_status innsteer_flow_steer(const innsteer_flow *flow, int site, float strength, const float *in,
                                                  float *out, int64_t n_rows);
+INNSTEER_API innsteer_status innsteer_flow_steer_gated(const innsteer_flow *flow, int site, float strength,
+                                                       innsteer_gate gate, const float *in, float *out, int64_t n_rows);
+/* Whether every site of the flow carries the parameters a gate mode needs. */
+INNSTEER_API bool innsteer_flow_has_gate(const innsteer_flow *flow);
 
 /* ---- steering inside llama.cpp ---------------------------------------------------------- */
 
@@ -98,6 +108,8 @@ INNSTEER_API innsteer_status innsteer_steerer_attach(innsteer_steerer *st, innst
 INNSTEER_API innsteer_status innsteer_steerer_detach(innsteer_steerer *st, int id);
 INNSTEER_API innsteer_status innsteer_steerer_set_strength(innsteer_steerer *st, int id, float strength);
 INNSTEER_API innsteer_status innsteer_steerer_set_enabled(innsteer_steerer *st, int id, bool enabled);
+/* INNSTEER_ERR_ARG if the flow has no gate parameters and gate is not OFF. */
+INNSTEER_API innsteer_status innsteer_steerer_set_gate(innsteer_steerer *st, int id, innsteer_gate gate);
 /* Master switch over all attached flows. */
 INNSTEER_API void innsteer_steerer_set_active(innsteer_steerer *st, bool active);
 

@@ -358,6 +358,19 @@ static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
         if ((st = load_vec(L, name, dim, &s->delta))) return st;
         snprintf(name, sizeof name, "site.%d.edit_scale", si);
         if (gguf_find_tensor(g, name) && (st = load_vec(L, name, dim, &s->edit_scale))) return st;
+        snprintf(name, sizeof name, "site.%d.gate_center", si);
+        if (gguf_find_tensor(g, name)) {
+            if ((st = load_vec(L, name, dim, &s->gate_center))) return st;
+            const char *fields[] = {"radius", "softness", "target_pos", "target_neg"};
+            float *dst[] = {&s->gate_radius, &s->gate_softness, &s->gate_target_pos, &s->gate_target_neg};
+            for (int f = 0; f < 4; f++) {
+                snprintf(key, sizeof key, "innsteer.site.%d.gate.%s", si, fields[f]);
+                if (!gguf_get_f32(g, key, dst[f]) || !isfinite(*dst[f])) return failf(L, INNSTEER_ERR_INVALID, "%s must be a finite f32", key);
+            }
+            if (!(s->gate_softness > 0.0f) || !(s->gate_radius > 0.0f)) {
+                return failf(L, INNSTEER_ERR_INVALID, "site %d: gate radius and softness must be positive", si);
+            }
+        }
         size_scratch(s, (int)n_embd);
         if ((st = check_roundtrip(L, s, si, (int)n_embd))) return st;
     }
@@ -470,14 +483,14 @@ float innsteer_flow_default_strength(const innsteer_flow *flow) { return flow ? 
 typedef void (*row_map)(const flow_site *, int, const float *, float *, float *);
 
 static innsteer_status map_rows(const innsteer_flow *flow, int site, row_map map, float strength, bool steer,
-                                const float *in, float *out, int64_t n_rows) {
+                                innsteer_gate gate, const float *in, float *out, int64_t n_rows) {
     if (!flow || !in || !out || n_rows < 0 || site < 0 || site >= flow->n_sites || !isfinite(strength)) return INNSTEER_ERR_ARG;
     const flow_site *s = &flow->sites[site];
     float *scratch = malloc(sizeof(float) * s->scratch);
     if (!scratch) return INNSTEER_ERR_NOMEM;
     size_t n = (size_t)flow->n_embd;
     for (int64_t r = 0; r < n_rows; r++) {
-        if (steer) flow_site_steer_row(s, flow->n_embd, strength, in + r * n, out + r * n, scratch);
+        if (steer) flow_site_steer_row(s, flow->n_embd, strength, gate, in + r * n, out + r * n, scratch);
         else map(s, flow->n_embd, in + r * n, out + r * n, scratch);
     }
     free(scratch);
@@ -485,14 +498,28 @@ static innsteer_status map_rows(const innsteer_flow *flow, int site, row_map map
 }
 
 innsteer_status innsteer_flow_forward(const innsteer_flow *flow, int site, const float *in, float *out, int64_t n_rows) {
-    return map_rows(flow, site, flow_site_forward_row, 0.0f, false, in, out, n_rows);
+    return map_rows(flow, site, flow_site_forward_row, 0.0f, false, INNSTEER_GATE_OFF, in, out, n_rows);
 }
 
 innsteer_status innsteer_flow_inverse(const innsteer_flow *flow, int site, const float *in, float *out, int64_t n_rows) {
-    return map_rows(flow, site, flow_site_inverse_row, 0.0f, false, in, out, n_rows);
+    return map_rows(flow, site, flow_site_inverse_row, 0.0f, false, INNSTEER_GATE_OFF, in, out, n_rows);
 }
 
 innsteer_status innsteer_flow_steer(const innsteer_flow *flow, int site, float strength, const float *in, float *out,
                                     int64_t n_rows) {
-    return map_rows(flow, site, NULL, strength, true, in, out, n_rows);
+    return map_rows(flow, site, NULL, strength, true, INNSTEER_GATE_OFF, in, out, n_rows);
+}
+
+innsteer_status innsteer_flow_steer_gated(const innsteer_flow *flow, int site, float strength, innsteer_gate gate,
+                                          const float *in, float *out, int64_t n_rows) {
+    if (gate != INNSTEER_GATE_OFF && !innsteer_flow_has_gate(flow)) return INNSTEER_ERR_ARG;
+    return map_rows(flow, site, NULL, strength, true, gate, in, out, n_rows);
+}
+
+bool innsteer_flow_has_gate(const innsteer_flow *flow) {
+    if (!flow) return false;
+    for (int i = 0; i < flow->n_sites; i++) {
+        if (!flow->sites[i].gate_center) return false;
+    }
+    return true;
 }

@@ -41,6 +41,9 @@ typedef struct {
     int latent_dim;   /* width of delta */
     const float *delta;
     const float *edit_scale; /* NULL when zero */
+    /* optional gate (innsteer.site.<i>.gate.*): NULL center = no gate parameters */
+    const float *gate_center;
+    float gate_radius, gate_softness, gate_target_pos, gate_target_neg;
     int widest;         /* widest coupling layer */
     size_t acts_floats; /* forward activations kept by steer() */
     size_t scratch;     /* floats of scratch per row for every row map */
@@ -57,7 +60,8 @@ struct innsteer_flow {
 
 /* Row maps. scratch must hold site->scratch floats. */
 size_t flow_site_acts_floats(const flow_site *s, int n_embd);
-void flow_site_steer_row(const flow_site *s, int n_embd, float strength, const float *in, float *out, float *scratch);
+void flow_site_steer_row(const flow_site *s, int n_embd, float strength, innsteer_gate gate, const float *in, float *out,
+                         float *scratch);
 void flow_site_forward_row(const flow_site *s, int n_embd, const float *in, float *out, float *scratch);
 void flow_site_inverse_row(const flow_site *s, int n_embd, const float *in, float *out, float *scratch);
 

@@ -188,7 +188,29 @@ size_t flow_site_acts_floats(const flow_site *s, int n_embd) {
     return acts;
 }
 
-void flow_site_steer_row(const flow_site *s, int n_embd, float strength, const float *in, float *out, float *scratch) {
+/* The share of the edit this row gets: 1 without a gate. */
+static float gate_weight(const flow_site *s, innsteer_gate gate, float strength, const float *z) {
+    int w = s->latent_dim;
+    if (gate == INNSTEER_GATE_DENSITY) {
+        float dist2 = 0.0f;
+        for (int i = 0; i < w; i++) dist2 += (z[i] - s->gate_center[i]) * (z[i] - s->gate_center[i]);
+        return 1.0f / (1.0f + expf((dist2 / (float)w - s->gate_radius) / s->gate_softness));
+    }
+    if (gate == INNSTEER_GATE_TARGET) {
+        float norm2 = dot(s->delta, s->delta, w);
+        if (norm2 <= 0.0f || strength == 0.0f) return 0.0f;
+        float proj = dot(z, s->delta, w) / sqrtf(norm2);
+        float target = strength > 0.0f ? s->gate_target_pos : s->gate_target_neg;
+        /* the multiple of delta that reaches the target, capped by the strength */
+        float need = (target - proj) / sqrtf(norm2);
+        float k = strength > 0.0f ? fminf(fmaxf(need, 0.0f), strength) : fmaxf(fminf(need, 0.0f), strength);
+        return k / strength;
+    }
+    return 1.0f;
+}
+
+void flow_site_steer_row(const flow_site *s, int n_embd, float strength, innsteer_gate gate, const float *in, float *out,
+                         float *scratch) {
     /* acts[k] is the input of op k; the input of op 0 is `in` itself */
     const float *acts[MAX_OPS + 1];
     float *cursor = scratch;
@@ -210,7 +232,8 @@ void flow_site_steer_row(const flow_site *s, int n_embd, float strength, const f
     }
     const float *z = acts[s->n_ops];
     int w = s->latent_dim;
-    for (int i = 0; i < w; i++) d[i] = strength * (s->delta[i] + (s->edit_scale ? s->edit_scale[i] * z[i] : 0.0f));
+    float a = strength * (gate != INNSTEER_GATE_OFF && s->gate_center ? gate_weight(s, gate, strength, z) : 1.0f);
+    for (int i = 0; i < w; i++) d[i] = a * (s->delta[i] + (s->edit_scale ? s->edit_scale[i] * z[i] : 0.0f));
     for (int k = s->n_ops - 1; k >= 0; k--) {
         const flow_op *op = &s->ops[k];
         if (op->kind == OP_SUBSPACE) {

@@ -27,6 +27,7 @@ typedef struct {
     innsteer_flow *flow;
     _Atomic float strength;
     atomic_bool enabled;
+    atomic_int gate;
 } attachment;
 
 typedef struct {
@@ -138,6 +139,7 @@ innsteer_status innsteer_steerer_attach(innsteer_steerer *st, innsteer_flow *flo
     atomic_fetch_add(&flow->refs, 1);
     atomic_store(&a->strength, strength);
     atomic_store(&a->enabled, true);
+    atomic_store(&a->gate, INNSTEER_GATE_OFF);
     for (int s = 0; s < flow->n_sites; s++) st->steered_at[flow->sites[s].layer]++;
     if (id_out) *id_out = a->id;
     pthread_mutex_unlock(&st->lock);
@@ -167,6 +169,7 @@ innsteer_status innsteer_steerer_detach(innsteer_steerer *st, int id) {
         st->att[i].flow = st->att[i + 1].flow;
         atomic_store(&st->att[i].strength, atomic_load(&st->att[i + 1].strength));
         atomic_store(&st->att[i].enabled, atomic_load(&st->att[i + 1].enabled));
+        atomic_store(&st->att[i].gate, atomic_load(&st->att[i + 1].gate));
     }
     st->n_att--;
     pthread_mutex_unlock(&st->lock);
@@ -190,6 +193,19 @@ innsteer_status innsteer_steerer_set_enabled(innsteer_steerer *st, int id, bool 
     if (a) atomic_store(&a->enabled, enabled);
     pthread_mutex_unlock(&st->lock);
     return a ? INNSTEER_OK : INNSTEER_ERR_ARG;
+}
+
+innsteer_status innsteer_steerer_set_gate(innsteer_steerer *st, int id, innsteer_gate gate) {
+    if (!st || gate < INNSTEER_GATE_OFF || gate > INNSTEER_GATE_TARGET) return INNSTEER_ERR_ARG;
+    pthread_mutex_lock(&st->lock);
+    attachment *a = find(st, id);
+    innsteer_status status = INNSTEER_ERR_ARG;
+    if (a && (gate == INNSTEER_GATE_OFF || innsteer_flow_has_gate(a->flow))) {
+        atomic_store(&a->gate, gate);
+        status = INNSTEER_OK;
+    }
+    pthread_mutex_unlock(&st->lock);
+    return status;
 }
 
 void innsteer_steerer_set_active(innsteer_steerer *st, bool active) {
@@ -302,13 +318,14 @@ static bool steer_rows(innsteer_steerer *st, int layer, float *rows, int64_t n_r
         attachment *a = &st->att[i];
         /* one strength for the whole batch: a concurrent set_strength never tears a row */
         float strength = atomic_load(&a->strength);
+        innsteer_gate gate = (innsteer_gate)atomic_load(&a->gate);
         if (!atomic_load(&a->enabled) || strength == 0.0f) continue;
         for (int s = 0; s < a->flow->n_sites; s++) {
             const flow_site *site = &a->flow->sites[s];
             if (site->layer != layer) continue;
             for (int64_t r = 0; r < n_rows; r++) {
                 float *row = rows + r * n_embd;
-                flow_site_steer_row(site, n_embd, strength, row, st->row_out, st->scratch);
+                flow_site_steer_row(site, n_embd, strength, gate, row, st->row_out, st->scratch);
                 if (all_finite(st->row_out, n_embd)) {
                     memcpy(row, st->row_out, sizeof(float) * (size_t)n_embd);
                     steered++;
