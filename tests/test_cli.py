@@ -82,12 +82,12 @@ def test_chat_compare_prints_both():
 
 def test_inspect_json_shows_everything():
     d = json.loads(run("inspect", HONESTY, "--json").stdout)
-    assert d["behavior"] == "honesty" and d["method"] == "mean-diff"
+    assert d["behavior"] == "honesty" and d["method"] == "innsteer"
     assert d["model"]["n_embd"] == 576 and d["model"]["n_layer"] == 30
     assert d["layers"] == [15] and d["default_strength"] > 0
     assert d["provenance"]["layer"] == 15
     text = run("inspect", HONESTY).stdout
-    assert "layer 15" in text and "mean-diff" in text
+    assert "layer 15" in text and "innsteer" in text and "coupling" in text
 
 
 def test_models_list_and_path():

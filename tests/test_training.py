@@ -140,7 +140,7 @@ def test_baselines_have_comparable_strength(small_acts, model_info):
 def test_train_honesty_end_to_end(tmp_path):
     pytest.importorskip("torch")
     out, report = tmp_path / "honesty.gguf", tmp_path / "report"
-    proc = cli("train", "--behavior", "honesty", "--layer", "15", "--method", "innsteer", "--epochs", "12",
+    proc = cli("train", "--behavior", "honesty", "--layer", "15", "--method", "innsteer", "--epochs", "12", "--no-cache",
                "-o", str(out), "--report", str(report))
     assert "held-out raw-space probe accuracy" in proc.stdout
     metrics = json.loads((report / "metrics.json").read_text())
