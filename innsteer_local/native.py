@@ -81,6 +81,7 @@ def lib() -> ctypes.CDLL:
             "innsteer_flow_steer_gated": (c_int, [c_void_p, c_int, c_float, c_int, _F32P, _F32P, c_int64]),
             "innsteer_flow_has_gate": (c_bool, [c_void_p]),
             "innsteer_steerer_set_gate": (c_int, [c_void_p, c_int, c_int]),
+            "innsteer_steerer_set_threads": (c_int, [c_void_p, c_int]),
             "innsteer_steerer_new": (c_void_p, [c_int, c_int, c_int]),
             "innsteer_steerer_free": (None, [c_void_p]),
             "innsteer_steerer_attach": (c_int, [c_void_p, c_void_p, c_float, ctypes.POINTER(c_int), c_char_p, c_size_t]),
@@ -218,6 +219,9 @@ class Steerer:
         if self._l.innsteer_steerer_set_gate(self.ptr, fid, gate_code(gate)) != OK:
             raise ValueError(f"flow {fid} carries no gate parameters, so gate '{gate}' is not available "
                              "(train it with this version, or use gate 'off')")
+
+    def set_threads(self, n_threads: int) -> None:
+        self._check(self._l.innsteer_steerer_set_threads(self.ptr, int(n_threads)), f"set {n_threads} threads")
 
     def set_active(self, active: bool) -> None:
         self._l.innsteer_steerer_set_active(self.ptr, active)

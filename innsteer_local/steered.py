@@ -66,6 +66,8 @@ class SteeredLlama(Llama):
             n_layer=n_layer,
         )
         self._steerer = Steerer(n_embd, n_layer, max_rows=max(1, int(self.context_params.n_ubatch)))
+        # prompt batches: as many threads as llama.cpp uses for them (it waits while we run)
+        self._steerer.set_threads(max(1, min(32, int(self.context_params.n_threads_batch))))
         self._stack.callback(self._steerer.close)  # runs after the context below is freed
         self._install_callback()
         self._attached: list[AttachedFlow] = []

@@ -110,6 +110,9 @@ INNSTEER_API innsteer_status innsteer_steerer_set_strength(innsteer_steerer *st,
 INNSTEER_API innsteer_status innsteer_steerer_set_enabled(innsteer_steerer *st, int id, bool enabled);
 /* INNSTEER_ERR_ARG if the flow has no gate parameters and gate is not OFF. */
 INNSTEER_API innsteer_status innsteer_steerer_set_gate(innsteer_steerer *st, int id, innsteer_gate gate);
+/* Threads for prompt batches (default: the online CPUs, at most 32). They sleep between batches
+ * and run only while llama.cpp waits for the callback. */
+INNSTEER_API innsteer_status innsteer_steerer_set_threads(innsteer_steerer *st, int n_threads);
 /* Master switch over all attached flows. */
 INNSTEER_API void innsteer_steerer_set_active(innsteer_steerer *st, bool active);
 

@@ -258,9 +258,8 @@ static void size_scratch(flow_site *s, int n_embd) {
     }
     s->widest = widest;
     s->acts_floats = flow_site_acts_floats(s, n_embd);
-    size_t maps = 4 * (size_t)n_embd + 2 * (size_t)widest;                    /* forward / inverse */
-    size_t steer = s->acts_floats + 2 * (size_t)n_embd + 2 * (size_t)widest;  /* steer */
-    s->scratch = maps > steer ? maps : steer;
+    s->scratch = 4 * (size_t)n_embd + 2 * (size_t)widest;
+    s->steer_scratch = flow_site_block_scratch(s, n_embd);
 }
 
 /* phi^-1(phi(x)) must return x: catches inconsistent inverse matrices and blow-ups that the
@@ -486,12 +485,13 @@ static innsteer_status map_rows(const innsteer_flow *flow, int site, row_map map
                                 innsteer_gate gate, const float *in, float *out, int64_t n_rows) {
     if (!flow || !in || !out || n_rows < 0 || site < 0 || site >= flow->n_sites || !isfinite(strength)) return INNSTEER_ERR_ARG;
     const flow_site *s = &flow->sites[site];
-    float *scratch = malloc(sizeof(float) * s->scratch);
+    float *scratch = malloc(sizeof(float) * (steer ? s->steer_scratch : s->scratch));
     if (!scratch) return INNSTEER_ERR_NOMEM;
     size_t n = (size_t)flow->n_embd;
-    for (int64_t r = 0; r < n_rows; r++) {
-        if (steer) flow_site_steer_row(s, flow->n_embd, strength, gate, in + r * n, out + r * n, scratch);
-        else map(s, flow->n_embd, in + r * n, out + r * n, scratch);
+    if (steer) {
+        flow_site_steer_rows(s, flow->n_embd, strength, gate, in, out, n_rows, scratch);
+    } else {
+        for (int64_t r = 0; r < n_rows; r++) map(s, flow->n_embd, in + r * n, out + r * n, scratch);
     }
     free(scratch);
     return INNSTEER_OK;

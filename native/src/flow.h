@@ -8,6 +8,7 @@
 #include <stdatomic.h>
 
 #define MAX_OPS 64
+#define FLOW_BLOCK 16 /* rows steered together */
 #define MAX_MLP_LAYERS 4
 
 typedef enum { OP_AFFINE, OP_SUBSPACE, OP_COUPLING, OP_PERMUTE, OP_LINEAR } op_kind;
@@ -46,7 +47,8 @@ typedef struct {
     float gate_radius, gate_softness, gate_target_pos, gate_target_neg;
     int widest;         /* widest coupling layer */
     size_t acts_floats; /* forward activations kept by steer() */
-    size_t scratch;     /* floats of scratch per row for every row map */
+    size_t scratch;     /* floats of scratch for the row maps (forward, inverse) */
+    size_t steer_scratch; /* floats of scratch for flow_site_steer_rows */
 } flow_site;
 
 struct innsteer_flow {
@@ -60,8 +62,10 @@ struct innsteer_flow {
 
 /* Row maps. scratch must hold site->scratch floats. */
 size_t flow_site_acts_floats(const flow_site *s, int n_embd);
-void flow_site_steer_row(const flow_site *s, int n_embd, float strength, innsteer_gate gate, const float *in, float *out,
-                         float *scratch);
+/* Steers n_rows rows (in and out may alias); scratch holds flow_site_block_scratch() floats. */
+size_t flow_site_block_scratch(const flow_site *s, int n_embd);
+void flow_site_steer_rows(const flow_site *s, int n_embd, float strength, innsteer_gate gate, const float *in, float *out,
+                          int64_t n_rows, float *scratch);
 void flow_site_forward_row(const flow_site *s, int n_embd, const float *in, float *out, float *scratch);
 void flow_site_inverse_row(const flow_site *s, int n_embd, const float *in, float *out, float *scratch);
 

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* The few ggml functions we call, by their public signatures (ggml.h, ggml-backend.h). We never
  * touch struct ggml_tensor's layout, so a newer ggml with the same API keeps working. */
@@ -36,6 +37,35 @@ typedef struct {
     bool on;
 } capture_buf;
 
+#define MAX_THREADS 32
+/* Prompt batches at least this long are split across threads. */
+#define PARALLEL_MIN_ROWS (2 * FLOW_BLOCK)
+
+/* A small persistent pool that sleeps on a condition variable between jobs (no spinning): it
+ * runs only while llama.cpp's own threads wait for the callback, so they never compete. */
+typedef struct {
+    pthread_t threads[MAX_THREADS];
+    int n_started;
+    pthread_mutex_t m;
+    pthread_cond_t go, done;
+    unsigned generation;
+    int pending;
+    bool quit;
+    /* the job */
+    const flow_site *site;
+    float strength;
+    innsteer_gate gate;
+    float *rows;
+    int64_t n_rows;
+    uint64_t steered[MAX_THREADS], rejected[MAX_THREADS];
+} pool;
+
+typedef struct {
+    struct innsteer_steerer *st;
+    int index;
+    unsigned generation; /* the last job published before this worker started */
+} worker_arg;
+
 struct innsteer_steerer {
     int n_embd, n_layer;
     pthread_mutex_t lock;
@@ -47,8 +77,13 @@ struct innsteer_steerer {
     int n_capturing;
     atomic_uint_fast64_t *visits;
     atomic_uint_fast64_t rows_steered, rows_rejected;
-    float *rows, *row_out, *scratch;
-    size_t rows_cap, scratch_cap;
+    float *rows;
+    size_t rows_cap;
+    /* per worker: kernel scratch and a block of output rows, sized at attach time */
+    int n_threads;
+    float *work[MAX_THREADS];
+    size_t work_cap; /* floats per worker */
+    pool workers;
     bool (*chain_cb)(struct ggml_tensor *, bool, void *);
     void *chain_ud;
     char last_error[256];
@@ -65,23 +100,41 @@ innsteer_steerer *innsteer_steerer_new(int n_embd, int n_layer, int max_rows) {
     st->visits = calloc((size_t)n_layer, sizeof *st->visits);
     st->rows_cap = (size_t)max_rows;
     st->rows = malloc(sizeof(float) * st->rows_cap * (size_t)n_embd);
-    st->row_out = malloc(sizeof(float) * (size_t)n_embd);
-    if (!st->steered_at || !st->captures || !st->visits || !st->rows || !st->row_out || pthread_mutex_init(&st->lock, NULL) != 0) {
+    if (!st->steered_at || !st->captures || !st->visits || !st->rows || pthread_mutex_init(&st->lock, NULL) != 0 ||
+        pthread_mutex_init(&st->workers.m, NULL) != 0 || pthread_cond_init(&st->workers.go, NULL) != 0 ||
+        pthread_cond_init(&st->workers.done, NULL) != 0) {
         free(st->steered_at);
         free(st->captures);
         free(st->visits);
         free(st->rows);
-        free(st->row_out);
         free(st);
         return NULL;
     }
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    st->n_threads = cpus < 1 ? 1 : cpus > MAX_THREADS ? MAX_THREADS : (int)cpus;
     atomic_init(&st->active, true);
     st->next_id = 1;
     return st;
 }
 
+static void stop_workers(innsteer_steerer *st) {
+    pool *p = &st->workers;
+    pthread_mutex_lock(&p->m);
+    p->quit = true;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->m);
+    for (int i = 0; i < p->n_started; i++) pthread_join(p->threads[i], NULL);
+    p->n_started = 0;
+    p->quit = false;
+}
+
 void innsteer_steerer_free(innsteer_steerer *st) {
     if (!st) return;
+    stop_workers(st);
+    pthread_mutex_destroy(&st->workers.m);
+    pthread_cond_destroy(&st->workers.go);
+    pthread_cond_destroy(&st->workers.done);
+    for (int i = 0; i < MAX_THREADS; i++) free(st->work[i]);
     for (int i = 0; i < st->n_att; i++) innsteer_flow_free(st->att[i].flow);
     for (int i = 0; i < 2 * st->n_layer; i++) free(st->captures[i].data);
     pthread_mutex_destroy(&st->lock);
@@ -89,8 +142,6 @@ void innsteer_steerer_free(innsteer_steerer *st) {
     free(st->captures);
     free(st->visits);
     free(st->rows);
-    free(st->row_out);
-    free(st->scratch);
     free(st);
 }
 
@@ -118,20 +169,26 @@ innsteer_status innsteer_steerer_attach(innsteer_steerer *st, innsteer_flow *flo
         }
     }
     size_t need = 0;
-    for (int s = 0; s < flow->n_sites; s++) need = flow->sites[s].scratch > need ? flow->sites[s].scratch : need;
+    for (int s = 0; s < flow->n_sites; s++) {
+        size_t site_need = flow->sites[s].steer_scratch + (size_t)FLOW_BLOCK * (size_t)st->n_embd;
+        need = site_need > need ? site_need : need;
+    }
     pthread_mutex_lock(&st->lock);
     if (st->n_att == MAX_ATTACHED) {
         pthread_mutex_unlock(&st->lock);
         return errf(err, err_size, INNSTEER_ERR_ARG, "at most %d flows can be attached at once", MAX_ATTACHED);
     }
-    if (need > st->scratch_cap) {
-        float *grown = realloc(st->scratch, sizeof(float) * need);
-        if (!grown) {
-            pthread_mutex_unlock(&st->lock);
-            return errf(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+    if (need > st->work_cap) {
+        for (int t = 0; t < MAX_THREADS; t++) {
+            if (t >= st->n_threads && !st->work[t]) continue;
+            float *grown = realloc(st->work[t], sizeof(float) * need);
+            if (!grown) {
+                pthread_mutex_unlock(&st->lock);
+                return errf(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+            }
+            st->work[t] = grown;
         }
-        st->scratch = grown;
-        st->scratch_cap = need;
+        st->work_cap = need;
     }
     attachment *a = &st->att[st->n_att++];
     a->id = st->next_id++;
@@ -193,6 +250,23 @@ innsteer_status innsteer_steerer_set_enabled(innsteer_steerer *st, int id, bool 
     if (a) atomic_store(&a->enabled, enabled);
     pthread_mutex_unlock(&st->lock);
     return a ? INNSTEER_OK : INNSTEER_ERR_ARG;
+}
+
+innsteer_status innsteer_steerer_set_threads(innsteer_steerer *st, int n_threads) {
+    if (!st || n_threads < 1 || n_threads > MAX_THREADS) return INNSTEER_ERR_ARG;
+    pthread_mutex_lock(&st->lock);
+    innsteer_status status = INNSTEER_OK;
+    for (int t = 0; t < n_threads && st->work_cap; t++) {
+        if (st->work[t]) continue;
+        st->work[t] = malloc(sizeof(float) * st->work_cap);
+        if (!st->work[t]) status = INNSTEER_ERR_NOMEM;
+    }
+    if (status == INNSTEER_OK) {
+        stop_workers(st); /* restarted with the new count on the next prompt batch */
+        st->n_threads = n_threads;
+    }
+    pthread_mutex_unlock(&st->lock);
+    return status;
 }
 
 innsteer_status innsteer_steerer_set_gate(innsteer_steerer *st, int id, innsteer_gate gate) {
@@ -309,10 +383,107 @@ static bool all_finite(const float *v, int n) {
     return true;
 }
 
+/* Steers rows [lo, hi) in place with worker t's buffers; a row whose result is not finite keeps
+ * its original values (the KV cache must never see NaN/Inf). */
+static void steer_range(innsteer_steerer *st, int t, const flow_site *site, float strength, innsteer_gate gate,
+                        float *rows, int64_t lo, int64_t hi, uint64_t *steered, uint64_t *rejected) {
+    int n_embd = st->n_embd;
+    float *out = st->work[t], *scratch = out + (size_t)FLOW_BLOCK * n_embd;
+    for (int64_t r = lo; r < hi; r += FLOW_BLOCK) {
+        int n = (int)(hi - r < FLOW_BLOCK ? hi - r : FLOW_BLOCK);
+        float *block = rows + r * n_embd;
+        flow_site_steer_rows(site, n_embd, strength, gate, block, out, n, scratch);
+        for (int j = 0; j < n; j++) {
+            const float *o = out + (size_t)j * n_embd;
+            if (all_finite(o, n_embd)) {
+                memcpy(block + (size_t)j * n_embd, o, sizeof(float) * (size_t)n_embd);
+                (*steered)++;
+            } else {
+                (*rejected)++;
+            }
+        }
+    }
+}
+
+static void job_part(innsteer_steerer *st, int t, int parts) {
+    pool *p = &st->workers;
+    /* split on block boundaries so every thread runs whole blocks */
+    int64_t blocks = (p->n_rows + FLOW_BLOCK - 1) / FLOW_BLOCK;
+    int64_t lo = blocks * t / parts * FLOW_BLOCK, hi = blocks * (t + 1) / parts * FLOW_BLOCK;
+    if (hi > p->n_rows) hi = p->n_rows;
+    p->steered[t] = p->rejected[t] = 0;
+    if (lo < hi) steer_range(st, t, p->site, p->strength, p->gate, p->rows, lo, hi, &p->steered[t], &p->rejected[t]);
+}
+
+static void *worker_main(void *arg) {
+    worker_arg *w = arg;
+    innsteer_steerer *st = w->st;
+    int t = w->index;
+    unsigned seen = w->generation;
+    free(w);
+    pool *p = &st->workers;
+    pthread_mutex_lock(&p->m);
+    for (;;) {
+        while (!p->quit && p->generation == seen) pthread_cond_wait(&p->go, &p->m);
+        if (p->quit) break;
+        seen = p->generation;
+        pthread_mutex_unlock(&p->m);
+        job_part(st, t, st->n_threads);
+        pthread_mutex_lock(&p->m);
+        if (--p->pending == 0) pthread_cond_signal(&p->done);
+    }
+    pthread_mutex_unlock(&p->m);
+    return NULL;
+}
+
+static bool start_workers(innsteer_steerer *st) {
+    pool *p = &st->workers;
+    while (p->n_started < st->n_threads - 1) {
+        worker_arg *w = malloc(sizeof *w);
+        if (!w) return false;
+        w->st = st;
+        w->index = p->n_started + 1;
+        w->generation = p->generation; /* only this thread publishes jobs, so no lock needed */
+        if (pthread_create(&p->threads[p->n_started], NULL, worker_main, w) != 0) {
+            free(w);
+            return false;
+        }
+        p->n_started++;
+    }
+    return true;
+}
+
+/* One site over all rows: split across the pool for prompt batches, inline for decode. */
+static void steer_site(innsteer_steerer *st, const flow_site *site, float strength, innsteer_gate gate, float *rows,
+                       int64_t n_rows, uint64_t *steered, uint64_t *rejected) {
+    if (st->n_threads < 2 || n_rows < PARALLEL_MIN_ROWS || !start_workers(st)) {
+        steer_range(st, 0, site, strength, gate, rows, 0, n_rows, steered, rejected);
+        return;
+    }
+    pool *p = &st->workers;
+    pthread_mutex_lock(&p->m);
+    p->site = site;
+    p->strength = strength;
+    p->gate = gate;
+    p->rows = rows;
+    p->n_rows = n_rows;
+    p->pending = st->n_threads - 1;
+    p->generation++;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->m);
+    job_part(st, 0, st->n_threads);
+    pthread_mutex_lock(&p->m);
+    while (p->pending > 0) pthread_cond_wait(&p->done, &p->m);
+    pthread_mutex_unlock(&p->m);
+    for (int t = 0; t < st->n_threads; t++) {
+        *steered += p->steered[t];
+        *rejected += p->rejected[t];
+    }
+}
+
 /* Steers rows in place with every active attachment at this layer, in attach order. */
 static bool steer_rows(innsteer_steerer *st, int layer, float *rows, int64_t n_rows) {
     bool changed = false;
-    int n_embd = st->n_embd;
     uint64_t steered = 0, rejected = 0;
     for (int i = 0; i < st->n_att; i++) {
         attachment *a = &st->att[i];
@@ -323,16 +494,7 @@ static bool steer_rows(innsteer_steerer *st, int layer, float *rows, int64_t n_r
         for (int s = 0; s < a->flow->n_sites; s++) {
             const flow_site *site = &a->flow->sites[s];
             if (site->layer != layer) continue;
-            for (int64_t r = 0; r < n_rows; r++) {
-                float *row = rows + r * n_embd;
-                flow_site_steer_row(site, n_embd, strength, gate, row, st->row_out, st->scratch);
-                if (all_finite(st->row_out, n_embd)) {
-                    memcpy(row, st->row_out, sizeof(float) * (size_t)n_embd);
-                    steered++;
-                } else {
-                    rejected++; /* keep the original row: the KV cache must never see NaN/Inf */
-                }
-            }
+            steer_site(st, site, strength, gate, rows, n_rows, &steered, &rejected);
             changed = true;
         }
     }
