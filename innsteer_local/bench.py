@@ -95,6 +95,48 @@ def run_bench(llm: Any, flow_paths: dict[str, Path], n_prompt: int = 512, n_gen:
     return {"model": info.name, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps, "rows": rows}
 
 
+def flow_isolation(paths: dict[str, Path], n_embd: int, batches: tuple[int, ...] = (1, 512),
+                   min_seconds: float = 0.3) -> list[dict[str, Any]]:
+    """The flow's own cost: microseconds per row of the native kernel (one thread), outside llama.cpp."""
+    from .native import NativeFlow
+
+    rows_out = []
+    rng = np.random.default_rng(0)
+    for name, path in paths.items():
+        nf = NativeFlow(path)
+        for n in batches:
+            x = rng.normal(0, 1, (n, n_embd)).astype(np.float32)
+            for site in range(len(nf.layers)):
+                nf.steer(x, 1.0, site=site)  # warm-up
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < min_seconds:
+                for site in range(len(nf.layers)):
+                    nf.steer(x, 1.0, site=site)
+                reps += 1
+            us = (time.perf_counter() - t0) / reps / n * 1e6
+            rows_out.append({"flow": name, "batch": n, "us_per_row": us, "layers": len(nf.layers)})
+        nf.close()
+    return rows_out
+
+
+def peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def training_cost(llm: Any) -> dict[str, Any]:
+    """Collection (no cache) and INN training time of the built-in honesty flow at layer 15."""
+    from . import behaviors
+    from .training import train
+
+    out = train(llm, behaviors.load("honesty"), min(15, llm.model_info.n_layer - 2), method="innsteer", cache_dir=None)
+    return {"collect_tokens": out.metrics["collect_tokens"], "collect_seconds": out.collect_seconds,
+            "collect_tokens_per_second": out.metrics["collect_tokens_per_second"], "train_seconds": out.train_seconds}
+
+
 def default_flows(llm: Any, workdir: Path) -> dict[str, Path]:
     """A linear flow and a nonlinear INN-sized flow (rank 64, 4 couplings) at layer 15."""
     info = llm.model_info
@@ -104,10 +146,13 @@ def default_flows(llm: Any, workdir: Path) -> dict[str, Path]:
     Flow.linear({layer: rng.normal(0, 1, info.n_embd).astype(np.float32)}, info, method="mean-diff").save(linear)
     inn = workdir / "inn.gguf"
     Flow.random(info, [layer], rank=64, blocks=4, hidden=128, seed=1, delta_scale=0.1).save(inn)
+    inn16 = workdir / "inn-f16.gguf"
+    Flow.random(info, [layer], rank=64, blocks=4, hidden=128, seed=1, delta_scale=0.1).save(inn16, dtype="f16")
     inn3 = workdir / "inn3.gguf"
     Flow.random(info, [max(1, layer - 5), layer, min(info.n_layer - 2, layer + 5)], rank=64, blocks=4, hidden=128,
                 seed=1, delta_scale=0.1).save(inn3)
-    return {f"linear flow (layer {layer})": linear, f"INN flow (layer {layer})": inn, "INN flow (3 layers)": inn3}
+    return {f"linear flow (layer {layer})": linear, f"INN flow (layer {layer})": inn,
+            f"INN flow f16 (layer {layer})": inn16, "INN flow (3 layers)": inn3}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -118,4 +163,16 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{r['variant']:<38} {r['prompt_tps_median']:>8.1f} ({r['prompt_tps_max']:>7.1f}) "
                      f"{r['prompt_ratio']:>6.3f} {r['decode_tps_median']:>8.1f} ({r['decode_tps_max']:>7.1f}) "
                      f"{r['decode_ratio']:>6.3f}")
+    if result.get("isolation"):
+        lines.append("")
+        lines.append("flow kernel alone (one thread, outside llama.cpp):")
+        for r in result["isolation"]:
+            lines.append(f"  {r['flow']:<36} batch {r['batch']:>4}: {r['us_per_row']:7.1f} us per row"
+                         f"{' (all layers)' if r['layers'] > 1 else ''}")
+    if result.get("training"):
+        t = result["training"]
+        lines.append(f"honesty flow: collection {t['collect_tokens']} tokens in {t['collect_seconds']:.1f} s "
+                     f"({t['collect_tokens_per_second']:.0f} tokens/s), INN training {t['train_seconds']:.1f} s")
+    if result.get("peak_rss_mb"):
+        lines.append(f"peak RSS {result['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)

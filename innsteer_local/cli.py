@@ -232,13 +232,14 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
 @click.option("--gen-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--reps", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+@click.option("--with-training", is_flag=True, help="also time collection and training of the honesty flow")
 @click.option("--json", "as_json", is_flag=True)
 def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: int, gen_tokens: int, reps: int,
-          threads: Optional[int], as_json: bool) -> None:
+          threads: Optional[int], with_training: bool, as_json: bool) -> None:
     """Prompt and decode tokens/s: unsteered, llama.cpp control vector and flows, side by side."""
     import tempfile
 
-    from .bench import default_flows, format_table, run_bench
+    from .bench import default_flows, flow_isolation, format_table, peak_rss_mb, run_bench, training_cost
 
     import llama_cpp
 
@@ -251,6 +252,12 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: int, gen_
                  or default_flows(llm, Path(tmp)))
         result = run_bench(llm, paths, n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps, plain=plain,
                            progress=lambda msg: click.echo(msg, err=True))
+        click.echo("timing the flow kernels alone", err=True)
+        result["isolation"] = flow_isolation({k: v for k, v in paths.items() if "linear" not in k}, llm.model_info.n_embd)
+    if with_training:
+        click.echo("timing collection and training of the honesty flow", err=True)
+        result["training"] = training_cost(llm)
+    result["peak_rss_mb"] = peak_rss_mb()
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
