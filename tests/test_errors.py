@@ -144,3 +144,16 @@ def test_unseen_layer_fails_loudly(steered, good_flow):
     steered.reset()
     steered.eval(steered.tokenize(b"Hello"))  # verifies: would raise if l_out-12 never ran
     assert steered.native_steerer.layer_visits(12) > 0
+
+
+def test_non_finite_rows_are_kept_and_counted(steered, model_info, tmp_path, logits_of):
+    """A flow whose edit overflows must never reach the KV cache: the original rows stay."""
+    p = tmp_path / "overflow.gguf"
+    Flow.linear({12: np.full(576, 3e38, np.float32)}, model_info).save(p)
+    tokens = steered.tokenize(b"Hello there, how are you")
+    base = logits_of(steered, tokens)
+    steered.add_flow(p, strength=10.0)  # 3e39 overflows float32 to inf
+    out = logits_of(steered, tokens)
+    assert np.isfinite(out).all()
+    assert np.array_equal(out, base)
+    assert steered.steering_stats["rows_rejected_nonfinite"] == len(tokens)

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="training needs the [train] extra")
 
-from innsteer_local.baselines import LinearProbe, mean_diff  # noqa: E402
+from innsteer_local.baselines import mean_diff  # noqa: E402
 from innsteer_local.flow import Flow, ModelInfo  # noqa: E402
 from innsteer_local.inn import InnConfig, train_inn  # noqa: E402
 from innsteer_local.native import NativeFlow  # noqa: E402

@@ -55,6 +55,28 @@ static bool read_u64(cursor *c, uint64_t *v, const char *what) {
     return true;
 }
 
+/* Strict UTF-8 (no overlongs, surrogates or code points above U+10FFFF), as GGUF requires of
+ * names: the Python reader decodes them, so both readers refuse the same files. */
+static bool valid_utf8(const uint8_t *p, uint64_t n) {
+    uint64_t i = 0;
+    while (i < n) {
+        uint8_t c = p[i];
+        int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+        if (!len || i + (uint64_t)len > n) return false;
+        uint32_t cp = len == 1 ? c : len == 2 ? (c & 0x1fu) : len == 3 ? (c & 0x0fu) : (c & 0x07u);
+        for (int k = 1; k < len; k++) {
+            if ((p[i + k] & 0xc0) != 0x80) return false;
+            cp = (cp << 6) | (p[i + k] & 0x3fu);
+        }
+        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) || cp > 0x10ffff ||
+            (cp >= 0xd800 && cp <= 0xdfff)) {
+            return false;
+        }
+        i += (uint64_t)len;
+    }
+    return true;
+}
+
 static bool read_str(cursor *c, gguf_str *s, const char *what) {
     uint64_t len;
     if (!read_u64(c, &len, what)) return false;
@@ -130,6 +152,10 @@ bool gguf_parse_header(gguf_file *f, const uint8_t *buf, size_t size, char *err,
         gguf_kv *kv = &f->kv[i];
         char key[96];
         if (!read_str(&c, &kv->key, "key name")) goto bad;
+        if (!valid_utf8((const uint8_t *)kv->key.ptr, kv->key.len)) {
+            fail(&c, "key %llu: name is not valid UTF-8", (unsigned long long)i);
+            goto bad;
+        }
         snprintf(key, sizeof key, "%.*s", (int)(kv->key.len < 80 ? kv->key.len : 80), kv->key.ptr);
         for (uint64_t j = 0; j < i; j++) {
             if (f->kv[j].key.len == kv->key.len && memcmp(f->kv[j].key.ptr, kv->key.ptr, kv->key.len) == 0) {
@@ -182,6 +208,10 @@ bool gguf_parse_tensors(gguf_file *f, char *err, size_t err_size) {
     for (uint64_t i = 0; i < f->n_tensors; i++) {
         gguf_tensor *t = &f->tensors[i];
         if (!read_str(&c, &t->name, "tensor name")) goto bad_off;
+        if (!valid_utf8((const uint8_t *)t->name.ptr, t->name.len)) {
+            fail(&c, "tensor %llu: name is not valid UTF-8", (unsigned long long)i);
+            goto bad_off;
+        }
         if (t->name.len == 0 || t->name.len > 63) {
             fail(&c, "tensor %llu: name length %llu outside 1..63", (unsigned long long)i, (unsigned long long)t->name.len);
             goto bad_off;
