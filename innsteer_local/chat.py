@@ -27,6 +27,7 @@ class ChatSession:
     compare: bool = False
     out: TextIO = field(default_factory=lambda: sys.stdout)
     messages: list[dict[str, str]] = field(default_factory=list)
+    shifted: int = 0  # exchanges dropped to fit the context window
 
     def __post_init__(self) -> None:
         self.reset()
@@ -102,9 +103,25 @@ class ChatSession:
         self._print()
         return "".join(parts)
 
+    def _fit(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """Context shift: drop the oldest exchanges (never the system message or the new turn)
+        until the prompt plus the reply fit in the context window."""
+        from .collect import render_chat
+
+        budget = self.llm.n_ctx() - self.max_tokens - 8
+        head = [m for m in messages[:1] if m["role"] == "system"]
+        body = messages[len(head):]
+        while len(body) > 1:
+            text = render_chat(self.llm, head + body, add_generation_prompt=True)
+            if len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)) <= budget:
+                break
+            body = body[2:] if len(body) > 2 else body[1:]
+            self.shifted += 1
+        return head + body
+
     def turn(self, user_text: str) -> str:
         """One user turn; returns the (steered) reply kept in the history."""
-        messages = self.messages + [{"role": "user", "content": user_text}]
+        messages = self._fit(self.messages + [{"role": "user", "content": user_text}])
         if self.compare:
             was_active = self.llm.steering_active
             self.llm.disable()

@@ -56,3 +56,27 @@ def test_streaming_is_steered(steered, flow_path):
         messages=MESSAGES, max_tokens=24, temperature=0.0, stream=True))
     assert streamed != plain
     assert streamed == reply(steered)
+
+
+def test_long_steered_chat_with_context_shift(model_path, flow_path):
+    """About 4 000 tokens of steered conversation in a 1 024-token window: old turns are dropped,
+    nothing fails, no row is rejected."""
+    import io
+
+    from innsteer_local.chat import ChatSession
+    from innsteer_local.steered import SteeredLlama
+
+    llm = SteeredLlama(str(model_path), n_ctx=1024, verbose=False, seed=0)
+    llm.add_flow(flow_path, strength=0.5)
+    session = ChatSession(llm=llm, system="You are a helpful assistant.", max_tokens=96, out=io.StringIO())
+    total = 0
+    topics = ["the sea", "mountains", "a city at night", "an old library", "a rainy morning", "a train journey"]
+    turn = 0
+    while total < 4000:
+        before = llm.n_tokens
+        session.turn(f"Tell me a short story about {topics[turn % len(topics)]}.")
+        total += llm.n_tokens - before if llm.n_tokens > before else llm.n_tokens
+        turn += 1
+    assert session.shifted > 0, "the window must have shifted"
+    assert llm.steering_stats["rows_rejected_nonfinite"] == 0 and llm.steering_stats["rows_steered"] > 4000
+    llm.close()
