@@ -42,6 +42,14 @@ def candidate_layers(n_layer: int) -> list[int]:
     return list(range(lo, hi + 1, 3))
 
 
+# An INN flow's edit is input-dependent, so equal mean displacement is not equal fluency: the
+# shipped honesty flow (smollm2-135m, layer 15) was fluent at strength 2, repeated itself at 3 and
+# degenerated at mean-diff's default 4.7, although it moves generated rows less than mean-diff
+# (0.61 |v| per unit strength). Until the evaluation harness calibrates strengths at matched
+# fluency, INN flows default to 0.4 of mean-diff's default (honesty: 1.9).
+INN_DEFAULT_FRACTION = 0.4
+
+
 def held_out_mask(pair_ids: np.ndarray, frac: float = 0.2, seed: int = 0) -> np.ndarray:
     n = int(pair_ids.max(initial=-1) + 1)
     rng = np.random.default_rng(seed)
@@ -117,6 +125,8 @@ def train(llm: Any, data: Dataset, layer: int | str, method: str = "innsteer", s
                         acts.pos_pair, acts.neg_pair, acts.neg_target, llm.model_info, cfg, progress=train_progress,
                         **meta)
         out.flow, out.metrics, out.history, out.latent = res.flow, res.metrics, res.history, res.latent
+        out.flow.default_strength = float(f"{INN_DEFAULT_FRACTION * meta['default_strength']:.2g}")
+        out.metrics["default_strength"] = out.flow.default_strength
     else:
         out.flow = linear_flow(method, chosen, acts.pos[chosen], acts.neg[chosen], acts.pos_pair, acts.neg_pair,
                                llm.model_info, **meta)
