@@ -35,6 +35,16 @@ def random_flow(request, real_rows, model_info, tmp_path):
     return path
 
 
+def rows_before_after(llm, tokens) -> tuple[np.ndarray, np.ndarray]:
+    """l_out-LAYER of one evaluation, captured before and after steering."""
+    st = llm.native_steerer
+    st.capture(LAYER, post=False)
+    st.capture(LAYER, post=True)
+    llm.reset()
+    llm.eval(tokens)
+    return st.captured(LAYER, post=False), st.captured(LAYER, post=True)
+
+
 def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float((np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)).max())
 
@@ -42,12 +52,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 def test_native_steering_matches_numpy_reference(steered, random_flow):
     strength = 0.8
     steered.add_flow(random_flow, strength=strength)
-    st = steered.native_steerer
-    st.capture(LAYER, post=False)
-    st.capture(LAYER, post=True)
-    steered.reset()
-    steered.eval(steered.tokenize(TEXT))
-    before, after = st.captured(LAYER, post=False), st.captured(LAYER, post=True)
+    before, after = rows_before_after(steered, steered.tokenize(TEXT))
     reference = Flow.load(random_flow).site(LAYER).steer(before, strength)
     assert rel(after, before) > 0.05, "the flow must move the activations"
     assert rel(after, reference) <= 1e-4
@@ -90,12 +95,7 @@ def test_flows_compose_in_attach_order(steered, model_info, real_rows, tmp_path)
     Flow.random(model_info, [LAYER], seed=12, **kw).save(b)
     steered.add_flow(a, strength=0.7)
     steered.add_flow(b, strength=-0.5)
-    st = steered.native_steerer
-    st.capture(LAYER, post=False)
-    st.capture(LAYER, post=True)
-    steered.reset()
-    steered.eval(steered.tokenize(TEXT))
-    h, out = st.captured(LAYER, post=False), st.captured(LAYER, post=True)
+    h, out = rows_before_after(steered, steered.tokenize(TEXT))
     fa, fb = Flow.load(a).site(LAYER), Flow.load(b).site(LAYER)
     assert rel(out, fb.steer(fa.steer(h, 0.7), -0.5)) <= 1e-4
     assert rel(out, fa.steer(fb.steer(h, -0.5), 0.7)) > 1e-3
@@ -120,12 +120,6 @@ def test_threaded_prompt_batch_matches_reference(steered, random_flow, real_rows
     reference, in order."""
     steered.native_steerer.set_threads(3)
     steered.add_flow(random_flow, strength=0.6)
-    st = steered.native_steerer
-    st.capture(LAYER, post=False)
-    st.capture(LAYER, post=True)
-    tokens = (steered.tokenize(TEXT) * 12)[:200]
-    steered.reset()
-    steered.eval(tokens)
-    before, after = st.captured(LAYER, post=False), st.captured(LAYER, post=True)
+    before, after = rows_before_after(steered, (steered.tokenize(TEXT) * 12)[:200])
     assert len(after) == 200
     assert rel(after, Flow.load(random_flow).site(LAYER).steer(before, 0.6)) <= 1e-4
