@@ -289,15 +289,13 @@ def train_inn(layer: int, pos: np.ndarray, neg: np.ndarray, background: np.ndarr
             ops.append(Linear(matrix=q.copy(), matrix_inv=q.T.copy(), bias=np.zeros(rank, np.float32)))
     final_delta = (best_delta.numpy() * scale).astype(np.float32)
     with torch.no_grad():
-        zl_pos, zl_neg = net.forward(y_pos)[0].double().numpy(), net.forward(y_neg)[0].double().numpy()
-    gate = Gate.fit(zl_pos[~pos_val], zl_neg[~neg_val], np.concatenate([zl_pos[pos_val], zl_neg[neg_val]]), final_delta)
-    site = Site(layer=layer, ops=ops, delta=final_delta, gate=gate)
-
-    # held-out separability: raw-space vs latent-space probes
-    with torch.no_grad():
         z_pos = net.forward(y_pos)[0].double().numpy()
         z_neg = net.forward(y_neg)[0].double().numpy()
         z_bg = net.forward(y_bg)[0].double().numpy()
+    gate = Gate.fit(z_pos[~pos_val], z_neg[~neg_val], np.concatenate([z_pos[pos_val], z_neg[neg_val]]), final_delta)
+    site = Site(layer=layer, ops=ops, delta=final_delta, gate=gate)
+
+    # held-out separability: raw-space vs latent-space probes
     raw_acc = probe.accuracy(pos[pos_val], neg[neg_val])
     latent_probe = LinearProbe.fit(z_pos[~pos_val], z_neg[~neg_val])
     latent_acc = latent_probe.accuracy(z_pos[pos_val], z_neg[neg_val])

@@ -341,14 +341,6 @@ bool gguf_get_str(const gguf_file *f, const char *key, gguf_str *out) {
     return true;
 }
 
-bool gguf_array_str(const gguf_file *f, const gguf_kv *kv, uint64_t i, gguf_str *out) {
-    if (kv->type != GV_ARRAY || kv->elem_type != GV_STRING || i >= kv->count) return false;
-    size_t off = kv->offset;
-    for (uint64_t k = 0; k < i; k++) off += 8 + (size_t)str_at(f, off).len;
-    *out = str_at(f, off);
-    return true;
-}
-
 bool gguf_array_u32(const gguf_file *f, const gguf_kv *kv, uint64_t i, uint32_t *out) {
     if (kv->type != GV_ARRAY || (kv->elem_type != GV_U32 && kv->elem_type != GV_I32) || i >= kv->count) return false;
     memcpy(out, f->buf + kv->offset + 4 * i, 4);

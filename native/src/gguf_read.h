@@ -65,8 +65,7 @@ bool gguf_str_eq(gguf_str s, const char *c);
 bool gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out);
 bool gguf_get_f32(const gguf_file *f, const char *key, float *out);
 bool gguf_get_str(const gguf_file *f, const char *key, gguf_str *out);
-/* Element i of a string array / u32 array. */
-bool gguf_array_str(const gguf_file *f, const gguf_kv *kv, uint64_t i, gguf_str *out);
+/* Element i of a u32 array. */
 bool gguf_array_u32(const gguf_file *f, const gguf_kv *kv, uint64_t i, uint32_t *out);
 
 #endif

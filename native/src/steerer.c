@@ -74,7 +74,6 @@ struct innsteer_steerer {
     atomic_bool active;
     int *steered_at;        /* per layer: attachments with a site there */
     capture_buf *captures;  /* per layer: [2*layer] pre, [2*layer+1] post */
-    int n_capturing;
     atomic_uint_fast64_t *visits;
     atomic_uint_fast64_t rows_steered, rows_rejected;
     float *rows;
@@ -298,7 +297,6 @@ innsteer_status innsteer_steerer_capture(innsteer_steerer *st, int layer, bool p
     if (!st || layer < 0 || layer >= st->n_layer) return INNSTEER_ERR_ARG;
     pthread_mutex_lock(&st->lock);
     capture_buf *c = &st->captures[2 * layer + (post ? 1 : 0)];
-    if (c->on != on) st->n_capturing += on ? 1 : -1;
     c->on = on;
     pthread_mutex_unlock(&st->lock);
     return INNSTEER_OK;
