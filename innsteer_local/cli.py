@@ -390,6 +390,11 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
     click.echo(f"wrote {output}: llama.cpp --control-vector, layers {flow.layers}")
 
 
+from .eval_cli import eval_command  # noqa: E402  (a command of its own module: it is long)
+
+cli.add_command(eval_command)
+
+
 def main() -> None:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
     try:

@@ -1,0 +1,119 @@
+"""`--suite quick|full`: the experiments behind docs/RESULTS.md.
+
+quick: the shipped flows (INN, INN gated, mean-diff) on selective refusal and positivity, few
+prompts; needs no torch. full: every method trained on the same data at the same layer
+(mean-diff, pca, affine-ot, innsteer, innsteer-gated), then selective refusal, positivity,
+TruthfulQA (honesty), ocean-topic steering and two CAA A/B behaviours; on a base model
+(no chat template) positivity only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import behaviors
+from .errors import InnsteerError
+from .eval_tasks import Task, ab_task, open_task, refusal_task, truthfulqa_task
+from .evaluate import Experiment, FlowSpec
+
+# Multiples of each flow's own default strength (the methods' raw scales differ: mean-diff's
+# default moves rows by 16 % of their norm, an INN flow's default is 0.4 of that). Steps stay
+# at most a quarter of the default up to 1.5x: the best fluent setting lies there.
+QUICK_STRENGTHS = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+FULL_STRENGTHS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+QUICK_MAX_TOKENS = 32
+TRAINED_METHODS = ("mean-diff", "pca", "affine-ot", "innsteer")
+
+
+@dataclass
+class Plan:
+    """An experiment before its flows exist: the behaviour data the methods train on."""
+
+    name: str
+    task: Callable[[], Task]
+    behavior: Optional[str] = None  # built-in behaviour name
+    pairs: Optional[str] = None  # or a pairs / CAA file
+    limit: Optional[int] = None
+    shipped: list[tuple[str, str, str]] = field(default_factory=list)  # (label, shipped file, gate)
+
+
+def _topic_task() -> Task:
+    s = behaviors.spec("topic-ocean")
+    return open_task("neutral", "topic", description=s["description"], topic_words=s["topic_words"])
+
+
+def _caa(name: str) -> str:
+    return str(behaviors.data_dir() / "caa" / name / "generate_dataset.json")
+
+
+def _caa_test(name: str) -> Task:
+    return ab_task(str(behaviors.data_dir() / "caa" / name / "test_dataset_ab.json"))
+
+
+def plans(suite: str, chat: bool) -> list[Plan]:
+    if suite == "quick":
+        return [
+            Plan("refusal", refusal_task, limit=8, shipped=[
+                ("innsteer", "refusal.gguf", "off"), ("innsteer-gated", "refusal.gguf", "target"),
+                ("mean-diff", "refusal-mean-diff.gguf", "off")]),
+            Plan("positivity", lambda: open_task("neutral", "sentiment"), limit=10, shipped=[
+                ("innsteer", "positivity.gguf", "off"), ("innsteer-gated", "positivity.gguf", "target"),
+                ("mean-diff", "positivity-mean-diff.gguf", "off")]),
+        ]
+    if suite != "full":
+        raise InnsteerError(f"unknown suite {suite!r}; choose quick or full")
+    if not chat:  # a base model: plain-completion behaviours only
+        return [Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=24)]
+    return [
+        Plan("refusal", refusal_task, behavior="refusal", limit=32),
+        Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=24),
+        Plan("topic-ocean", _topic_task, behavior="topic-ocean", limit=24),
+        Plan("honesty-truthfulqa", truthfulqa_task, behavior="honesty", limit=48),
+        Plan("caa-sycophancy", lambda: _caa_test("sycophancy"), pairs=_caa("sycophancy"), limit=40),
+        Plan("caa-survival-instinct", lambda: _caa_test("survival-instinct"), pairs=_caa("survival-instinct"), limit=40),
+    ]
+
+
+def suite_strengths(suite: str) -> list[float]:
+    return QUICK_STRENGTHS if suite == "quick" else FULL_STRENGTHS
+
+
+def build(suite: str, llm: Any, model_key: Optional[str], out_dir: Path, layer: int, strengths: Optional[list[float]],
+          limit: Optional[int], only: Optional[list[str]] = None,
+          message: Callable[[str], None] = lambda m: None) -> list[Experiment]:
+    """Experiments of a suite, training the flows it compares (cached in DIR/flows)."""
+    from .models import resolve_flow
+    from .training import load_data, train
+
+    chat = bool(llm.metadata.get("tokenizer.chat_template"))
+    out: list[Experiment] = []
+    flow_dir = out_dir / "flows"
+    for plan in plans(suite, chat):
+        if only and plan.name not in only:
+            continue
+        flows: list[FlowSpec] = []
+        if plan.shipped:
+            for label, file, gate in plan.shipped:
+                flows.append(FlowSpec(label, str(resolve_flow(file, model_key)), gate))
+        else:
+            flow_dir.mkdir(parents=True, exist_ok=True)
+            data = None
+            for method in TRAINED_METHODS:
+                path = flow_dir / f"{plan.name}-{method}-L{layer}.gguf"
+                if not path.exists():
+                    data = data or load_data(plan.behavior, plan.pairs)
+                    message(f"training {method} on {data.name} at layer {layer}")
+                    res = train(llm, data, layer, method=method, cache_dir=out_dir / "activations")
+                    res.flow.save(path)
+                flows.append(FlowSpec(method, str(path)))
+            flows.append(FlowSpec("innsteer-gated", str(flow_dir / f"{plan.name}-innsteer-L{layer}.gguf"), "target"))
+        out.append(Experiment(plan.name, plan.task(), flows, list(strengths or suite_strengths(suite)),
+                              limit if limit is not None else plan.limit, relative=True))
+    if only:
+        unknown = set(only) - {e.name for e in out}
+        if unknown:
+            raise InnsteerError(f"no experiment named {', '.join(sorted(unknown))} in suite {suite}; "
+                                f"it has {', '.join(p.name for p in plans(suite, chat))}")
+    return out
