@@ -390,6 +390,43 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
     click.echo(f"wrote {output}: llama.cpp --control-vector, layers {flow.layers}")
 
 
+def parse_serve_flow(spec: str) -> tuple[str, str, Optional[float]]:
+    """'honesty=path/h.gguf:2' -> ('honesty', 'path/h.gguf', 2.0); 'honesty.gguf' -> ('honesty', ...)."""
+    name, sep, file = spec.partition("=")
+    path, strength = parse_flow_spec(file if sep else spec)
+    if not sep:
+        name = Path(path).stem
+    if not name or not path:
+        raise click.BadParameter(f"'{spec}' is not NAME=FILE[:STRENGTH]", param_hint="--flow")
+    return name, path, strength
+
+
+@cli.command()
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--flow", "-f", "flows", multiple=True,
+              help="NAME=FILE[:STRENGTH] (or a shipped flow name) that requests can pick by NAME; repeatable")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--n-ctx", type=click.IntRange(64), default=4096, show_default=True)
+@click.option("--seed", "-s", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+def serve(model: Optional[str], flows: tuple[str, ...], host: str, port: int, n_ctx: int, seed: int,
+          threads: Optional[int]) -> None:
+    """OpenAI-compatible server; each request picks its own steering (docs/EMBEDDING.md):
+
+    \b
+      innsteer-local serve --flow honesty=honesty.gguf --port 8080
+      curl localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
+           "steering": [{"flow": "honesty", "strength": 2}]}'
+    """
+    from .server import _require_fastapi, serve as run_server
+
+    _require_fastapi()  # fail before loading the model
+    specs = [parse_serve_flow(f) for f in flows]
+    llm = load_steered(model, (), None, n_ctx, seed, threads)
+    run_server(llm, specs, host, port)
+
+
 from .eval_cli import eval_command  # noqa: E402  (a command of its own module: it is long)
 
 cli.add_command(eval_command)
