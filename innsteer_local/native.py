@@ -97,6 +97,10 @@ def lib() -> ctypes.CDLL:
             "innsteer_steerer_rows_steered": (c_uint64, [c_void_p]),
             "innsteer_steerer_rows_rejected": (c_uint64, [c_void_p]),
             "innsteer_steerer_last_error": (c_char_p, [c_void_p]),
+            "innsteer_flow_steer_graph": (c_int, [c_void_p, c_int, c_float, c_int, c_int, _F32P, _F32P, c_int64, c_char_p, c_size_t]),
+            "innsteer_steerer_set_path": (c_int, [c_void_p, c_int, c_int, c_char_p, c_size_t]),
+            "innsteer_steerer_device_name": (c_char_p, [c_void_p]),
+            "innsteer_steerer_rows_on_device": (c_uint64, [c_void_p]),
         }
         for name, (res, args) in sigs.items():
             fn = getattr(l, name)
@@ -117,6 +121,16 @@ def gate_code(gate: str) -> int:
     if gate not in GATES:
         raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
     return GATES.index(gate)
+
+
+# innsteer_path values: where the eval callback computes the flow (native/include/innsteer.h)
+PATHS = ("auto", "host", "device", "cpu-graph")
+
+
+def path_code(path: str) -> int:
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    return PATHS.index(path)
 
 
 def _rows(a: np.ndarray, n_embd: int) -> np.ndarray:
@@ -164,6 +178,20 @@ class NativeFlow:
 
     def steer(self, x: np.ndarray, strength: float, site: int = 0, gate: str = "off") -> np.ndarray:
         return self._map("innsteer_flow_steer_gated", site, x, ctypes.c_float(strength), gate_code(gate))
+
+    def steer_graph(self, x: np.ndarray, strength: float, site: int = 0, gate: str = "off",
+                    path: str = "cpu-graph") -> np.ndarray:
+        """The same steering computed as a ggml graph on a ggml backend (what the eval callback runs
+        on device tensors): "cpu-graph" on ggml's CPU backend, "device" on its first GPU."""
+        rows = _rows(x, self.n_embd)
+        out = np.empty_like(rows)
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        st = lib().innsteer_flow_steer_graph(self._h, site, ctypes.c_float(strength), gate_code(gate), path_code(path),
+                                             rows.ctypes.data_as(_F32P), out.ctypes.data_as(_F32P), rows.shape[0],
+                                             err, _ERR_LEN)
+        if st != OK:
+            raise InnsteerError(f"innsteer_flow_steer_graph failed: {err.value.decode(errors='replace')}")
+        return out.reshape(np.shape(x)) if np.ndim(x) == 1 else out
 
     @property
     def has_gate(self) -> bool:
@@ -222,6 +250,22 @@ class Steerer:
 
     def set_threads(self, n_threads: int) -> None:
         self._check(self._l.innsteer_steerer_set_threads(self.ptr, int(n_threads)), f"set {n_threads} threads")
+
+    def set_path(self, path: str, min_rows: int = 32) -> None:
+        """Where the callback computes the flow: "auto", "host", "device" or "cpu-graph"; batches of
+        fewer than min_rows rows take the host path (the default 32 sends decode to the host
+        kernel, which measured faster there; docs/PERFORMANCE.md)."""
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        if self._l.innsteer_steerer_set_path(self.ptr, path_code(path), int(min_rows), err, _ERR_LEN) != OK:
+            raise InnsteerError(f"steering path {path!r}: {err.value.decode(errors='replace')}")
+
+    @property
+    def device_name(self) -> str:
+        return (self._l.innsteer_steerer_device_name(self.ptr) or b"").decode(errors="replace")
+
+    @property
+    def rows_on_device(self) -> int:
+        return int(self._l.innsteer_steerer_rows_on_device(self.ptr))
 
     def set_active(self, active: bool) -> None:
         self._l.innsteer_steerer_set_active(self.ptr, active)

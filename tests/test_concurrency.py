@@ -113,10 +113,10 @@ def test_attach_detach_cycles_under_leak_sanitizer(two_flows, tmp_path):
     assert cc
     exe = tmp_path / "cycles"
     ggml = Path(llama_cpp.__file__).resolve().parent / "lib"
-    sources = [str(root / "native" / "src" / f) for f in ("gguf_read.c", "flow.c", "flow_math.c", "flow_steer.c", "steerer.c")]
+    sources = [str(root / "native" / "src" / f) for f in ("gguf_read.c", "flow.c", "flow_math.c", "flow_steer.c", "flow_graph.c", "steerer.c")]
     subprocess.run([cc, "-std=gnu11", "-g", "-O1", "-fsanitize=address", "-I", str(root / "native" / "include"),
                     str(root / "tests" / "c" / "attach_cycles.c"), *sources, "-L", str(ggml), "-lggml-base",
-                    f"-Wl,-rpath,{ggml}", "-lm", "-lpthread", "-o", str(exe)], check=True)
+                    f"-Wl,-rpath,{ggml}", "-lm", "-lpthread", "-ldl", "-o", str(exe)], check=True)
     proc = subprocess.run([str(exe), str(two_flows[0])], capture_output=True, text=True, timeout=300,
                           env={"ASAN_OPTIONS": "detect_leaks=1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

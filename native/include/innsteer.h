@@ -22,7 +22,8 @@
  *     innsteer_steerer_set_strength(st, id, 2.0f);   // takes effect at the next callback
  *
  * All functions return a status instead of aborting; where an `err` buffer is given it receives
- * a message naming the offending value. The library links only against ggml-base.
+ * a message naming the offending value. The library links no ggml library: the ggml functions it
+ * calls resolve against the ggml already loaded in the process (llama.cpp's).
  */
 #ifndef INNSTEER_H
 #define INNSTEER_H
@@ -63,6 +64,19 @@ typedef struct innsteer_steerer innsteer_steerer;
  * the flow's radius) get a damped edit; TARGET each row moves along delta only as far as it needs
  * to reach the positive class (never past it), up to `strength` times delta. */
 typedef enum { INNSTEER_GATE_OFF = 0, INNSTEER_GATE_DENSITY = 1, INNSTEER_GATE_TARGET = 2 } innsteer_gate;
+
+/* Where the eval callback computes the flow (docs/PERFORMANCE.md has the measurements):
+ * AUTO      the device graph when ggml has a GPU device in the process, else HOST (the default);
+ * HOST      rows copied to host memory, steered by the C kernel, copied back;
+ * DEVICE    the flow as a ggml graph on ggml's first GPU device: activations stay in device
+ *           memory (copied device-to-device into the graph's input and back);
+ * CPU_GRAPH the same graph on ggml's CPU backend: checks the graph path without a GPU. */
+typedef enum {
+    INNSTEER_PATH_AUTO = 0,
+    INNSTEER_PATH_HOST = 1,
+    INNSTEER_PATH_DEVICE = 2,
+    INNSTEER_PATH_CPU_GRAPH = 3,
+} innsteer_path;
 struct ggml_tensor;
 
 INNSTEER_API const char *innsteer_status_name(innsteer_status status);
@@ -92,6 +106,12 @@ INNSTEER_API innsteer_status innsteer_flow_steer(const innsteer_flow *flow, int 
                                                  float *out, int64_t n_rows);
 INNSTEER_API innsteer_status innsteer_flow_steer_gated(const innsteer_flow *flow, int site, float strength,
                                                        innsteer_gate gate, const float *in, float *out, int64_t n_rows);
+/* The graph path's result on host rows (tests and tools): the flow as a ggml graph on the backend
+ * `path` names (DEVICE, CPU_GRAPH, or AUTO: DEVICE if ggml has a GPU, else CPU_GRAPH). Needs ggml
+ * loaded in the process; allocates the backend and the graph per call. */
+INNSTEER_API innsteer_status innsteer_flow_steer_graph(const innsteer_flow *flow, int site, float strength,
+                                                       innsteer_gate gate, innsteer_path path, const float *in,
+                                                       float *out, int64_t n_rows, char *err, size_t err_size);
 /* Whether every site of the flow carries the parameters a gate mode needs. */
 INNSTEER_API bool innsteer_flow_has_gate(const innsteer_flow *flow);
 
@@ -113,6 +133,16 @@ INNSTEER_API innsteer_status innsteer_steerer_set_gate(innsteer_steerer *st, int
 /* Threads for prompt batches (default: the online CPUs, at most 32). They sleep between batches
  * and run only while llama.cpp waits for the callback. */
 INNSTEER_API innsteer_status innsteer_steerer_set_threads(innsteer_steerer *st, int n_threads);
+/* Where the flow is computed (innsteer_path). Batches of fewer than min_rows rows take the host
+ * path whatever the path (decode: one row per sequence, where a host round trip can cost less than
+ * running a graph). DEVICE and CPU_GRAPH start their ggml backend now and return
+ * INNSTEER_ERR_UNSUPPORTED with a message (path stays HOST) when ggml has no such device. The
+ * environment variables INNSTEER_PATH (auto, host, device, cpu-graph) and INNSTEER_DEVICE_MIN_ROWS
+ * give the initial values of a new steerer. */
+INNSTEER_API innsteer_status innsteer_steerer_set_path(innsteer_steerer *st, innsteer_path path, int min_rows, char *err,
+                                                       size_t err_size);
+/* The ggml backend the graph path runs on, e.g. "CUDA0" ("" while none is started). */
+INNSTEER_API const char *innsteer_steerer_device_name(const innsteer_steerer *st);
 /* Master switch over all attached flows. */
 INNSTEER_API void innsteer_steerer_set_active(innsteer_steerer *st, bool active);
 
@@ -134,6 +164,8 @@ INNSTEER_API void innsteer_steerer_clear_captured(innsteer_steerer *st);
 INNSTEER_API uint64_t innsteer_steerer_layer_visits(const innsteer_steerer *st, int layer);
 INNSTEER_API uint64_t innsteer_steerer_rows_steered(const innsteer_steerer *st);
 INNSTEER_API uint64_t innsteer_steerer_rows_rejected(const innsteer_steerer *st);
+/* Rows steered by the graph path (a subset of rows_steered). */
+INNSTEER_API uint64_t innsteer_steerer_rows_on_device(const innsteer_steerer *st);
 /* The last error met inside the callback (empty if none), e.g. a tensor of the wrong width. */
 INNSTEER_API const char *innsteer_steerer_last_error(const innsteer_steerer *st);
 

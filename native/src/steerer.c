@@ -1,5 +1,6 @@
 /* The llama.cpp eval callback: steers (and optionally captures) the rows of l_out-<layer>. */
 #include "flow.h"
+#include "flow_graph.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -21,6 +22,9 @@ void ggml_backend_tensor_get(const struct ggml_tensor *tensor, void *data, size_
 void ggml_backend_tensor_set(struct ggml_tensor *tensor, const void *data, size_t offset, size_t size);
 
 #define MAX_ATTACHED 64
+/* Batches below this many rows take the host path by default: measured on an H200 (docs/PERFORMANCE.md),
+ * the graph is faster for prompt batches, the host round trip for decode (one row). */
+#define DEFAULT_DEVICE_MIN_ROWS 32
 static const char LAYER_PREFIX[] = "l_out-";
 
 typedef struct {
@@ -29,6 +33,7 @@ typedef struct {
     _Atomic float strength;
     atomic_bool enabled;
     atomic_int gate;
+    flow_graph **graphs; /* per site: the graph path's weights on the device, made at first use */
 } attachment;
 
 typedef struct {
@@ -86,6 +91,13 @@ struct innsteer_steerer {
     bool (*chain_cb)(struct ggml_tensor *, bool, void *);
     void *chain_ud;
     char last_error[256];
+    /* graph path (flow_graph.c) */
+    innsteer_path path;
+    int device_min_rows;
+    graph_backend *backend; /* started at the first batch that takes the graph path */
+    bool backend_is_cpu;
+    bool backend_failed;    /* no device: the host path from then on */
+    atomic_uint_fast64_t rows_on_device;
 };
 
 innsteer_steerer *innsteer_steerer_new(int n_embd, int n_layer, int max_rows) {
@@ -113,7 +125,23 @@ innsteer_steerer *innsteer_steerer_new(int n_embd, int n_layer, int max_rows) {
     st->n_threads = cpus < 1 ? 1 : cpus > MAX_THREADS ? MAX_THREADS : (int)cpus;
     atomic_init(&st->active, true);
     st->next_id = 1;
+    st->path = INNSTEER_PATH_AUTO;
+    st->device_min_rows = DEFAULT_DEVICE_MIN_ROWS;
+    const char *env = getenv("INNSTEER_PATH");
+    if (env && strcmp(env, "host") == 0) st->path = INNSTEER_PATH_HOST;
+    else if (env && strcmp(env, "device") == 0) st->path = INNSTEER_PATH_DEVICE;
+    else if (env && strcmp(env, "cpu-graph") == 0) st->path = INNSTEER_PATH_CPU_GRAPH;
+    env = getenv("INNSTEER_DEVICE_MIN_ROWS");
+    if (env && atoi(env) >= 1) st->device_min_rows = atoi(env);
     return st;
+}
+
+static void free_graphs(attachment *a) {
+    if (!a->graphs) return;
+    for (int s = 0; s < a->flow->n_sites; s++) {
+        flow_graph_free(a->graphs[s]);
+        a->graphs[s] = NULL;
+    }
 }
 
 static void stop_workers(innsteer_steerer *st) {
@@ -134,7 +162,12 @@ void innsteer_steerer_free(innsteer_steerer *st) {
     pthread_cond_destroy(&st->workers.go);
     pthread_cond_destroy(&st->workers.done);
     for (int i = 0; i < MAX_THREADS; i++) free(st->work[i]);
-    for (int i = 0; i < st->n_att; i++) innsteer_flow_free(st->att[i].flow);
+    for (int i = 0; i < st->n_att; i++) {
+        free_graphs(&st->att[i]);
+        free(st->att[i].graphs);
+        innsteer_flow_free(st->att[i].flow);
+    }
+    graph_backend_free(st->backend);
     for (int i = 0; i < 2 * st->n_layer; i++) free(st->captures[i].data);
     pthread_mutex_destroy(&st->lock);
     free(st->steered_at);
@@ -172,9 +205,12 @@ innsteer_status innsteer_steerer_attach(innsteer_steerer *st, innsteer_flow *flo
         size_t site_need = flow->sites[s].steer_scratch + (size_t)FLOW_BLOCK * (size_t)st->n_embd;
         need = site_need > need ? site_need : need;
     }
+    flow_graph **graphs = calloc((size_t)flow->n_sites, sizeof *graphs);
+    if (!graphs) return errf(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
     pthread_mutex_lock(&st->lock);
     if (st->n_att == MAX_ATTACHED) {
         pthread_mutex_unlock(&st->lock);
+        free(graphs);
         return errf(err, err_size, INNSTEER_ERR_ARG, "at most %d flows can be attached at once", MAX_ATTACHED);
     }
     if (need > st->work_cap) {
@@ -183,6 +219,7 @@ innsteer_status innsteer_steerer_attach(innsteer_steerer *st, innsteer_flow *flo
             float *grown = realloc(st->work[t], sizeof(float) * need);
             if (!grown) {
                 pthread_mutex_unlock(&st->lock);
+                free(graphs);
                 return errf(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
             }
             st->work[t] = grown;
@@ -192,6 +229,7 @@ innsteer_status innsteer_steerer_attach(innsteer_steerer *st, innsteer_flow *flo
     attachment *a = &st->att[st->n_att++];
     a->id = st->next_id++;
     a->flow = flow;
+    a->graphs = graphs;
     atomic_fetch_add(&flow->refs, 1);
     atomic_store(&a->strength, strength);
     atomic_store(&a->enabled, true);
@@ -219,10 +257,13 @@ innsteer_status innsteer_steerer_detach(innsteer_steerer *st, int id) {
     }
     innsteer_flow *flow = a->flow;
     for (int s = 0; s < flow->n_sites; s++) st->steered_at[flow->sites[s].layer]--;
+    free_graphs(a);
+    free(a->graphs);
     int idx = (int)(a - st->att);
     for (int i = idx; i + 1 < st->n_att; i++) {
         st->att[i].id = st->att[i + 1].id;
         st->att[i].flow = st->att[i + 1].flow;
+        st->att[i].graphs = st->att[i + 1].graphs;
         atomic_store(&st->att[i].strength, atomic_load(&st->att[i + 1].strength));
         atomic_store(&st->att[i].enabled, atomic_load(&st->att[i + 1].enabled));
         atomic_store(&st->att[i].gate, atomic_load(&st->att[i + 1].gate));
@@ -329,6 +370,34 @@ uint64_t innsteer_steerer_layer_visits(const innsteer_steerer *st, int layer) {
 
 uint64_t innsteer_steerer_rows_steered(const innsteer_steerer *st) { return st ? atomic_load(&st->rows_steered) : 0; }
 uint64_t innsteer_steerer_rows_rejected(const innsteer_steerer *st) { return st ? atomic_load(&st->rows_rejected) : 0; }
+uint64_t innsteer_steerer_rows_on_device(const innsteer_steerer *st) { return st ? atomic_load(&st->rows_on_device) : 0; }
+const char *innsteer_steerer_device_name(const innsteer_steerer *st) { return st ? graph_backend_name(st->backend) : ""; }
+
+innsteer_status innsteer_steerer_set_path(innsteer_steerer *st, innsteer_path path, int min_rows, char *err, size_t err_size) {
+    if (!st || path < INNSTEER_PATH_AUTO || path > INNSTEER_PATH_CPU_GRAPH || min_rows < 1) {
+        return errf(err, err_size, INNSTEER_ERR_ARG, "invalid path %d or min_rows %d", (int)path, min_rows);
+    }
+    pthread_mutex_lock(&st->lock);
+    /* a started backend (and the weights on it) stays while the path keeps to the same kind of
+     * device: switching between HOST and DEVICE costs nothing after the first use */
+    bool want_cpu = path == INNSTEER_PATH_CPU_GRAPH;
+    if (st->backend && path != INNSTEER_PATH_HOST && want_cpu != st->backend_is_cpu) {
+        for (int i = 0; i < st->n_att; i++) free_graphs(&st->att[i]);
+        graph_backend_free(st->backend);
+        st->backend = NULL;
+    }
+    st->backend_failed = false;
+    st->path = path;
+    st->device_min_rows = min_rows;
+    innsteer_status status = INNSTEER_OK;
+    if ((path == INNSTEER_PATH_DEVICE || path == INNSTEER_PATH_CPU_GRAPH) && !st->backend) {
+        status = graph_backend_new(path, st->n_threads, &st->backend, err, err_size);
+        if (status != INNSTEER_OK) st->path = INNSTEER_PATH_HOST;
+        st->backend_is_cpu = want_cpu;
+    }
+    pthread_mutex_unlock(&st->lock);
+    return status;
+}
 const char *innsteer_steerer_last_error(const innsteer_steerer *st) { return st ? st->last_error : ""; }
 
 /* Parses "l_out-<il>"; returns -1 for any other name. */
@@ -501,6 +570,57 @@ static bool steer_rows(innsteer_steerer *st, int layer, float *rows, int64_t n_r
     return changed;
 }
 
+/* Whether the graph path can run: starts the backend at the first batch that asks (AUTO: a GPU if
+ * ggml has one; none is not an error). */
+static bool graph_backend_ready(innsteer_steerer *st) {
+    if (st->path == INNSTEER_PATH_HOST || st->backend_failed) return false;
+    if (st->backend) return true;
+    char err[200];
+    innsteer_path want = st->path == INNSTEER_PATH_CPU_GRAPH ? INNSTEER_PATH_CPU_GRAPH : INNSTEER_PATH_DEVICE;
+    st->backend_is_cpu = want == INNSTEER_PATH_CPU_GRAPH;
+    if (graph_backend_new(want, st->n_threads, &st->backend, err, sizeof err) != INNSTEER_OK) {
+        st->backend_failed = true;
+        if (st->path != INNSTEER_PATH_AUTO) snprintf(st->last_error, sizeof st->last_error, "graph path: %s; using the host path", err);
+        return false;
+    }
+    return true;
+}
+
+/* Every active site at this layer on the graph path, in attach order; a site the graph cannot
+ * take (a gate it does not compute, an error) takes the host round trip instead. */
+static void steer_tensor_graph(innsteer_steerer *st, int layer, struct ggml_tensor *t, int64_t n_rows) {
+    uint64_t steered = 0, rejected = 0, on_device = 0;
+    size_t bytes = sizeof(float) * (size_t)n_rows * (size_t)st->n_embd;
+    for (int i = 0; i < st->n_att; i++) {
+        attachment *a = &st->att[i];
+        float strength = atomic_load(&a->strength);
+        innsteer_gate gate = (innsteer_gate)atomic_load(&a->gate);
+        if (!atomic_load(&a->enabled) || strength == 0.0f) continue;
+        for (int s = 0; s < a->flow->n_sites; s++) {
+            const flow_site *site = &a->flow->sites[s];
+            if (site->layer != layer) continue;
+            char err[200] = "";
+            innsteer_status status = INNSTEER_OK;
+            if (!a->graphs[s]) status = flow_graph_new(site, st->n_embd, st->backend, &a->graphs[s], err, sizeof err);
+            if (status == INNSTEER_OK && flow_graph_supports(a->graphs[s], gate)) {
+                uint64_t before = steered;
+                status = flow_graph_steer_tensor(a->graphs[s], t, n_rows, strength, gate, st->rows, &steered, &rejected, err, sizeof err);
+                if (status == INNSTEER_OK) {
+                    on_device += steered - before;
+                    continue;
+                }
+            }
+            if (err[0]) snprintf(st->last_error, sizeof st->last_error, "graph path (layer %d): %s; used the host path", layer, err);
+            ggml_backend_tensor_get(t, st->rows, 0, bytes);
+            steer_site(st, site, strength, gate, st->rows, n_rows, &steered, &rejected);
+            ggml_backend_tensor_set(t, st->rows, 0, bytes);
+        }
+    }
+    atomic_fetch_add(&st->rows_steered, steered);
+    atomic_fetch_add(&st->rows_rejected, rejected);
+    atomic_fetch_add(&st->rows_on_device, on_device);
+}
+
 static bool handle_tensor(innsteer_steerer *st, struct ggml_tensor *t, int layer) {
     int64_t n = ggml_nelements(t), n_rows = ggml_nrows(t);
     if (n_rows <= 0 || n % n_rows != 0 || n / n_rows != st->n_embd || ggml_element_size(t) != 4 ||
@@ -520,9 +640,23 @@ static bool handle_tensor(innsteer_steerer *st, struct ggml_tensor *t, int layer
         st->rows_cap = (size_t)n_rows;
     }
     size_t bytes = sizeof(float) * (size_t)n;
+    bool steer = atomic_load(&st->active) && st->steered_at[layer];
+    if (steer && n_rows >= st->device_min_rows && graph_backend_ready(st)) {
+        /* the activations stay where they are; captures (a tool path) read them to the host */
+        if (st->captures[2 * layer].on) {
+            ggml_backend_tensor_get(t, st->rows, 0, bytes);
+            append_capture(st, &st->captures[2 * layer], st->rows, n_rows);
+        }
+        steer_tensor_graph(st, layer, t, n_rows);
+        if (st->captures[2 * layer + 1].on) {
+            ggml_backend_tensor_get(t, st->rows, 0, bytes);
+            append_capture(st, &st->captures[2 * layer + 1], st->rows, n_rows);
+        }
+        return true;
+    }
     ggml_backend_tensor_get(t, st->rows, 0, bytes);
     if (st->captures[2 * layer].on) append_capture(st, &st->captures[2 * layer], st->rows, n_rows);
-    bool changed = atomic_load(&st->active) && st->steered_at[layer] && steer_rows(st, layer, st->rows, n_rows);
+    bool changed = steer && steer_rows(st, layer, st->rows, n_rows);
     if (changed) ggml_backend_tensor_set(t, st->rows, 0, bytes);
     if (st->captures[2 * layer + 1].on) append_capture(st, &st->captures[2 * layer + 1], st->rows, n_rows);
     return true;
