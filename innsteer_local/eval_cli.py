@@ -76,8 +76,9 @@ def _sha256(path: Path) -> str:
               help="preset experiments (see docs/RESULTS.md); full trains every method (needs torch)")
 @click.option("--only", default=None, help="comma-separated experiment names of the suite to run")
 @click.option("--layer", type=int, default=None, help="layer the suite trains at [default: 15 for 30 layers, else half]")
-@click.option("--judge", default="gemma3-270m", show_default=True,
-              help="fluency judge of another family (registry name or .gguf); 'none' to use only the model itself")
+@click.option("--judge", default=None,
+              help="fluency judge of another family (registry name or .gguf); 'none' to use only the model itself "
+                   "[default: gemma3-270m, or smollm2-135m when evaluating gemma3-270m]")
 @click.option("--limit", type=click.IntRange(1), default=None, help="items per task group (e.g. harmful/harmless)")
 @click.option("--max-tokens", "-n", type=click.IntRange(1), default=None, help="new tokens per reply [default: 40; quick suite 32]")
 @click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy")
@@ -89,7 +90,7 @@ def _sha256(path: Path) -> str:
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="results directory (resumable)")
 def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[str], scorer: Optional[str],
                  description: str, topic_words: str, strengths: Optional[str], relative: bool, suite: Optional[str],
-                 only: Optional[str], layer: Optional[int], judge: str, limit: Optional[int], max_tokens: Optional[int],
+                 only: Optional[str], layer: Optional[int], judge: Optional[str], limit: Optional[int], max_tokens: Optional[int],
                  temperature: float, seed: int, probe: int, no_prune: bool, threads: Optional[int], output: str) -> None:
     """Compare steering methods over strength sweeps: behaviour score, fluency, 95 % intervals.
 
@@ -111,7 +112,11 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
     if suite and flows:
         raise click.UsageError("--suite chooses its own flows; use --task to compare your own")
     model_path, model_key = registry.resolve_model(model)
+    if judge is None:
+        judge = "smollm2-135m" if model_key == "gemma3-270m" else "gemma3-270m"
     judge_path = None if judge.lower() == "none" else registry.resolve_model(judge)[0]
+    if judge_path is not None and judge_path.resolve() == model_path.resolve():
+        raise click.UsageError("the judge must be another model than the one evaluated (ideally of another family)")
     out_dir = Path(output)
     if max_tokens is None:
         from .eval_suites import QUICK_MAX_TOKENS

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from . import metrics
-from .collect import render_chat
+from .collect import Example, chat_example, render_chat, text_example
 from .errors import InnsteerError
 from .eval_tasks import Item, Task
 
@@ -147,11 +147,10 @@ class Scorer:
             self.llm = Llama(model_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
         self.chat = chat
 
-    def prompt_text(self, prompt: str) -> str:
-        return render_chat(self.llm, [{"role": "user", "content": prompt}]) if self.chat else plain_prompt(prompt)
-
     def reply_perplexity(self, prompt: str, reply: str) -> float:
-        return continuation_perplexity(self.llm, self.prompt_text(prompt), reply, special=self.chat)
+        if not reply.strip():
+            return math.nan
+        return metrics.perplexity(example_logprobs(self.llm, reply_example(self.llm, prompt, reply, self.chat)))
 
     def close(self) -> None:
         self.llm.close()
@@ -162,26 +161,20 @@ def plain_prompt(prompt: str) -> str:
     return f"User: {prompt}\nAssistant:"
 
 
-def continuation_logprobs(llm: Any, prefix: str, continuation: str, special: bool = True) -> np.ndarray:
-    """log p of each continuation token given the prefix, from one llama.cpp pass with all logits."""
-    head = llm.tokenize(prefix.encode("utf-8"), add_bos=True, special=special)
-    full = llm.tokenize((prefix + continuation).encode("utf-8"), add_bos=True, special=special)
-    start = len(head)
-    if full[:start] != head:  # a merge across the boundary: score from the first differing token
-        start = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), len(head))
-    n_ctx = llm.n_ctx()
-    if len(full) > n_ctx:
-        drop = len(full) - n_ctx
-        full, start = full[drop:], max(1, start - drop)
+def reply_example(llm: Any, prompt: str, reply: str, chat: bool) -> Example:
+    """The prompt as the model is asked it, followed by the reply (the scored tokens)."""
+    return chat_example(llm, prompt, reply) if chat else text_example(llm, plain_prompt(prompt), " " + reply.lstrip())
+
+
+def example_logprobs(llm: Any, ex: Example) -> np.ndarray:
+    """log p of each completion token of the example, from one llama.cpp pass with all logits."""
+    tokens, start = ex.tokens, ex.start
+    if len(tokens) > llm.n_ctx():  # keep the end: the completion is what is scored
+        drop = len(tokens) - llm.n_ctx()
+        tokens, start = tokens[drop:], max(1, start - drop)
     llm.reset()
-    llm.eval(full)
-    return metrics.token_logprobs(np.asarray(llm.scores[: len(full)]), full, start)
-
-
-def continuation_perplexity(llm: Any, prefix: str, continuation: str, special: bool = True) -> float:
-    if not continuation.strip():
-        return math.nan
-    return metrics.perplexity(continuation_logprobs(llm, prefix, continuation, special))
+    llm.eval(tokens)
+    return metrics.token_logprobs(np.asarray(llm.scores[: len(tokens)]), tokens, start)
 
 
 def generate_reply(llm: Any, prompt: str, cfg: EvalConfig, seed: int) -> tuple[str, int]:
@@ -273,12 +266,8 @@ class Runner:
         return row
 
     def _loglik_record(self, task: Task, item: Item) -> dict[str, Any]:
-        prefix = (render_chat(self.llm, [{"role": "user", "content": item.prompt}]) if self.cfg.chat
-                  else plain_prompt(item.prompt))
-
         def ll(answer: str) -> float:
-            return float(continuation_logprobs(self.llm, prefix, " " + answer if not self.cfg.chat else answer,
-                                               special=self.cfg.chat).sum())
+            return float(example_logprobs(self.llm, reply_example(self.llm, item.prompt, answer, self.cfg.chat)).sum())
 
         if task.id.startswith("ab:"):
             lm, lo = ll(item.extra["match"]), ll(item.extra["other"])

@@ -100,6 +100,7 @@ def test_task_with_own_flows_and_more_items(tmp_path, model_path):
     (["--suite", "quick", "--flow", "positivity.gguf"], "--suite chooses its own flows"),
     (["--task", "refusal", "--flow", "honesty.gguf", "--strengths", "0,nan"], "finite"),
     (["--suite", "quick", "--only", "nonsense", "--judge", "none"], "no experiment named nonsense"),
+    (["--suite", "quick", "--judge", "smollm2-135m"], "judge must be another model"),
 ])
 def test_bad_invocations_fail_clearly(tmp_path, args, message):
     proc = run("eval", *args, "-o", str(tmp_path / "x"), check=False)

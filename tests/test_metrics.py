@@ -83,15 +83,19 @@ def test_perplexity_matches_llama_cpp_logprobs(steered):
     assert metrics.perplexity(ours) == pytest.approx(math.exp(-theirs.mean()), rel=1e-4)
 
 
-def test_continuation_logprobs_scores_only_the_continuation(steered):
-    from innsteer_local.evaluate import continuation_logprobs, continuation_perplexity
+def test_reply_logprobs_score_only_the_reply(steered):
+    from innsteer_local.evaluate import Scorer, example_logprobs, reply_example
 
-    lp = continuation_logprobs(steered, "The capital of France is", " Paris.", special=False)
-    assert 1 <= len(lp) <= 3 and np.all(lp <= 0)
-    likely = continuation_perplexity(steered, "The capital of France is", " Paris.", special=False)
-    unlikely = continuation_perplexity(steered, "The capital of France is", " purple elephant soup.", special=False)
+    for chat in (True, False):
+        ex = reply_example(steered, "What is the capital of France?", "Paris.", chat)
+        lp = example_logprobs(steered, ex)
+        assert 1 <= len(lp) <= 4 and np.all(lp <= 0)
+    scorer = Scorer.__new__(Scorer)
+    scorer.llm, scorer.chat = steered, True
+    likely = scorer.reply_perplexity("What is the capital of France?", "The capital of France is Paris.")
+    unlikely = scorer.reply_perplexity("What is the capital of France?", "Purple elephants sing soup tomorrow.")
     assert likely < unlikely
-    assert math.isnan(continuation_perplexity(steered, "Hi", "  "))
+    assert math.isnan(scorer.reply_perplexity("Hi", "  "))
 
 
 @pytest.mark.parametrize("text", [
