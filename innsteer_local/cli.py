@@ -376,16 +376,29 @@ def import_cvec(file: str, output: str, model: Optional[str]) -> None:
 
 @cli.command()
 @click.argument("flow_file", type=click.Path(dir_okay=False))
-@click.option("--to", "target", type=click.Choice(["cvec"]), required=True)
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--to", "target", type=click.Choice(["cvec", "onnx"]), required=True)
+@click.option("--output", "-o", required=True, type=click.Path(),
+              help="cvec: the .gguf file to write; onnx: the directory to write the graphs into")
 @click.option("--strength", "-a", type=float, default=None, callback=finite_float,
-              help="strength baked into the vector [default: the flow's default]")
+              help="cvec only: strength baked into the vector [default: the flow's default]")
 def export(flow_file: str, target: str, output: str, strength: Optional[float]) -> None:
-    """Export a flow: --to cvec writes a llama.cpp control vector (linear flows only)."""
-    from .converters.cvec import write_cvec
+    """Export a flow: --to cvec writes a llama.cpp control vector (linear flows only); --to onnx
+    writes phi, phi^-1 and the steering map of every layer as ONNX graphs plus manifest.json."""
     from .flow import Flow
 
     flow = Flow.load(registry.resolve_flow(flow_file, registry.default_model()))
+    if target == "onnx":
+        from .converters.onnx_export import export_onnx
+
+        if strength is not None:
+            raise click.BadParameter("the ONNX steering graphs take the strength as an input (strength is an "
+                                     "input named 'strength'); --strength is for --to cvec", param_hint="--strength")
+        manifest = export_onnx(flow, output)
+        n = sum(2 + len(s["steer"]) for s in manifest["sites"])
+        click.echo(f"wrote {n} ONNX graphs and manifest.json to {output}: layers {flow.layers}")
+        return
+    from .converters.cvec import write_cvec
+
     write_cvec(flow, output, strength)
     click.echo(f"wrote {output}: llama.cpp --control-vector, layers {flow.layers}")
 
