@@ -85,8 +85,16 @@ def flags(with_llama: bool = True) -> list[str]:
 
 
 def main() -> None:
+    """Prints the flags; --llama-include / --llama-lib print those folders (for CMake),
+    --no-llama the flags for libinnsteer alone."""
+    args = sys.argv[1:]
     try:
-        print(" ".join(flags(with_llama="--no-llama" not in sys.argv[1:])))
+        if "--llama-include" in args:
+            print(llama_include_dir())
+        elif "--llama-lib" in args:
+            print(llama_lib_dir())
+        else:
+            print(" ".join(flags(with_llama="--no-llama" not in args)))
     except InnsteerError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -287,7 +287,8 @@ class Engine:
             except (FlowFormatError, FlowMismatchError) as e:
                 raise RequestError(str(e), "path") from None
             self.llm.disable(attached)
-            loaded = LoadedFlow(name=name, attached=attached, strength=attached.strength)
+            # 7 significant digits: the float32 default reads back as e.g. 0.23000000417232513
+            loaded = LoadedFlow(name=name, attached=attached, strength=float(f"{attached.strength:.7g}"))
             self.flows[name] = loaded
             return loaded, [str(w.message) for w in caught]
 

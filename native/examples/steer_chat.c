@@ -2,7 +2,7 @@
  * steer_chat: a small chat program that steers a llama.cpp model with an innsteer flow.
  *
  *   steer_chat -m MODEL.gguf -f FLOW.gguf [-a STRENGTH] [-n MAX_TOKENS] [-g off|density|target]
- *              [-t THREADS] [--compare] [-v] [MESSAGE ...]
+ *              [-t THREADS] [-c N_CTX] [--compare] [-v] [MESSAGE ...]
  *
  * Each MESSAGE is one user turn (without any, one turn per line of stdin). Replies are greedy, so
  * a run repeats exactly. With --compare every turn is answered twice, unsteered then steered;
@@ -13,8 +13,10 @@
  *   === steered (strength A) ===
  *   ...reply...
  *
- * Build (see docs/EMBEDDING.md): link libllama, libggml-base and libinnsteer, e.g.
- *   cc -std=c11 -O2 steer_chat.c -I$INC -L$LIBS -linnsteer -lllama -lggml-base -o steer_chat
+ * Build (docs/EMBEDDING.md): link libinnsteer, libllama and libggml-base, e.g. against the llama.cpp
+ * inside llama-cpp-python:
+ *   cc -std=c11 -O2 native/examples/steer_chat.c $(python -m innsteer_local.cbuild) -o steer_chat
+ * THREADS defaults to half the online CPUs, as in llama-cpp-python.
  *
  * Exit status: 0 ok, 1 model/flow/decode error, 2 bad arguments.
  */
