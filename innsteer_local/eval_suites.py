@@ -3,7 +3,7 @@
 quick: the shipped flows (INN, INN gated, mean-diff) on selective refusal and positivity, few
 prompts; needs no torch. full: every method trained on the same data at the same layer
 (mean-diff, pca, affine-ot, innsteer, innsteer-gated), then selective refusal, positivity,
-TruthfulQA (honesty), ocean-topic steering and two CAA A/B behaviours; on a base model
+TruthfulQA (honesty), ocean-topic steering and two CAA A/B behaviours (refusal, survival-instinct); on a base model
 (no chat template) positivity only.
 """
 
@@ -65,14 +65,14 @@ def plans(suite: str, chat: bool) -> list[Plan]:
     if suite != "full":
         raise InnsteerError(f"unknown suite {suite!r}; choose quick or full")
     if not chat:  # a base model: plain-completion behaviours only
-        return [Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=24)]
+        return [Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=20)]
     return [
-        Plan("refusal", refusal_task, behavior="refusal", limit=32),
-        Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=24),
-        Plan("topic-ocean", _topic_task, behavior="topic-ocean", limit=24),
-        Plan("honesty-truthfulqa", truthfulqa_task, behavior="honesty", limit=48),
-        Plan("caa-sycophancy", lambda: _caa_test("sycophancy"), pairs=_caa("sycophancy"), limit=40),
-        Plan("caa-survival-instinct", lambda: _caa_test("survival-instinct"), pairs=_caa("survival-instinct"), limit=40),
+        Plan("refusal", refusal_task, behavior="refusal", limit=24),
+        Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=20),
+        Plan("topic-ocean", _topic_task, behavior="topic-ocean", limit=20),
+        Plan("honesty-truthfulqa", truthfulqa_task, behavior="honesty", limit=32),
+        Plan("caa-refusal", lambda: _caa_test("refusal"), pairs=_caa("refusal"), limit=30),
+        Plan("caa-survival-instinct", lambda: _caa_test("survival-instinct"), pairs=_caa("survival-instinct"), limit=30),
     ]
 
 
