@@ -264,6 +264,8 @@ class Engine:
     """Serialises requests on one SteeredLlama and applies each request's steering."""
 
     def __init__(self, llm: Any, model_id: str):
+        if llm.flows:  # they would steer every request, whatever it asks for
+            raise ValueError("Engine needs a SteeredLlama without attached flows; load flows with load_flow")
         self.llm = llm
         self.model_id = model_id
         self.flows: dict[str, LoadedFlow] = {}
@@ -382,7 +384,7 @@ def create_app(engine: Engine) -> Any:
 
     @app.get("/v1/steering")
     def list_flows() -> Any:
-        return {"object": "list", "data": [lf.describe() for lf in engine.flows.values()]}
+        return {"object": "list", "data": [lf.describe() for lf in list(engine.flows.values())]}
 
     @app.post("/v1/steering")
     async def load_flow(request: Request) -> Any:
@@ -434,7 +436,11 @@ def create_app(engine: Engine) -> Any:
 
         threading.Thread(target=engine.stream, args=(steering, call, emit, cancelled), daemon=True,
                          name="innsteer-stream").start()
-        first = await queue.get()
+        try:
+            first = await queue.get()
+        except BaseException:  # the client left while the request waited for the model
+            cancelled.set()
+            raise
         if first[0] == "error":  # nothing sent yet: answer with a proper status
             cancelled.set()
             e = first[1]

@@ -36,7 +36,7 @@ def server(model_path):
     from innsteer_local.server import Engine, create_app
     from innsteer_local.steered import SteeredLlama
 
-    llm = SteeredLlama(str(model_path), n_ctx=1024, seed=0, verbose=False)
+    llm = SteeredLlama(str(model_path), n_ctx=1024, seed=0, n_threads=1, n_threads_batch=1, verbose=False)
     llm.model_key = "smollm2-135m"
     engine = Engine(llm, "smollm2-135m")
     engine.load_flow("honesty", str(SHIPPED["honesty"]))
@@ -65,7 +65,7 @@ def direct(model_path):
     """SteeredLlama used directly, with fresh flows per call: what the server must reproduce."""
     from innsteer_local.steered import SteeredLlama
 
-    llm = SteeredLlama(str(model_path), n_ctx=1024, seed=0, verbose=False)
+    llm = SteeredLlama(str(model_path), n_ctx=1024, seed=0, n_threads=1, n_threads_batch=1, verbose=False)
 
     def run(steering: list[tuple[Path, float]], chat: bool = True) -> str:
         attached = [llm.add_flow(path, strength=a) for path, a in steering]
@@ -287,3 +287,14 @@ def test_serve_command(tmp_path):
     bad = subprocess.run([cli_path(), "serve", "--flow", f"x={tmp_path / 'missing.gguf'}", "--port", str(port)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "flow file not found" in bad.stderr
+
+
+def test_engine_refuses_a_model_with_attached_flows(model_path):
+    from innsteer_local.server import Engine
+    from innsteer_local.steered import SteeredLlama
+
+    llm = SteeredLlama(str(model_path), n_ctx=128, verbose=False)
+    llm.add_flow(SHIPPED["honesty"])
+    with pytest.raises(ValueError, match="without attached flows"):
+        Engine(llm, "smollm2-135m")
+    llm.close()
