@@ -40,8 +40,8 @@ DEFAULT_MAX_TOKENS = 256
 
 def _require_fastapi() -> Any:
     try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
+        import fastapi
+        import uvicorn  # noqa: F401  (checked here so that `serve` fails before loading a model)
     except ImportError as e:
         raise InnsteerError(f"the server needs FastAPI and uvicorn ({e.name} is missing): "
                             "pip install 'innsteer-local[serve]'") from None

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from innsteer_local import Flow, models
-from innsteer_local.flow import Affine, Coupling, Gate, Linear, Permute, Site, Subspace
+from innsteer_local.flow import Affine, Coupling, Gate, Linear, Permute, Site
 from innsteer_local.native import NativeFlow
 
 ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra installs onnxruntime")
