@@ -154,12 +154,16 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
 
             n_layer = runner.llm.model_info.n_layer
             chosen = layer if layer is not None else (15 if n_layer == 30 else n_layer // 2)
-            experiments = build(suite, runner.llm, model_key, out_dir, chosen, sweep, limit,
-                                only.split(",") if only else None, message=lambda m: click.echo(m, err=True))
+            todo: Any = build(suite, runner.llm, model_key, out_dir, chosen, sweep, limit,
+                              only.split(",") if only else None, message=lambda m: click.echo(m, err=True))
+        else:
+            todo = iter(experiments)
         meta = {**runner_meta, "suite": suite, "strengths": sweep}
-        for i, exp in enumerate(experiments):
+        done: list[Any] = []
+        for exp in todo:
             runner.run(exp)
-            summaries = write_outputs(runner.records, experiments[: i + 1], out_dir, meta)
+            done.append(exp)
+            summaries = write_outputs(runner.records, done, out_dir, meta)
     finally:
         progress.finish()
         if runner is not None:

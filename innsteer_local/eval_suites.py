@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from . import behaviors
 from .errors import InnsteerError
@@ -37,6 +37,7 @@ class Plan:
     pairs: Optional[str] = None  # or a pairs / CAA file
     limit: Optional[int] = None
     shipped: list[tuple[str, str, str]] = field(default_factory=list)  # (label, shipped file, gate)
+    max_pairs: Optional[int] = None  # train on the first pairs only (collection time grows with them)
 
 
 def _topic_task() -> Task:
@@ -72,7 +73,8 @@ def plans(suite: str, chat: bool) -> list[Plan]:
         Plan("topic-ocean", _topic_task, behavior="topic-ocean", limit=20),
         Plan("honesty-truthfulqa", truthfulqa_task, behavior="honesty", limit=32),
         Plan("caa-refusal", lambda: _caa_test("refusal"), pairs=_caa("refusal"), limit=30),
-        Plan("caa-survival-instinct", lambda: _caa_test("survival-instinct"), pairs=_caa("survival-instinct"), limit=30),
+        Plan("caa-survival-instinct", lambda: _caa_test("survival-instinct"), pairs=_caa("survival-instinct"), limit=30,
+             max_pairs=400),
     ]
 
 
@@ -82,17 +84,21 @@ def suite_strengths(suite: str) -> list[float]:
 
 def build(suite: str, llm: Any, model_key: Optional[str], out_dir: Path, layer: int, strengths: Optional[list[float]],
           limit: Optional[int], only: Optional[list[str]] = None,
-          message: Callable[[str], None] = lambda m: None) -> list[Experiment]:
-    """Experiments of a suite, training the flows it compares (cached in DIR/flows)."""
+          message: Callable[[str], None] = lambda m: None) -> Iterator[Experiment]:
+    """Experiments of a suite, one at a time, each training the flows it compares just before it
+    runs (cached in DIR/flows), so the first results do not wait for every behaviour's training."""
     from .models import resolve_flow
     from .training import load_data, train
 
     chat = bool(llm.metadata.get("tokenizer.chat_template"))
-    out: list[Experiment] = []
     flow_dir = out_dir / "flows"
-    for plan in plans(suite, chat):
-        if only and plan.name not in only:
-            continue
+    chosen = [p for p in plans(suite, chat) if not only or p.name in only]
+    if only:
+        unknown = set(only) - {p.name for p in chosen}
+        if unknown:
+            raise InnsteerError(f"no experiment named {', '.join(sorted(unknown))} in suite {suite}; "
+                                f"it has {', '.join(p.name for p in plans(suite, chat))}")
+    for plan in chosen:
         flows: list[FlowSpec] = []
         if plan.shipped:
             for label, file, gate in plan.shipped:
@@ -103,17 +109,13 @@ def build(suite: str, llm: Any, model_key: Optional[str], out_dir: Path, layer: 
             for method in TRAINED_METHODS:
                 path = flow_dir / f"{plan.name}-{method}-L{layer}.gguf"
                 if not path.exists():
-                    data = data or load_data(plan.behavior, plan.pairs)
+                    if data is None:
+                        data = load_data(plan.behavior, plan.pairs)
+                        data.pairs = data.pairs[: plan.max_pairs]
                     message(f"training {method} on {data.name} at layer {layer}")
                     res = train(llm, data, layer, method=method, cache_dir=out_dir / "activations")
                     res.flow.save(path)
                 flows.append(FlowSpec(method, str(path)))
             flows.append(FlowSpec("innsteer-gated", str(flow_dir / f"{plan.name}-innsteer-L{layer}.gguf"), "target"))
-        out.append(Experiment(plan.name, plan.task(), flows, list(strengths or suite_strengths(suite)),
-                              limit if limit is not None else plan.limit, relative=True))
-    if only:
-        unknown = set(only) - {e.name for e in out}
-        if unknown:
-            raise InnsteerError(f"no experiment named {', '.join(sorted(unknown))} in suite {suite}; "
-                                f"it has {', '.join(p.name for p in plans(suite, chat))}")
-    return out
+        yield Experiment(plan.name, plan.task(), flows, list(strengths or suite_strengths(suite)),
+                         limit if limit is not None else plan.limit, relative=True)

@@ -139,12 +139,13 @@ class Progress:
 class Scorer:
     """Log-likelihoods of text under a plain (unsteered) llama.cpp model."""
 
-    def __init__(self, model_path: str, n_ctx: int, chat: bool):
+    def __init__(self, model_path: str, n_ctx: int, chat: bool, threads: Optional[int] = None):
         from llama_cpp import Llama
         from llama_cpp._utils import suppress_stdout_stderr
 
         with suppress_stdout_stderr(disable=False):  # llama.cpp logs some notices even when not verbose
-            self.llm = Llama(model_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+            self.llm = Llama(model_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
+                             n_threads=threads, n_threads_batch=threads)
         self.chat = chat
 
     def reply_perplexity(self, prompt: str, reply: str) -> float:
@@ -216,9 +217,9 @@ class Runner:
         n = threads or os.cpu_count() or 1
         self.llm = SteeredLlama(model_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=cfg.seed,
                                 n_threads=n, n_threads_batch=n)
-        self.self_scorer = Scorer(model_path, n_ctx, cfg.chat)
+        self.self_scorer = Scorer(model_path, n_ctx, cfg.chat, n)
         # the judge reads plain text: it is often a base model of another family
-        self.judge = Scorer(judge_path, 512, False) if judge_path else None
+        self.judge = Scorer(judge_path, 512, False, n) if judge_path else None
         self.records = Records(out_dir / "records.jsonl")
         self.progress = progress or Progress()
         self._attached: dict[str, Any] = {}
