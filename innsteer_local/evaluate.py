@@ -501,22 +501,26 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[str]:
     methods = [f["label"] for f in summary["flows"]]
     stem = summary["experiment"].replace(":", "_").replace("/", "_")
     fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
-    for m in methods:
+    for i, m in enumerate(methods):
+        color = f"C{i}"
         cs = sorted(([base] if base else []) + [c for c in cells if c["method"] == m], key=lambda c: c["strength"])
         x = [c["strength"] for c in cs]
         y = np.array([c["score"][0] for c in cs])
         err = np.array([[c["score"][0] - c["score"][1], c["score"][2] - c["score"][0]] for c in cs]).T
-        ax[0].errorbar(x, y, yerr=err, marker="o", capsize=3, label=m)
-        fx = [c["fluency"].get("ppl_ratio", 1.0) if c["method"] != NONE else 1.0 for c in cs]
-        ax[1].plot(fx, y, "o-", label=m)
+        ax[0].errorbar(x, y, yerr=err, marker="o", capsize=3, label=m, color=color)
+        # judge perplexity alone rewards looping text: the x axis combines it with degeneration
+        fx = [c["fluency"].get("fluent_share", 1.0) for c in cs]
+        ax[1].plot(fx, y, "o-", label=m, color=color)
+        for c, xv, yv in zip(cs, fx, y):
+            if c["fluency"].get("matched"):
+                ax[1].plot([xv], [yv], "o", ms=11, mfc="none", mec="k", mew=0.8)
     ax[0].set_xlabel("strength (x flow default)" if summary.get("relative") else "strength")
     ax[0].set_ylabel(f"score ({summary['higher_is']})")
     ax[0].set_title(f"{summary['experiment']}: behaviour vs strength")
     ax[0].legend(fontsize=8)
-    ax[1].axvline(MATCHED_PPL_FACTOR, color="k", ls=":", lw=1, label=f"{MATCHED_PPL_FACTOR}x unsteered")
-    ax[1].set_xscale("log")
-    ax[1].set_xlabel("judge perplexity / unsteered")
-    ax[1].set_title("behaviour vs fluency")
+    ax[1].set_xlim(1.05, -0.05)
+    ax[1].set_xlabel("share of fluent generations (less fluent to the right)")
+    ax[1].set_title("behaviour vs fluency (ringed: matched fluency)")
     ax[1].legend(fontsize=8)
     fig.tight_layout()
     name = f"{stem}.png"
