@@ -6,7 +6,8 @@
 #   ./quickstart.sh test    set up (or refresh) .venv from this checkout and run the test suite
 #
 # Needs python3 (>= 3.10), a C compiler and cmake; llama-cpp-python builds from source the
-# first time (several minutes), pip caches the wheel after that.
+# first time (several minutes) and is kept in ~/.cache/innsteer-local/wheels after that.
+# CMAKE_ARGS="-DGGML_CUDA=on" ./quickstart.sh builds llama.cpp with CUDA (Metal is the default on macOS).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,10 +20,19 @@ setup() {
     "$PY" -m venv "$VENV"
   fi
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  echo ">> installing innsteer-local and its test tools (first run builds llama-cpp-python: several minutes)"
+  # llama.cpp first, built our way: on Linux x86-64 without ggml's AMX path (it crashes with
+  # SIGILL on CPUs with AMX) but with this CPU's vector extensions; your own CMAKE_ARGS (CUDA,
+  # Metal, ...) are added after ours. Built once per set of flags into ~/.cache/innsteer-local/wheels.
+  "$VENV/bin/python" innsteer_local/runtime/llama_build.py install --python "$VENV/bin/python"
+  echo ">> installing innsteer-local and its test tools"
   # scikit-build-core builds native/ through CMakeLists.txt into the wheel
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
     "$VENV/bin/python" -m pip install --quiet ".[dev]"
+  # pip may have swapped llama.cpp for a wheel from its own cache: check what is installed now
+  if ! "$VENV/bin/python" innsteer_local/runtime/llama_build.py check --python "$VENV/bin/python"; then
+    echo ">> the installed llama.cpp is not the safe build; rebuilding it"
+    "$VENV/bin/python" innsteer_local/runtime/llama_build.py install --python "$VENV/bin/python" --force
+  fi
 }
 
 case "${1:-demo}" in

@@ -8,10 +8,11 @@ held-out proxies at the calibrated strength (negatives move |v| on average, as m
 
 import sys
 
-from innsteer_local import behaviors, models
-from innsteer_local.collect import collect_dataset
-from innsteer_local.inn import InnConfig, train_inn
-from innsteer_local.steered import SteeredLlama
+from innsteer_local import SteeredLlama
+from innsteer_local.runtime import registry as models
+from innsteer_local.train import behaviors
+from innsteer_local.train.collect import collect_dataset
+from innsteer_local.train.inn import InnConfig, train_inn
 
 behavior = sys.argv[1] if len(sys.argv) > 1 else "honesty"
 layer = int(sys.argv[2]) if len(sys.argv) > 2 else 15

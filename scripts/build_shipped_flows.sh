@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds every flow shipped in models/flows/smollm2-135m/ (run from the repository root with the
 # package installed, e.g. after ./quickstart.sh). Deterministic: same model, data and seed give the
-# same bytes. The refusal behaviour reads AdvBench from ../shared/data (or $INNSTEER_DATA).
+# same bytes. The refusal behaviour reads AdvBench from the package's datasets (or $INNSTEER_DATA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=models/flows/smollm2-135m

@@ -18,8 +18,9 @@ import ctypes, json, os, statistics, sys, tempfile, time
 from pathlib import Path
 import numpy as np
 from innsteer_local import Flow, SteeredLlama
-from innsteer_local.bench import _time_variant, default_flows
-from innsteer_local.native import NativeFlow
+from innsteer_local.apps.bench import _time_variant, default_flows
+from innsteer_local.flow import random_flow
+from innsteer_local.runtime.native import NativeFlow
 
 MODEL = sys.argv[1]
 NGL = int(os.environ.get("NGL", "99"))
@@ -54,7 +55,7 @@ oracle = logits(llm)
 llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, None, 0, info.n_embd, -1, -1)
 res["cvec_effect_max_abs"] = float(np.abs(oracle - base).max())
 st.capture(10); llm.reset(); llm.eval(toks); rows = st.captured(10); st.capture(10, on=False); st.clear_captured()
-Flow.random(info, [10], rank=48, blocks=4, hidden=96, seed=3, mean=rows.mean(0), std=rows.std(0)).save(tmp / "rnd.gguf")
+random_flow(info, [10], rank=48, blocks=4, hidden=96, seed=3, mean=rows.mean(0), std=rows.std(0)).save(tmp / "rnd.gguf")
 ref_site = Flow.load(tmp / "rnd.gguf").site(10)
 
 for name in ("host", "device"):

@@ -1,4 +1,7 @@
-"""Shared fixtures: the real SmolLM2-135M-Instruct GGUF from the registry and the real llama.cpp."""
+"""Shared fixtures: the real SmolLM2-135M-Instruct GGUF from the registry and the real llama.cpp.
+
+tests/unit needs no model (its ModelInfo comes from the GGUF header, read without llama.cpp),
+tests/native builds and runs C programs, tests/integration runs the real model."""
 
 from __future__ import annotations
 
@@ -7,29 +10,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from innsteer_local import models
+from innsteer_local import ModelInfo
+from innsteer_local.runtime import registry
 
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    path, _ = models.resolve_model("smollm2-135m")
+    path, _ = registry.resolve_model("smollm2-135m")
     return path
 
 
 @pytest.fixture(scope="session")
-def model_info(model_path):
-    from innsteer_local.steered import SteeredLlama
-
-    llm = SteeredLlama(str(model_path), n_ctx=256, verbose=False)
-    info = llm.model_info
-    llm.close()
-    return info
+def model_info() -> ModelInfo:
+    """SmolLM2-135M-Instruct's shape and name as SteeredLlama reports them (from the registry
+    entry; tests/integration/test_session.py checks the two agree)."""
+    e = registry.entry("smollm2-135m")
+    return ModelInfo(name=e.gguf_name, architecture=e.architecture, n_embd=e.n_embd, n_layer=e.n_layer)
 
 
 @pytest.fixture()
 def steered(model_path):
     """A fresh steered model with every logit kept, closed after the test."""
-    from innsteer_local.steered import SteeredLlama
+    from innsteer_local.runtime.steered import SteeredLlama
 
     llm = SteeredLlama(str(model_path), n_ctx=512, n_batch=256, logits_all=True, seed=0, verbose=False)
     yield llm

@@ -15,8 +15,11 @@
  *
  * Build (docs/EMBEDDING.md): link libinnsteer, libllama and libggml-base, e.g. against the llama.cpp
  * inside llama-cpp-python:
- *   cc -std=c11 -O2 native/examples/steer_chat.c $(python -m innsteer_local.cbuild) -o steer_chat
+ *   cc -std=c11 -O2 native/examples/steer_chat.c $(python -m innsteer_local.runtime.cbuild) -o steer_chat
  * THREADS defaults to half the online CPUs, as in llama-cpp-python.
+ *
+ * Environment: INNSTEER_PATH (auto, host, device, cpu-graph) and INNSTEER_DEVICE_MIN_ROWS choose
+ * where the flow is computed (innsteer_steerer_set_path); the library itself reads no variables.
  *
  * Exit status: 0 ok, 1 model/flow/decode error, 2 bad arguments.
  */
@@ -35,6 +38,12 @@
 #define MAX_TURNS 256
 
 typedef struct {
+    bool set;
+    innsteer_path path;
+    int min_rows;
+} path_setting;
+
+typedef struct {
     const char *model_path;
     const char *flow_path;
     float strength;
@@ -45,6 +54,7 @@ typedef struct {
     innsteer_gate gate;
     bool compare;
     bool verbose;
+    path_setting path;
     const char **messages;
     int n_messages;
 } options;
@@ -86,6 +96,25 @@ static bool parse_int(const char *name, const char *s, int lo, int hi, int *out)
     }
     *out = (int)v;
     return true;
+}
+
+/* INNSTEER_PATH and INNSTEER_DEVICE_MIN_ROWS, if set; false (with a message) on a bad value. */
+static bool parse_path_env(path_setting *p) {
+    static const char *const names[] = {"auto", "host", "device", "cpu-graph"};
+    const char *path = getenv("INNSTEER_PATH"), *min_rows = getenv("INNSTEER_DEVICE_MIN_ROWS");
+    p->set = path || min_rows;
+    p->path = INNSTEER_PATH_AUTO;
+    p->min_rows = 32; /* the library's default */
+    if (path) {
+        int i = 0;
+        while (i < 4 && strcmp(path, names[i]) != 0) i++;
+        if (i == 4) {
+            fprintf(stderr, "error: INNSTEER_PATH must be auto, host, device or cpu-graph, got '%s'\n", path);
+            return false;
+        }
+        p->path = (innsteer_path)i;
+    }
+    return !min_rows || parse_int("INNSTEER_DEVICE_MIN_ROWS", min_rows, 1, 1 << 20, &p->min_rows);
 }
 
 static bool parse_args(int argc, char **argv, options *o) {
@@ -147,7 +176,7 @@ static bool parse_args(int argc, char **argv, options *o) {
         fprintf(stderr, "error: -m MODEL and -f FLOW are required\n");
         return false;
     }
-    return true;
+    return parse_path_env(&o->path);
 }
 
 typedef struct {
@@ -290,6 +319,13 @@ int main(int argc, char **argv) {
         goto done;
     }
     innsteer_steerer_set_threads(steerer, o.n_threads);
+    if (o.path.set) {
+        st = innsteer_steerer_set_path(steerer, o.path.path, o.path.min_rows, err, sizeof err);
+        if (st != INNSTEER_OK) {
+            fprintf(stderr, "error: INNSTEER_PATH: %s (%s)\n", err, innsteer_status_name(st));
+            goto done;
+        }
+    }
     cparams.cb_eval = innsteer_eval_callback;
     cparams.cb_eval_user_data = steerer;
     c.ctx = llama_init_from_model(c.model, cparams);

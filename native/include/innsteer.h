@@ -23,7 +23,8 @@
  *
  * All functions return a status instead of aborting; where an `err` buffer is given it receives
  * a message naming the offending value. The library links no ggml library: the ggml functions it
- * calls resolve against the ggml already loaded in the process (llama.cpp's).
+ * calls resolve against the ggml already loaded in the process (llama.cpp's). Functions for tests
+ * and tools (the flow's maps on host rows) are in innsteer_tools.h.
  */
 #ifndef INNSTEER_H
 #define INNSTEER_H
@@ -95,23 +96,34 @@ INNSTEER_API int innsteer_flow_n_sites(const innsteer_flow *flow);
 INNSTEER_API int innsteer_flow_site_layer(const innsteer_flow *flow, int site);
 INNSTEER_API float innsteer_flow_default_strength(const innsteer_flow *flow);
 
-/* The maps themselves, row by row (rows are n_embd floats, contiguous). phi's latent lives in
- * the same n_embd-dimensional space. These allocate scratch per call: use them for tests and
- * tools; the eval callback does not. */
-INNSTEER_API innsteer_status innsteer_flow_forward(const innsteer_flow *flow, int site, const float *in, float *out,
-                                                   int64_t n_rows);
-INNSTEER_API innsteer_status innsteer_flow_inverse(const innsteer_flow *flow, int site, const float *in, float *out,
-                                                   int64_t n_rows);
-INNSTEER_API innsteer_status innsteer_flow_steer(const innsteer_flow *flow, int site, float strength, const float *in,
-                                                 float *out, int64_t n_rows);
-INNSTEER_API innsteer_status innsteer_flow_steer_gated(const innsteer_flow *flow, int site, float strength,
-                                                       innsteer_gate gate, const float *in, float *out, int64_t n_rows);
-/* The graph path's result on host rows (tests and tools): the flow as a ggml graph on the backend
- * `path` names (DEVICE, CPU_GRAPH, or AUTO: DEVICE if ggml has a GPU, else CPU_GRAPH). Needs ggml
- * loaded in the process; allocates the backend and the graph per call. */
-INNSTEER_API innsteer_status innsteer_flow_steer_graph(const innsteer_flow *flow, int site, float strength,
-                                                       innsteer_gate gate, innsteer_path path, const float *in,
-                                                       float *out, int64_t n_rows, char *err, size_t err_size);
+/* What a flow file says about itself. Strings are NUL-terminated valid UTF-8, owned by the flow
+ * (valid until innsteer_flow_free drops its last reference); a key the file lacks reads "". */
+typedef struct {
+    const char *name;               /* general.name, "" if absent; owned by the flow */
+    const char *behavior;           /* innsteer.behavior, "" if absent */
+    const char *method;             /* innsteer.method, "" if absent */
+    const char *model_name;         /* innsteer.model.name, "" if absent */
+    const char *model_architecture; /* innsteer.model.architecture, "" if absent */
+    int model_n_embd;
+    int model_n_layer;
+    int n_sites;
+    float default_strength;
+    const char *provenance_json;    /* innsteer.provenance, "" if absent (not parsed in C) */
+} innsteer_flow_info;
+INNSTEER_API innsteer_status innsteer_flow_get_info(const innsteer_flow *flow, innsteer_flow_info *out);
+
+/* One site (steered layer) of a flow, site in 0..n_sites-1. */
+typedef struct {
+    int layer;
+    int latent_dim;      /* width of delta */
+    int n_ops;
+    const char *ops;     /* the op kinds, space-separated, e.g. "affine subspace affine coupling linear" */
+    bool has_gate;
+    bool has_edit_scale;
+    float delta_norm;    /* Euclidean norm of delta */
+} innsteer_site_info;
+INNSTEER_API innsteer_status innsteer_flow_get_site_info(const innsteer_flow *flow, int site, innsteer_site_info *out);
+
 /* Whether every site of the flow carries the parameters a gate mode needs. */
 INNSTEER_API bool innsteer_flow_has_gate(const innsteer_flow *flow);
 
@@ -136,9 +148,9 @@ INNSTEER_API innsteer_status innsteer_steerer_set_threads(innsteer_steerer *st, 
 /* Where the flow is computed (innsteer_path). Batches of fewer than min_rows rows take the host
  * path whatever the path (decode: one row per sequence, where a host round trip can cost less than
  * running a graph). DEVICE and CPU_GRAPH start their ggml backend now and return
- * INNSTEER_ERR_UNSUPPORTED with a message (path stays HOST) when ggml has no such device. The
- * environment variables INNSTEER_PATH (auto, host, device, cpu-graph) and INNSTEER_DEVICE_MIN_ROWS
- * give the initial values of a new steerer. */
+ * INNSTEER_ERR_UNSUPPORTED with a message (path stays HOST) when ggml has no such device. A new
+ * steerer starts at AUTO with min_rows 32. The library reads no environment variables: settings
+ * come through the setters only. */
 INNSTEER_API innsteer_status innsteer_steerer_set_path(innsteer_steerer *st, innsteer_path path, int min_rows, char *err,
                                                        size_t err_size);
 /* The ggml backend the graph path runs on, e.g. "CUDA0" ("" while none is started). */

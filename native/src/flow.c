@@ -1,33 +1,19 @@
 /* Flow loading: every value from the file is validated before it is used. */
+#include "error.h"
 #include "flow.h"
 #include "gguf_read.h"
+#include "kernels.h"
 
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_EMBD 65536
-#define MAX_SITES 512
-#define MAX_WIDTH 65536
-#define MAX_FILE_BYTES ((size_t)1 << 31)
 #define ARENA_ALIGN 64
 
-const char *innsteer_status_name(innsteer_status status) {
-    switch (status) {
-        case INNSTEER_OK: return "ok";
-        case INNSTEER_ERR_IO: return "io error";
-        case INNSTEER_ERR_FORMAT: return "corrupt or truncated file";
-        case INNSTEER_ERR_NOT_FLOW: return "not a flow file";
-        case INNSTEER_ERR_UNSUPPORTED: return "unsupported flow";
-        case INNSTEER_ERR_INVALID: return "invalid flow";
-        case INNSTEER_ERR_MISMATCH: return "flow does not fit the model";
-        case INNSTEER_ERR_ARG: return "invalid argument";
-        case INNSTEER_ERR_NOMEM: return "out of memory";
-    }
-    return "unknown status";
-}
+/* the file's names of the op kinds, in op_kind order */
+static const char *const OP_NAMES[] = {"affine", "subspace", "coupling", "permute", "linear"};
+#define N_OP_KINDS ((int)(sizeof OP_NAMES / sizeof OP_NAMES[0]))
 
 typedef struct {
     gguf_file g;
@@ -37,34 +23,27 @@ typedef struct {
     size_t arena_used, arena_size;
 } loader;
 
-static innsteer_status failf(loader *L, innsteer_status st, const char *fmt, ...) {
-    if (L->err && L->err_size) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(L->err, L->err_size, fmt, ap);
-        va_end(ap);
-    }
-    return st;
-}
+/* the loader's error: st, with the message in the caller's buffer */
+#define FAIL(L, st, ...) set_error((L)->err, (L)->err_size, st, __VA_ARGS__)
 
 /* Looks a tensor up, checks its shape (ne[0] = cols, ne[1] = rows) and copies it into the arena as
  * f32 (or i32), rejecting non-finite values. */
 static innsteer_status load_tensor(loader *L, const char *name, int rows, int cols, bool is_int, const void **out) {
     const gguf_tensor *t = gguf_find_tensor(&L->g, name);
-    if (!t) return failf(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
+    if (!t) return FAIL(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
     uint64_t want_rows = (uint64_t)rows;
     bool shape_ok = t->ne[0] == (uint64_t)cols && t->ne[1] == want_rows && t->ne[2] == 1 && t->ne[3] == 1;
     if (!shape_ok) {
-        return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' has shape [%llu x %llu], expected [%d x %d]", name,
-                     (unsigned long long)t->ne[1], (unsigned long long)t->ne[0], rows, cols);
+        return FAIL(L, INNSTEER_ERR_INVALID, "tensor '%s' has shape [%llu x %llu], expected [%d x %d]", name,
+                    (unsigned long long)t->ne[1], (unsigned long long)t->ne[0], rows, cols);
     }
     if (is_int != (t->type == GT_I32)) {
-        return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' has ggml type %u, expected %s", name, t->type,
-                     is_int ? "i32" : "f32 or f16");
+        return FAIL(L, INNSTEER_ERR_INVALID, "tensor '%s' has ggml type %u, expected %s", name, t->type,
+                    is_int ? "i32" : "f32 or f16");
     }
     size_t n = (size_t)t->n_elements;
     size_t bytes = (n * 4 + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
-    if (bytes > L->arena_size - L->arena_used) return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' overflows the weight arena", name);
+    if (bytes > L->arena_size - L->arena_used) return FAIL(L, INNSTEER_ERR_INVALID, "tensor '%s' overflows the weight arena", name);
     uint8_t *dst = L->arena + L->arena_used;
     L->arena_used += bytes;
     if (t->type == GT_F16) {
@@ -74,7 +53,7 @@ static innsteer_status load_tensor(loader *L, const char *name, int rows, int co
             memcpy(&h, t->data + 2 * i, 2);
             uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
             if (exp == 0x1f) {
-                return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' element %zu is not finite", name, i);
+                return FAIL(L, INNSTEER_ERR_INVALID, "tensor '%s' element %zu is not finite", name, i);
             } else if (exp == 0) {
                 float v = ldexpf((float)mant, -24);
                 memcpy(&bits, &v, 4);
@@ -89,7 +68,7 @@ static innsteer_status load_tensor(loader *L, const char *name, int rows, int co
         if (!is_int) {
             const float *f = (const float *)dst;
             for (size_t i = 0; i < n; i++) {
-                if (!isfinite(f[i])) return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' element %zu is not finite", name, i);
+                if (!isfinite(f[i])) return FAIL(L, INNSTEER_ERR_INVALID, "tensor '%s' element %zu is not finite", name, i);
             }
         }
     }
@@ -118,8 +97,8 @@ static bool rows_orthonormal(const float *b, int rows, int cols, float tol) {
 }
 
 /* Modified Gram-Schmidt in double, in place: the project/lift pair is exact only for an
- * orthonormal basis, and f16 storage or rounding leaves it slightly off. innsteer_local/flow.py
- * runs the same loop, so both readers end with the same basis. */
+ * orthonormal basis, and f16 storage or rounding leaves it slightly off. The Python reader
+ * (innsteer_local/flow/format.py) runs the same loop, so both readers end with the same basis. */
 static bool orthonormalise(float *b, int rows, int cols) {
     double *q = malloc(sizeof(double) * (size_t)rows * (size_t)cols);
     if (!q) return false;
@@ -157,93 +136,92 @@ static innsteer_status load_op(loader *L, flow_site *s, int si, int k, gguf_str 
     flow_op *op = &s->ops[k];
     char key[128], name[64];
     innsteer_status st;
+    int kind_id = 0;
+    while (kind_id < N_OP_KINDS && !gguf_str_eq(kind, OP_NAMES[kind_id])) kind_id++;
+    if (kind_id == N_OP_KINDS) {
+        return FAIL(L, INNSTEER_ERR_UNSUPPORTED, "site %d op %d: unknown op kind '%.*s'", si, k, (int)(kind.len > 40 ? 40 : kind.len), kind.ptr);
+    }
+    op->kind = (op_kind)kind_id;
     op->dim = dim;
 #define TNAME(suffix) (snprintf(name, sizeof name, "site.%d.op.%d.%s", si, k, suffix), name)
-    if (gguf_str_eq(kind, "affine")) {
-        op->kind = OP_AFFINE;
+    if (op->kind == OP_AFFINE) {
         if ((st = load_vec(L, TNAME("scale"), dim, &op->scale)) || (st = load_vec(L, TNAME("bias"), dim, &op->bias))) return st;
         for (int i = 0; i < dim; i++) {
             float a = fabsf(op->scale[i]);
             if (!(a >= 1e-6f && a <= 1e6f)) {
-                return failf(L, INNSTEER_ERR_INVALID, "site %d op %d (affine): scale[%d] = %g is outside 1e-6..1e6 in magnitude",
-                             si, k, i, (double)op->scale[i]);
+                return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d (affine): scale[%d] = %g is outside 1e-6..1e6 in magnitude",
+                            si, k, i, (double)op->scale[i]);
             }
         }
-    } else if (gguf_str_eq(kind, "subspace")) {
-        op->kind = OP_SUBSPACE;
-        if (s->subspace_at >= 0) return failf(L, INNSTEER_ERR_INVALID, "site %d: more than one subspace op", si);
-        if (dim != n_embd) return failf(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace must act on the full n_embd", si, k);
+    } else if (op->kind == OP_SUBSPACE) {
+        if (s->subspace_at >= 0) return FAIL(L, INNSTEER_ERR_INVALID, "site %d: more than one subspace op", si);
+        if (dim != n_embd) return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace must act on the full n_embd", si, k);
         const gguf_tensor *t = gguf_find_tensor(&L->g, TNAME("basis"));
-        if (!t) return failf(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
+        if (!t) return FAIL(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
         if (t->ne[1] < 1 || t->ne[1] > (uint64_t)n_embd) {
-            return failf(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace rank %llu outside 1..%d", si, k,
-                         (unsigned long long)t->ne[1], n_embd);
+            return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace rank %llu outside 1..%d", si, k,
+                        (unsigned long long)t->ne[1], n_embd);
         }
         op->rank = (int)t->ne[1];
         if ((st = load_mat(L, name, op->rank, n_embd, &op->basis))) return st;
         if (!rows_orthonormal(op->basis, op->rank, n_embd, 1e-2f)) {
-            return failf(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace basis rows are not orthonormal", si, k);
+            return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace basis rows are not orthonormal", si, k);
         }
-        if (!orthonormalise((float *)op->basis, op->rank, n_embd)) return failf(L, INNSTEER_ERR_NOMEM, "out of memory");
+        if (!orthonormalise((float *)op->basis, op->rank, n_embd)) return FAIL(L, INNSTEER_ERR_NOMEM, "out of memory");
         s->subspace_at = k;
-    } else if (gguf_str_eq(kind, "coupling")) {
-        op->kind = OP_COUPLING;
-        if (dim < 2) return failf(L, INNSTEER_ERR_INVALID, "site %d op %d: coupling needs width >= 2, got %d", si, k, dim);
+    } else if (op->kind == OP_COUPLING) {
+        if (dim < 2) return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: coupling needs width >= 2, got %d", si, k, dim);
         op->d1 = dim / 2;
         op->d2 = dim - op->d1;
         uint32_t n_layers = 0;
         snprintf(key, sizeof key, "innsteer.site.%d.op.%d.mlp_layers", si, k);
         if (!gguf_get_u32(&L->g, key, &n_layers) || n_layers < 1 || n_layers > MAX_MLP_LAYERS) {
-            return failf(L, INNSTEER_ERR_INVALID, "%s must be a u32 in 1..%d", key, MAX_MLP_LAYERS);
+            return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a u32 in 1..%d", key, MAX_MLP_LAYERS);
         }
         op->n_layers = (int)n_layers;
         snprintf(key, sizeof key, "innsteer.site.%d.op.%d.clamp", si, k);
         if (!gguf_get_f32(&L->g, key, &op->clamp) || !(op->clamp > 0.0f && op->clamp <= 20.0f)) {
-            return failf(L, INNSTEER_ERR_INVALID, "%s must be an f32 in (0, 20]", key);
+            return FAIL(L, INNSTEER_ERR_INVALID, "%s must be an f32 in (0, 20]", key);
         }
         snprintf(key, sizeof key, "innsteer.site.%d.op.%d.activation", si, k);
         gguf_str act;
-        if (!gguf_get_str(&L->g, key, &act)) return failf(L, INNSTEER_ERR_INVALID, "missing string %s", key);
+        if (!gguf_get_str(&L->g, key, &act)) return FAIL(L, INNSTEER_ERR_INVALID, "missing string %s", key);
         if (gguf_str_eq(act, "relu")) op->act = ACT_RELU;
         else if (gguf_str_eq(act, "tanh")) op->act = ACT_TANH;
         else if (gguf_str_eq(act, "silu")) op->act = ACT_SILU;
-        else return failf(L, INNSTEER_ERR_UNSUPPORTED, "%s: unknown activation '%.*s'", key, (int)(act.len > 40 ? 40 : act.len), act.ptr);
+        else return FAIL(L, INNSTEER_ERR_UNSUPPORTED, "%s: unknown activation '%.*s'", key, (int)(act.len > 40 ? 40 : act.len), act.ptr);
         op->width[0] = op->d1;
         for (int j = 0; j < op->n_layers; j++) {
             char wn[16];
             snprintf(wn, sizeof wn, "w%d", j);
             const gguf_tensor *t = gguf_find_tensor(&L->g, TNAME(wn));
-            if (!t) return failf(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
+            if (!t) return FAIL(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
             int out = j + 1 == op->n_layers ? 2 * op->d2 : (int)(t->ne[1] <= MAX_WIDTH ? t->ne[1] : MAX_WIDTH + 1);
-            if (out > MAX_WIDTH) return failf(L, INNSTEER_ERR_INVALID, "tensor '%s': hidden width above %d", name, MAX_WIDTH);
+            if (out > MAX_WIDTH) return FAIL(L, INNSTEER_ERR_INVALID, "tensor '%s': hidden width above %d", name, MAX_WIDTH);
             op->width[j + 1] = out;
             if ((st = load_mat(L, name, out, op->width[j], &op->w[j]))) return st;
             snprintf(wn, sizeof wn, "b%d", j);
             if ((st = load_vec(L, TNAME(wn), out, &op->b[j]))) return st;
         }
-    } else if (gguf_str_eq(kind, "permute")) {
-        op->kind = OP_PERMUTE;
+    } else if (op->kind == OP_PERMUTE) {
         if ((st = load_tensor(L, TNAME("perm"), 1, dim, true, (const void **)&op->perm))) return st;
         /* a permutation: every index in range and seen once */
         uint8_t *seen = calloc((size_t)dim, 1);
-        if (!seen) return failf(L, INNSTEER_ERR_NOMEM, "out of memory");
+        if (!seen) return FAIL(L, INNSTEER_ERR_NOMEM, "out of memory");
         for (int i = 0; i < dim; i++) {
             int32_t p = op->perm[i];
             if (p < 0 || p >= dim || seen[p]) {
                 free(seen);
-                return failf(L, INNSTEER_ERR_INVALID, "tensor '%s' is not a permutation of 0..%d (entry %d = %d)", name, dim - 1, i, p);
+                return FAIL(L, INNSTEER_ERR_INVALID, "tensor '%s' is not a permutation of 0..%d (entry %d = %d)", name, dim - 1, i, p);
             }
             seen[p] = 1;
         }
         free(seen);
-    } else if (gguf_str_eq(kind, "linear")) {
-        op->kind = OP_LINEAR;
+    } else if (op->kind == OP_LINEAR) {
         if ((st = load_mat(L, TNAME("matrix"), dim, dim, &op->matrix)) || (st = load_mat(L, TNAME("matrix_inv"), dim, dim, &op->matrix_inv)) ||
             (st = load_vec(L, TNAME("bias"), dim, &op->lbias))) {
             return st;
         }
-    } else {
-        return failf(L, INNSTEER_ERR_UNSUPPORTED, "site %d op %d: unknown op kind '%.*s'", si, k, (int)(kind.len > 40 ? 40 : kind.len), kind.ptr);
     }
 #undef TNAME
     return INNSTEER_OK;
@@ -259,19 +237,33 @@ static void size_scratch(flow_site *s, int n_embd) {
     s->widest = widest;
     s->acts_floats = flow_site_acts_floats(s, n_embd);
     s->scratch = 4 * (size_t)n_embd + 2 * (size_t)widest;
-    s->steer_scratch = flow_site_block_scratch(s, n_embd);
+    s->block_scratch = flow_site_block_scratch(s, n_embd);
+}
+
+/* The op kinds as one string, for innsteer_site_info.ops. */
+static void name_ops(flow_site *s) {
+    char *p = s->op_names;
+    for (int k = 0; k < s->n_ops; k++) {
+        const char *name = OP_NAMES[s->ops[k].kind];
+        size_t n = strlen(name);
+        if (k) *p++ = ' ';
+        memcpy(p, name, n);
+        p += n;
+    }
+    *p = '\0';
 }
 
 /* phi^-1(phi(x)) must return x: catches inconsistent inverse matrices and blow-ups that the
  * per-tensor checks cannot see. */
 static innsteer_status check_roundtrip(loader *L, const flow_site *s, int si, int n_embd) {
-    float *buf = malloc(sizeof(float) * ((size_t)n_embd * 3 + s->scratch));
-    if (!buf) return failf(L, INNSTEER_ERR_NOMEM, "out of memory");
+    size_t scratch_floats = s->block_scratch > s->scratch ? s->block_scratch : s->scratch;
+    float *buf = malloc(sizeof(float) * ((size_t)n_embd * 3 + scratch_floats));
+    if (!buf) return FAIL(L, INNSTEER_ERR_NOMEM, "out of memory");
     float *x = buf, *z = x + n_embd, *back = z + n_embd, *scratch = back + n_embd;
     innsteer_status st = INNSTEER_OK;
     for (int p = 0; p < 3 && st == INNSTEER_OK; p++) {
         probe_row(x, n_embd, p);
-        flow_site_forward_row(s, n_embd, x, z, scratch);
+        flow_site_forward_rows(s, n_embd, x, z, 1, scratch);
         flow_site_inverse_row(s, n_embd, z, back, scratch);
         double err = 0.0, norm = 0.0;
         for (int i = 0; i < n_embd; i++) {
@@ -281,57 +273,96 @@ static innsteer_status check_roundtrip(loader *L, const flow_site *s, int si, in
         bool finite = true;
         for (int i = 0; i < n_embd; i++) finite = finite && isfinite(z[i]) && isfinite(back[i]);
         if (!finite || !(sqrt(err) <= 1e-3 * sqrt(norm) + 1e-6)) {
-            st = failf(L, INNSTEER_ERR_INVALID, "site %d (layer %d): phi is not invertible on a probe row (relative error %.3g)",
-                       si, s->layer, finite ? sqrt(err / (norm + 1e-30)) : INFINITY);
+            st = FAIL(L, INNSTEER_ERR_INVALID, "site %d (layer %d): phi is not invertible on a probe row (relative error %.3g)",
+                      si, s->layer, finite ? sqrt(err / (norm + 1e-30)) : INFINITY);
         }
     }
     free(buf);
     return st;
 }
 
+/* The descriptive strings, validated and copied out of the file buffer into one block. */
+static innsteer_status load_strings(loader *L, innsteer_flow *flow) {
+    enum { N = 6 };
+    static const char *const keys[N] = {"general.name", "innsteer.behavior", "innsteer.method", "innsteer.model.name",
+                                        "innsteer.model.architecture", "innsteer.provenance"};
+    static const uint64_t caps[N] = {MAX_META_STRING, MAX_META_STRING, MAX_META_STRING, MAX_META_STRING, MAX_META_STRING,
+                                     MAX_STRING};
+    const char **dst[N] = {&flow->name, &flow->behavior, &flow->method, &flow->model_name, &flow->model_architecture,
+                           &flow->provenance};
+    gguf_str vals[N];
+    size_t total = 0;
+    for (int i = 0; i < N; i++) {
+        vals[i] = (gguf_str){"", 0};
+        const gguf_kv *kv = gguf_find_kv(&L->g, keys[i]);
+        if (kv && kv->type != GV_STRING) {
+            return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a string, found GGUF type %u", keys[i], kv->type);
+        }
+        if (kv) gguf_get_str(&L->g, keys[i], &vals[i]);
+        if (vals[i].len > caps[i]) {
+            return FAIL(L, INNSTEER_ERR_INVALID, "%s is %llu bytes long, cap is %llu", keys[i], (unsigned long long)vals[i].len,
+                        (unsigned long long)caps[i]);
+        }
+        if (!gguf_valid_utf8(vals[i].ptr, vals[i].len)) return FAIL(L, INNSTEER_ERR_INVALID, "%s is not valid UTF-8", keys[i]);
+        total += (size_t)vals[i].len + 1;
+    }
+    char *p = flow->strings = malloc(total);
+    if (!p) return FAIL(L, INNSTEER_ERR_NOMEM, "out of memory");
+    for (int i = 0; i < N; i++) {
+        memcpy(p, vals[i].ptr, (size_t)vals[i].len);
+        p[vals[i].len] = '\0';
+        *dst[i] = p;
+        p += vals[i].len + 1;
+    }
+    return INNSTEER_OK;
+}
+
 static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
     gguf_file *g = &L->g;
     uint32_t version = 0, n_embd = 0, n_layer = 0;
-    if (!gguf_get_u32(g, "innsteer.format_version", &version)) return failf(L, INNSTEER_ERR_INVALID, "missing u32 innsteer.format_version");
+    if (!gguf_get_u32(g, "innsteer.format_version", &version)) return FAIL(L, INNSTEER_ERR_INVALID, "missing u32 innsteer.format_version");
     if (version != INNSTEER_FORMAT_VERSION) {
-        return failf(L, INNSTEER_ERR_UNSUPPORTED, "flow format version %u, this library reads version %d", version, INNSTEER_FORMAT_VERSION);
+        return FAIL(L, INNSTEER_ERR_UNSUPPORTED, "flow format version %u, this library reads version %d", version, INNSTEER_FORMAT_VERSION);
     }
     if (!gguf_get_u32(g, "innsteer.model.n_embd", &n_embd) || n_embd < 1 || n_embd > MAX_EMBD) {
-        return failf(L, INNSTEER_ERR_INVALID, "innsteer.model.n_embd must be a u32 in 1..%d", MAX_EMBD);
+        return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.model.n_embd must be a u32 in 1..%d", MAX_EMBD);
     }
-    if (!gguf_get_u32(g, "innsteer.model.n_layer", &n_layer) || n_layer < 1 || n_layer > 100000) {
-        return failf(L, INNSTEER_ERR_INVALID, "innsteer.model.n_layer must be a u32 in 1..100000");
+    if (!gguf_get_u32(g, "innsteer.model.n_layer", &n_layer) || n_layer < 1 || n_layer > MAX_LAYERS) {
+        return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.model.n_layer must be a u32 in 1..%d", MAX_LAYERS);
     }
     if (!gguf_get_f32(g, "innsteer.default_strength", &flow->default_strength) || !isfinite(flow->default_strength)) {
-        return failf(L, INNSTEER_ERR_INVALID, "innsteer.default_strength must be a finite f32");
+        return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.default_strength must be a finite f32");
     }
     const gguf_kv *layers = gguf_find_kv(g, "innsteer.layers");
     if (!layers || layers->type != GV_ARRAY || (layers->elem_type != GV_U32 && layers->elem_type != GV_I32)) {
-        return failf(L, INNSTEER_ERR_INVALID, "innsteer.layers must be an array of u32");
+        return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.layers must be an array of u32");
     }
     if (layers->count < 1 || layers->count > MAX_SITES) {
-        return failf(L, INNSTEER_ERR_INVALID, "innsteer.layers has %llu entries, expected 1..%d", (unsigned long long)layers->count, MAX_SITES);
+        return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.layers has %llu entries, expected 1..%d", (unsigned long long)layers->count, MAX_SITES);
     }
+    innsteer_status st = load_strings(L, flow);
+    if (st) return st;
     flow->n_embd = (int)n_embd;
+    flow->n_layer = (int)n_layer;
     flow->n_sites = (int)layers->count;
     flow->sites = calloc((size_t)flow->n_sites, sizeof *flow->sites);
-    if (!flow->sites) return failf(L, INNSTEER_ERR_NOMEM, "out of memory");
+    if (!flow->sites) return FAIL(L, INNSTEER_ERR_NOMEM, "out of memory");
 
     for (int si = 0; si < flow->n_sites; si++) {
         flow_site *s = &flow->sites[si];
-        uint32_t layer;
+        uint32_t layer = 0;
         if (!gguf_array_u32(g, layers, (uint64_t)si, &layer) || layer >= n_layer) {
-            return failf(L, INNSTEER_ERR_INVALID, "innsteer.layers[%d] = %u is outside the model's 0..%u", si, layer, n_layer - 1);
+            return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.layers[%d] = %u is outside the model's 0..%u", si, layer, n_layer - 1);
         }
         for (int j = 0; j < si; j++) {
-            if (flow->sites[j].layer == (int)layer) return failf(L, INNSTEER_ERR_INVALID, "layer %u appears twice in innsteer.layers", layer);
+            if (flow->sites[j].layer == (int)layer) return FAIL(L, INNSTEER_ERR_INVALID, "layer %u appears twice in innsteer.layers", layer);
         }
         s->layer = (int)layer;
         s->subspace_at = -1;
         char key[96];
         snprintf(key, sizeof key, "innsteer.site.%d.ops", si);
         gguf_str ops;
-        if (!gguf_get_str(g, key, &ops)) return failf(L, INNSTEER_ERR_INVALID, "%s must be a string of op kinds", key);
+        if (!gguf_get_str(g, key, &ops)) return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a string of op kinds", key);
         int dim = (int)n_embd;
         uint64_t pos = 0;
         s->n_ops = 0;
@@ -342,19 +373,19 @@ static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
             }
             uint64_t end = pos;
             while (end < ops.len && ops.ptr[end] != ' ') end++;
-            if (s->n_ops == MAX_OPS) return failf(L, INNSTEER_ERR_INVALID, "%s has more than %d ops", key, MAX_OPS);
+            if (s->n_ops == MAX_OPS) return FAIL(L, INNSTEER_ERR_INVALID, "%s has more than %d ops", key, MAX_OPS);
             gguf_str kind = {ops.ptr + pos, end - pos};
             int k = s->n_ops++;
-            innsteer_status st = load_op(L, s, si, k, kind, dim, (int)n_embd);
-            if (st) return st;
+            if ((st = load_op(L, s, si, k, kind, dim, (int)n_embd))) return st;
             if (s->ops[k].kind == OP_SUBSPACE) dim = s->ops[k].rank;
             pos = end;
         }
         s->latent_dim = dim;
+        name_ops(s);
         char name[64];
-        innsteer_status st;
         snprintf(name, sizeof name, "site.%d.delta", si);
         if ((st = load_vec(L, name, dim, &s->delta))) return st;
+        s->delta_norm = sqrtf(dot(s->delta, s->delta, dim)); /* the target gate's unit, host and graph alike */
         snprintf(name, sizeof name, "site.%d.edit_scale", si);
         if (gguf_find_tensor(g, name) && (st = load_vec(L, name, dim, &s->edit_scale))) return st;
         snprintf(name, sizeof name, "site.%d.gate_center", si);
@@ -364,10 +395,10 @@ static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
             float *dst[] = {&s->gate_radius, &s->gate_softness, &s->gate_target_pos, &s->gate_target_neg};
             for (int f = 0; f < 4; f++) {
                 snprintf(key, sizeof key, "innsteer.site.%d.gate.%s", si, fields[f]);
-                if (!gguf_get_f32(g, key, dst[f]) || !isfinite(*dst[f])) return failf(L, INNSTEER_ERR_INVALID, "%s must be a finite f32", key);
+                if (!gguf_get_f32(g, key, dst[f]) || !isfinite(*dst[f])) return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a finite f32", key);
             }
             if (!(s->gate_softness > 0.0f) || !(s->gate_radius > 0.0f)) {
-                return failf(L, INNSTEER_ERR_INVALID, "site %d: gate radius and softness must be positive", si);
+                return FAIL(L, INNSTEER_ERR_INVALID, "site %d: gate radius and softness must be positive", si);
             }
         }
         size_scratch(s, (int)n_embd);
@@ -376,39 +407,39 @@ static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
     return INNSTEER_OK;
 }
 
+static void destroy(innsteer_flow *flow) {
+    if (!flow) return;
+    free(flow->sites);
+    free(flow->arena);
+    free(flow->strings);
+    free(flow);
+}
+
 static innsteer_status load_from_buffer(const uint8_t *buf, size_t size, innsteer_flow **out, char *err, size_t err_size) {
     loader L = {.err = err, .err_size = err_size};
     if (err && err_size) err[0] = '\0';
-    if (!gguf_parse_header(&L.g, buf, size, err, err_size)) return INNSTEER_ERR_FORMAT;
+    innsteer_status parsed = gguf_parse_header(&L.g, buf, size, err, err_size);
+    if (parsed) return parsed;
     gguf_str arch = {"", 0};
     gguf_get_str(&L.g, "general.architecture", &arch);
     if (!gguf_str_eq(arch, "innsteer")) {
-        failf(&L, INNSTEER_ERR_NOT_FLOW, "not an innsteer flow file: general.architecture is '%.*s', expected 'innsteer'",
-              (int)(arch.len > 40 ? 40 : arch.len), arch.ptr);
+        FAIL(&L, INNSTEER_ERR_NOT_FLOW, "not an innsteer flow file: general.architecture is '%.*s', expected 'innsteer'",
+             (int)(arch.len > 40 ? 40 : arch.len), arch.ptr);
         gguf_release(&L.g);
         return INNSTEER_ERR_NOT_FLOW;
     }
-    if (!gguf_parse_tensors(&L.g, err, err_size)) return INNSTEER_ERR_FORMAT;
+    if ((parsed = gguf_parse_tensors(&L.g, err, err_size))) return parsed;
     innsteer_flow *flow = calloc(1, sizeof *flow);
-    /* tensors are copied into one arena: f16 doubles in size, plus alignment padding per tensor */
-    L.arena_size = 0;
-    for (uint64_t i = 0; i < L.g.n_tensors; i++) L.arena_size += (size_t)L.g.tensors[i].n_elements * 4 + ARENA_ALIGN;
-    L.arena = aligned_alloc(ARENA_ALIGN, (L.arena_size + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN + ARENA_ALIGN);
-    innsteer_status st;
-    if (!flow || !L.arena) {
-        st = failf(&L, INNSTEER_ERR_NOMEM, "out of memory");
-    } else {
-        flow->arena = L.arena;
+    if (flow) {
+        /* tensors are copied into one arena: f16 doubles in size, plus alignment padding per tensor */
+        for (uint64_t i = 0; i < L.g.n_tensors; i++) L.arena_size += (size_t)L.g.tensors[i].n_elements * 4 + ARENA_ALIGN;
+        flow->arena = L.arena = aligned_alloc(ARENA_ALIGN, (L.arena_size + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN + ARENA_ALIGN);
         atomic_init(&flow->refs, 1);
-        st = build_flow(&L, flow);
     }
+    innsteer_status st = flow && L.arena ? build_flow(&L, flow) : FAIL(&L, INNSTEER_ERR_NOMEM, "out of memory");
     gguf_release(&L.g);
     if (st != INNSTEER_OK) {
-        if (flow) {
-            free(flow->sites);
-            free(flow);
-        }
-        free(L.arena);
+        destroy(flow);
         return st;
     }
     *out = flow;
@@ -432,10 +463,7 @@ innsteer_status innsteer_flow_load(const char *path, innsteer_flow **out, char *
     if (!path || !out) return INNSTEER_ERR_ARG;
     *out = NULL;
     FILE *fp = fopen(path, "rb");
-    if (!fp) {
-        if (err && err_size) snprintf(err, err_size, "cannot open flow file '%s'", path);
-        return INNSTEER_ERR_IO;
-    }
+    if (!fp) return set_error(err, err_size, INNSTEER_ERR_IO, "cannot open flow file '%s'", path);
     uint8_t *buf = NULL;
     size_t size = 0;
     innsteer_status st = INNSTEER_OK;
@@ -444,8 +472,7 @@ innsteer_status innsteer_flow_load(const char *path, innsteer_flow **out, char *
     if (end < 0 || fseek(fp, 0, SEEK_SET) != 0) st = INNSTEER_ERR_IO;
     if (st == INNSTEER_OK && (size_t)end > MAX_FILE_BYTES) {
         fclose(fp);
-        if (err && err_size) snprintf(err, err_size, "flow file '%s' is %ld bytes, cap is %zu", path, end, MAX_FILE_BYTES);
-        return INNSTEER_ERR_FORMAT;
+        return set_error(err, err_size, INNSTEER_ERR_FORMAT, "flow file '%s' is %ld bytes, cap is %zu", path, end, MAX_FILE_BYTES);
     }
     if (st == INNSTEER_OK) {
         size = (size_t)end;
@@ -456,8 +483,7 @@ innsteer_status innsteer_flow_load(const char *path, innsteer_flow **out, char *
     fclose(fp);
     if (st != INNSTEER_OK) {
         free(buf);
-        if (err && err_size) snprintf(err, err_size, "cannot read flow file '%s'", path);
-        return st;
+        return set_error(err, err_size, st, "cannot read flow file '%s'", path);
     }
     st = load_from_buffer(buf, size, out, err, err_size);
     free(buf);
@@ -466,10 +492,7 @@ innsteer_status innsteer_flow_load(const char *path, innsteer_flow **out, char *
 
 void innsteer_flow_free(innsteer_flow *flow) {
     if (!flow) return;
-    if (atomic_fetch_sub(&flow->refs, 1) != 1) return;
-    free(flow->sites);
-    free(flow->arena);
-    free(flow);
+    if (atomic_fetch_sub(&flow->refs, 1) == 1) destroy(flow);
 }
 
 int innsteer_flow_n_embd(const innsteer_flow *flow) { return flow ? flow->n_embd : 0; }
@@ -479,41 +502,75 @@ int innsteer_flow_site_layer(const innsteer_flow *flow, int site) {
 }
 float innsteer_flow_default_strength(const innsteer_flow *flow) { return flow ? flow->default_strength : 0.0f; }
 
-typedef void (*row_map)(const flow_site *, int, const float *, float *, float *);
+innsteer_status innsteer_flow_get_info(const innsteer_flow *flow, innsteer_flow_info *out) {
+    if (!flow || !out) return INNSTEER_ERR_ARG;
+    *out = (innsteer_flow_info){
+        .name = flow->name,
+        .behavior = flow->behavior,
+        .method = flow->method,
+        .model_name = flow->model_name,
+        .model_architecture = flow->model_architecture,
+        .model_n_embd = flow->n_embd,
+        .model_n_layer = flow->n_layer,
+        .n_sites = flow->n_sites,
+        .default_strength = flow->default_strength,
+        .provenance_json = flow->provenance,
+    };
+    return INNSTEER_OK;
+}
 
-static innsteer_status map_rows(const innsteer_flow *flow, int site, row_map map, float strength, bool steer,
-                                innsteer_gate gate, const float *in, float *out, int64_t n_rows) {
+innsteer_status innsteer_flow_get_site_info(const innsteer_flow *flow, int site, innsteer_site_info *out) {
+    if (!flow || !out || site < 0 || site >= flow->n_sites) return INNSTEER_ERR_ARG;
+    const flow_site *s = &flow->sites[site];
+    *out = (innsteer_site_info){
+        .layer = s->layer,
+        .latent_dim = s->latent_dim,
+        .n_ops = s->n_ops,
+        .ops = s->op_names,
+        .has_gate = s->gate_center != NULL,
+        .has_edit_scale = s->edit_scale != NULL,
+        .delta_norm = s->delta_norm,
+    };
+    return INNSTEER_OK;
+}
+
+typedef enum { MAP_FORWARD, MAP_INVERSE, MAP_STEER } map_kind;
+
+static innsteer_status map_rows(const innsteer_flow *flow, int site, map_kind kind, float strength, innsteer_gate gate,
+                                const float *in, float *out, int64_t n_rows) {
     if (!flow || !in || !out || n_rows < 0 || site < 0 || site >= flow->n_sites || !isfinite(strength)) return INNSTEER_ERR_ARG;
     const flow_site *s = &flow->sites[site];
-    float *scratch = malloc(sizeof(float) * (steer ? s->steer_scratch : s->scratch));
+    float *scratch = malloc(sizeof(float) * (kind == MAP_INVERSE ? s->scratch : s->block_scratch));
     if (!scratch) return INNSTEER_ERR_NOMEM;
-    size_t n = (size_t)flow->n_embd;
-    if (steer) {
-        flow_site_steer_rows(s, flow->n_embd, strength, gate, in, out, n_rows, scratch);
-    } else {
-        for (int64_t r = 0; r < n_rows; r++) map(s, flow->n_embd, in + r * n, out + r * n, scratch);
+    int n_embd = flow->n_embd;
+    switch (kind) {
+        case MAP_FORWARD: flow_site_forward_rows(s, n_embd, in, out, n_rows, scratch); break;
+        case MAP_STEER: flow_site_steer_rows(s, n_embd, strength, gate, in, out, n_rows, scratch); break;
+        case MAP_INVERSE:
+            for (int64_t r = 0; r < n_rows; r++) flow_site_inverse_row(s, n_embd, in + r * n_embd, out + r * n_embd, scratch);
+            break;
     }
     free(scratch);
     return INNSTEER_OK;
 }
 
 innsteer_status innsteer_flow_forward(const innsteer_flow *flow, int site, const float *in, float *out, int64_t n_rows) {
-    return map_rows(flow, site, flow_site_forward_row, 0.0f, false, INNSTEER_GATE_OFF, in, out, n_rows);
+    return map_rows(flow, site, MAP_FORWARD, 0.0f, INNSTEER_GATE_OFF, in, out, n_rows);
 }
 
 innsteer_status innsteer_flow_inverse(const innsteer_flow *flow, int site, const float *in, float *out, int64_t n_rows) {
-    return map_rows(flow, site, flow_site_inverse_row, 0.0f, false, INNSTEER_GATE_OFF, in, out, n_rows);
+    return map_rows(flow, site, MAP_INVERSE, 0.0f, INNSTEER_GATE_OFF, in, out, n_rows);
 }
 
 innsteer_status innsteer_flow_steer(const innsteer_flow *flow, int site, float strength, const float *in, float *out,
                                     int64_t n_rows) {
-    return map_rows(flow, site, NULL, strength, true, INNSTEER_GATE_OFF, in, out, n_rows);
+    return map_rows(flow, site, MAP_STEER, strength, INNSTEER_GATE_OFF, in, out, n_rows);
 }
 
 innsteer_status innsteer_flow_steer_gated(const innsteer_flow *flow, int site, float strength, innsteer_gate gate,
                                           const float *in, float *out, int64_t n_rows) {
     if (gate != INNSTEER_GATE_OFF && !innsteer_flow_has_gate(flow)) return INNSTEER_ERR_ARG;
-    return map_rows(flow, site, NULL, strength, true, gate, in, out, n_rows);
+    return map_rows(flow, site, MAP_STEER, strength, gate, in, out, n_rows);
 }
 
 bool innsteer_flow_has_gate(const innsteer_flow *flow) {

@@ -1,165 +1,57 @@
 /* The flow as a ggml graph (see flow_graph.h).
  *
- * libinnsteer links no ggml library: the functions below are looked up with dlsym in the ggml
- * that the process already loaded (llama-cpp-python's, or the application's llama.cpp), by their
- * public signatures in ggml.h, ggml-alloc.h and ggml-backend.h. We never read struct ggml_tensor:
- * llama.cpp's activations are copied into our own input tensor with ggml_backend_tensor_copy,
- * which moves device-to-device when both sit on the same kind of device, and copied back the
- * same way. */
-#define _GNU_SOURCE /* RTLD_DEFAULT */
+ * ggml's functions come from ggml_api.h. We never read struct ggml_tensor: llama.cpp's
+ * activations are copied into our own input tensor with ggml_backend_tensor_copy, which moves
+ * device-to-device when both sit on the same kind of device, and copied back the same way. */
+#include "error.h"
 #include "flow_graph.h"
-#include "kernels.h"
+#include "ggml_api.h"
 
-#include <dlfcn.h>
 #include <math.h>
-#include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-struct ggml_context;
-struct ggml_cgraph;
-struct ggml_backend;
-struct ggml_backend_device;
-struct ggml_backend_reg;
-struct ggml_backend_buffer;
-struct ggml_backend_buffer_type;
-struct ggml_gallocr;
-
-/* ggml_init takes this public struct by value (ggml.h: struct ggml_init_params). */
-struct fg_init_params {
-    size_t mem_size;
-    void *mem_buffer;
-    bool no_alloc;
-};
-
-/* enum values from ggml.h / ggml-backend.h (public and stable) */
-#define FG_TYPE_F32 0
-#define FG_TYPE_I32 26
-#define FG_DEV_CPU 0
-#define FG_DEV_GPU 1
-#define FG_DEV_IGPU 2
-
-typedef struct ggml_tensor T;
-typedef struct ggml_context C;
-
-#define GGML_FUNCTIONS(X)                                                                        \
-    X(size_t, ggml_tensor_overhead, (void))                                                      \
-    X(size_t, ggml_graph_overhead_custom, (size_t, bool))                                        \
-    X(C *, ggml_init, (struct fg_init_params))                                                   \
-    X(void, ggml_free, (C *))                                                                    \
-    X(T *, ggml_new_tensor_1d, (C *, int, int64_t))                                              \
-    X(T *, ggml_new_tensor_2d, (C *, int, int64_t, int64_t))                                     \
-    X(void, ggml_set_input, (T *))                                                               \
-    X(void, ggml_set_output, (T *))                                                              \
-    X(T *, ggml_mul_mat, (C *, T *, T *))                                                        \
-    X(T *, ggml_add, (C *, T *, T *))                                                            \
-    X(T *, ggml_sub, (C *, T *, T *))                                                            \
-    X(T *, ggml_mul, (C *, T *, T *))                                                            \
-    X(T *, ggml_div, (C *, T *, T *))                                                            \
-    X(T *, ggml_scale, (C *, T *, float))                                                        \
-    X(T *, ggml_scale_bias, (C *, T *, float, float))                                            \
-    X(T *, ggml_tanh, (C *, T *))                                                                \
-    X(T *, ggml_exp, (C *, T *))                                                                 \
-    X(T *, ggml_relu, (C *, T *))                                                                \
-    X(T *, ggml_silu, (C *, T *))                                                                \
-    X(T *, ggml_sqr, (C *, T *))                                                                 \
-    X(T *, ggml_sum_rows, (C *, T *))                                                            \
-    X(T *, ggml_cont, (C *, T *))                                                                \
-    X(T *, ggml_transpose, (C *, T *))                                                           \
-    X(T *, ggml_repeat, (C *, T *, T *))                                                         \
-    X(T *, ggml_get_rows, (C *, T *, T *))                                                       \
-    X(T *, ggml_concat, (C *, T *, T *, int))                                                    \
-    X(T *, ggml_view_2d, (C *, T *, int64_t, int64_t, size_t, size_t))                           \
-    X(struct ggml_cgraph *, ggml_new_graph_custom, (C *, size_t, bool))                          \
-    X(void, ggml_build_forward_expand, (struct ggml_cgraph *, T *))                              \
-    X(bool, ggml_are_same_shape, (const T *, const T *))                                         \
-    X(bool, ggml_is_contiguous, (const T *))                                                     \
-    X(int, ggml_graph_n_nodes, (struct ggml_cgraph *))                                           \
-    X(T *, ggml_graph_node, (struct ggml_cgraph *, int))                                         \
-    X(bool, ggml_backend_supports_op, (struct ggml_backend *, const T *))                       \
-    X(struct ggml_backend_device *, ggml_backend_dev_by_type, (int))                             \
-    X(struct ggml_backend *, ggml_backend_dev_init, (struct ggml_backend_device *, const char *)) \
-    X(struct ggml_backend_reg *, ggml_backend_dev_backend_reg, (struct ggml_backend_device *))   \
-    X(void *, ggml_backend_reg_get_proc_address, (struct ggml_backend_reg *, const char *))      \
-    X(const char *, ggml_backend_name, (struct ggml_backend *))                                  \
-    X(void, ggml_backend_free, (struct ggml_backend *))                                          \
-    X(struct ggml_backend_buffer_type *, ggml_backend_get_default_buffer_type, (struct ggml_backend *)) \
-    X(int, ggml_backend_graph_compute, (struct ggml_backend *, struct ggml_cgraph *))            \
-    X(void, ggml_backend_tensor_copy, (const T *, T *))                                          \
-    X(void, ggml_backend_tensor_set, (T *, const void *, size_t, size_t))                        \
-    X(void, ggml_backend_tensor_get, (const T *, void *, size_t, size_t))                        \
-    X(void, ggml_backend_buffer_free, (struct ggml_backend_buffer *))                            \
-    X(struct ggml_backend_buffer *, ggml_backend_alloc_ctx_tensors, (C *, struct ggml_backend *)) \
-    X(struct ggml_gallocr *, ggml_gallocr_new, (struct ggml_backend_buffer_type *))              \
-    X(void, ggml_gallocr_free, (struct ggml_gallocr *))                                          \
-    X(bool, ggml_gallocr_alloc_graph, (struct ggml_gallocr *, struct ggml_cgraph *))
-
-static struct {
-#define FIELD(ret, name, args) ret(*name) args;
-    GGML_FUNCTIONS(FIELD)
-#undef FIELD
-} G;
-
-static pthread_once_t resolve_once = PTHREAD_ONCE_INIT;
-static char resolve_error[160];
-
-static void resolve_all(void) {
-#define LOOKUP(ret, name, args)                                                                                   \
-    if (!resolve_error[0]) {                                                                                      \
-        *(void **)&G.name = dlsym(RTLD_DEFAULT, #name);                                                           \
-        if (!G.name) snprintf(resolve_error, sizeof resolve_error, "ggml function %s not found in the process", #name); \
-    }
-    GGML_FUNCTIONS(LOOKUP)
-#undef LOOKUP
-}
-
-static innsteer_status fail(char *err, size_t err_size, innsteer_status st, const char *fmt, ...) {
-    if (err && err_size) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_size, fmt, ap);
-        va_end(ap);
-    }
-    return st;
-}
+typedef ggml_api_T T;
+typedef ggml_api_C C;
 
 /* ---- backends --------------------------------------------------------------------------- */
 
 struct graph_backend {
+    const ggml_api *api;
     struct ggml_backend *backend;
     char name[64];
 };
 
 innsteer_status graph_backend_new(innsteer_path path, int n_threads, graph_backend **out, char *err, size_t err_size) {
     *out = NULL;
-    pthread_once(&resolve_once, resolve_all);
-    if (resolve_error[0]) return fail(err, err_size, INNSTEER_ERR_UNSUPPORTED, "%s", resolve_error);
+    const ggml_api *G = ggml_api_graph(err, err_size);
+    if (!G) return INNSTEER_ERR_UNSUPPORTED;
     struct ggml_backend_device *dev = NULL;
     if (path == INNSTEER_PATH_CPU_GRAPH) {
-        dev = G.ggml_backend_dev_by_type(FG_DEV_CPU);
+        dev = G->ggml_backend_dev_by_type(GGML_API_DEV_CPU);
     } else {
-        dev = G.ggml_backend_dev_by_type(FG_DEV_GPU);
-        if (!dev) dev = G.ggml_backend_dev_by_type(FG_DEV_IGPU);
+        dev = G->ggml_backend_dev_by_type(GGML_API_DEV_GPU);
+        if (!dev) dev = G->ggml_backend_dev_by_type(GGML_API_DEV_IGPU);
     }
     if (!dev) {
-        return fail(err, err_size, INNSTEER_ERR_UNSUPPORTED, "ggml has no %s device in this process",
-                    path == INNSTEER_PATH_CPU_GRAPH ? "CPU" : "GPU");
+        return set_error(err, err_size, INNSTEER_ERR_UNSUPPORTED, "ggml has no %s device in this process",
+                         path == INNSTEER_PATH_CPU_GRAPH ? "CPU" : "GPU");
     }
     graph_backend *b = calloc(1, sizeof *b);
-    if (!b) return fail(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
-    b->backend = G.ggml_backend_dev_init(dev, NULL);
+    if (!b) return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+    b->api = G;
+    b->backend = G->ggml_backend_dev_init(dev, NULL);
     if (!b->backend) {
         free(b);
-        return fail(err, err_size, INNSTEER_ERR_UNSUPPORTED, "ggml could not start a backend on its %s device",
-                    path == INNSTEER_PATH_CPU_GRAPH ? "CPU" : "GPU");
+        return set_error(err, err_size, INNSTEER_ERR_UNSUPPORTED, "ggml could not start a backend on its %s device",
+                         path == INNSTEER_PATH_CPU_GRAPH ? "CPU" : "GPU");
     }
-    snprintf(b->name, sizeof b->name, "%s", G.ggml_backend_name(b->backend));
+    snprintf(b->name, sizeof b->name, "%s", G->ggml_backend_name(b->backend));
     if (path == INNSTEER_PATH_CPU_GRAPH && n_threads > 0) {
         /* the registry's way to set CPU threads without linking ggml-cpu */
         void (*set_threads)(struct ggml_backend *, int) = NULL;
-        *(void **)&set_threads = G.ggml_backend_reg_get_proc_address(G.ggml_backend_dev_backend_reg(dev), "ggml_backend_set_n_threads");
+        *(void **)&set_threads = G->ggml_backend_reg_get_proc_address(G->ggml_backend_dev_backend_reg(dev), "ggml_backend_set_n_threads");
         if (set_threads) set_threads(b->backend, n_threads);
     }
     *out = b;
@@ -168,7 +60,7 @@ innsteer_status graph_backend_new(innsteer_path path, int n_threads, graph_backe
 
 void graph_backend_free(graph_backend *b) {
     if (!b) return;
-    G.ggml_backend_free(b->backend);
+    b->api->ggml_backend_free(b->backend);
     free(b);
 }
 
@@ -208,7 +100,6 @@ struct flow_graph {
     struct ggml_backend_buffer *wbuf;
     op_tensors ops[MAX_OPS];
     T *delta, *edit_scale, *gate_center, *strength;
-    float delta_norm;
     size_t max_nodes;
     graph_slot slots[GRAPH_SLOTS];
     unsigned clock;
@@ -233,38 +124,40 @@ static size_t graph_bound(const flow_site *s) {
     return n;
 }
 
-static void free_slot(graph_slot *sl) {
-    if (sl->alloc) G.ggml_gallocr_free(sl->alloc);
-    if (sl->ctx) G.ggml_free(sl->ctx);
+static void free_slot(const ggml_api *G, graph_slot *sl) {
+    if (sl->alloc) G->ggml_gallocr_free(sl->alloc);
+    if (sl->ctx) G->ggml_free(sl->ctx);
     memset(sl, 0, sizeof *sl);
 }
 
 void flow_graph_free(flow_graph *g) {
     if (!g) return;
-    for (int i = 0; i < GRAPH_SLOTS; i++) free_slot(&g->slots[i]);
-    if (g->wbuf) G.ggml_backend_buffer_free(g->wbuf);
-    if (g->wctx) G.ggml_free(g->wctx);
+    const ggml_api *G = g->backend->api;
+    for (int i = 0; i < GRAPH_SLOTS; i++) free_slot(G, &g->slots[i]);
+    if (g->wbuf) G->ggml_backend_buffer_free(g->wbuf);
+    if (g->wctx) G->ggml_free(g->wctx);
     free(g);
 }
 
-static void upload(T *t, const void *data, size_t bytes) { G.ggml_backend_tensor_set(t, data, 0, bytes); }
+static void upload(const ggml_api *G, T *t, const void *data, size_t bytes) { G->ggml_backend_tensor_set(t, data, 0, bytes); }
 
 innsteer_status flow_graph_new(const flow_site *s, int n_embd, graph_backend *b, flow_graph **out, char *err,
                                size_t err_size) {
     *out = NULL;
-    if (!b) return fail(err, err_size, INNSTEER_ERR_ARG, "no backend");
+    if (!b) return set_error(err, err_size, INNSTEER_ERR_ARG, "no backend");
+    const ggml_api *G = b->api;
     flow_graph *g = calloc(1, sizeof *g);
-    if (!g) return fail(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+    if (!g) return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
     g->site = s;
     g->n_embd = n_embd;
     g->backend = b;
     g->max_nodes = graph_bound(s);
     size_t n_tensors = 4;
     for (int k = 0; k < s->n_ops; k++) n_tensors += op_weight_tensors(&s->ops[k]);
-    g->wctx = G.ggml_init((struct fg_init_params){.mem_size = n_tensors * G.ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true});
+    g->wctx = G->ggml_init((struct ggml_api_init_params){.mem_size = n_tensors * G->ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true});
     if (!g->wctx) {
         flow_graph_free(g);
-        return fail(err, err_size, INNSTEER_ERR_NOMEM, "ggml_init failed for the flow weights");
+        return set_error(err, err_size, INNSTEER_ERR_NOMEM, "ggml_init failed for the flow weights");
     }
     C *w = g->wctx;
     for (int k = 0; k < s->n_ops; k++) {
@@ -272,40 +165,40 @@ innsteer_status flow_graph_new(const flow_site *s, int n_embd, graph_backend *b,
         op_tensors *o = &g->ops[k];
         switch (op->kind) {
             case OP_AFFINE:
-                o->scale = G.ggml_new_tensor_1d(w, FG_TYPE_F32, op->dim);
-                o->bias = G.ggml_new_tensor_1d(w, FG_TYPE_F32, op->dim);
+                o->scale = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, op->dim);
+                o->bias = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, op->dim);
                 break;
             case OP_SUBSPACE:
-                o->basis = G.ggml_new_tensor_2d(w, FG_TYPE_F32, n_embd, op->rank);
-                o->basis_t = G.ggml_new_tensor_2d(w, FG_TYPE_F32, op->rank, n_embd);
+                o->basis = G->ggml_new_tensor_2d(w, GGML_API_TYPE_F32, n_embd, op->rank);
+                o->basis_t = G->ggml_new_tensor_2d(w, GGML_API_TYPE_F32, op->rank, n_embd);
                 break;
             case OP_COUPLING:
                 for (int j = 0; j < op->n_layers; j++) {
-                    o->w[j] = G.ggml_new_tensor_2d(w, FG_TYPE_F32, op->width[j], op->width[j + 1]);
-                    o->b[j] = G.ggml_new_tensor_1d(w, FG_TYPE_F32, op->width[j + 1]);
+                    o->w[j] = G->ggml_new_tensor_2d(w, GGML_API_TYPE_F32, op->width[j], op->width[j + 1]);
+                    o->b[j] = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, op->width[j + 1]);
                 }
                 break;
             case OP_PERMUTE:
-                o->perm = G.ggml_new_tensor_1d(w, FG_TYPE_I32, op->dim);
-                o->perm_inv = G.ggml_new_tensor_1d(w, FG_TYPE_I32, op->dim);
+                o->perm = G->ggml_new_tensor_1d(w, GGML_API_TYPE_I32, op->dim);
+                o->perm_inv = G->ggml_new_tensor_1d(w, GGML_API_TYPE_I32, op->dim);
                 break;
             case OP_LINEAR:
-                o->matrix = G.ggml_new_tensor_2d(w, FG_TYPE_F32, op->dim, op->dim);
-                o->matrix_inv = G.ggml_new_tensor_2d(w, FG_TYPE_F32, op->dim, op->dim);
-                o->lbias = G.ggml_new_tensor_1d(w, FG_TYPE_F32, op->dim);
+                o->matrix = G->ggml_new_tensor_2d(w, GGML_API_TYPE_F32, op->dim, op->dim);
+                o->matrix_inv = G->ggml_new_tensor_2d(w, GGML_API_TYPE_F32, op->dim, op->dim);
+                o->lbias = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, op->dim);
                 break;
         }
     }
     int lat = s->latent_dim;
-    g->delta = G.ggml_new_tensor_1d(w, FG_TYPE_F32, lat);
-    if (s->edit_scale) g->edit_scale = G.ggml_new_tensor_1d(w, FG_TYPE_F32, lat);
-    if (s->gate_center) g->gate_center = G.ggml_new_tensor_1d(w, FG_TYPE_F32, lat);
+    g->delta = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, lat);
+    if (s->edit_scale) g->edit_scale = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, lat);
+    if (s->gate_center) g->gate_center = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, lat);
     /* read once per batch by the graph: set before every compute */
-    g->strength = G.ggml_new_tensor_1d(w, FG_TYPE_F32, 1);
-    g->wbuf = G.ggml_backend_alloc_ctx_tensors(w, b->backend);
+    g->strength = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, 1);
+    g->wbuf = G->ggml_backend_alloc_ctx_tensors(w, b->backend);
     if (!g->wbuf) {
         flow_graph_free(g);
-        return fail(err, err_size, INNSTEER_ERR_NOMEM, "cannot allocate the flow weights on backend %s", b->name);
+        return set_error(err, err_size, INNSTEER_ERR_NOMEM, "cannot allocate the flow weights on backend %s", b->name);
     }
     /* host staging for the transposed basis and the inverse permutation, once per upload */
     size_t stage_floats = 0;
@@ -317,50 +210,49 @@ innsteer_status flow_graph_new(const flow_site *s, int n_embd, graph_backend *b,
     void *stage = stage_floats ? malloc(4 * stage_floats) : NULL;
     if (stage_floats && !stage) {
         flow_graph_free(g);
-        return fail(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+        return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
     }
     for (int k = 0; k < s->n_ops; k++) {
         const flow_op *op = &s->ops[k];
         op_tensors *o = &g->ops[k];
         switch (op->kind) {
             case OP_AFFINE:
-                upload(o->scale, op->scale, 4 * (size_t)op->dim);
-                upload(o->bias, op->bias, 4 * (size_t)op->dim);
+                upload(G, o->scale, op->scale, 4 * (size_t)op->dim);
+                upload(G, o->bias, op->bias, 4 * (size_t)op->dim);
                 break;
             case OP_SUBSPACE: {
-                upload(o->basis, op->basis, 4 * (size_t)op->rank * n_embd);
+                upload(G, o->basis, op->basis, 4 * (size_t)op->rank * n_embd);
                 float *bt = stage;
                 for (int r = 0; r < op->rank; r++) {
                     for (int i = 0; i < n_embd; i++) bt[(size_t)i * op->rank + r] = op->basis[(size_t)r * n_embd + i];
                 }
-                upload(o->basis_t, bt, 4 * (size_t)op->rank * n_embd);
+                upload(G, o->basis_t, bt, 4 * (size_t)op->rank * n_embd);
                 break;
             }
             case OP_COUPLING:
                 for (int j = 0; j < op->n_layers; j++) {
-                    upload(o->w[j], op->w[j], 4 * (size_t)op->width[j] * op->width[j + 1]);
-                    upload(o->b[j], op->b[j], 4 * (size_t)op->width[j + 1]);
+                    upload(G, o->w[j], op->w[j], 4 * (size_t)op->width[j] * op->width[j + 1]);
+                    upload(G, o->b[j], op->b[j], 4 * (size_t)op->width[j + 1]);
                 }
                 break;
             case OP_PERMUTE: {
-                upload(o->perm, op->perm, 4 * (size_t)op->dim);
+                upload(G, o->perm, op->perm, 4 * (size_t)op->dim);
                 int32_t *inv = stage;
                 for (int i = 0; i < op->dim; i++) inv[op->perm[i]] = i;
-                upload(o->perm_inv, inv, 4 * (size_t)op->dim);
+                upload(G, o->perm_inv, inv, 4 * (size_t)op->dim);
                 break;
             }
             case OP_LINEAR:
-                upload(o->matrix, op->matrix, 4 * (size_t)op->dim * op->dim);
-                upload(o->matrix_inv, op->matrix_inv, 4 * (size_t)op->dim * op->dim);
-                upload(o->lbias, op->lbias, 4 * (size_t)op->dim);
+                upload(G, o->matrix, op->matrix, 4 * (size_t)op->dim * op->dim);
+                upload(G, o->matrix_inv, op->matrix_inv, 4 * (size_t)op->dim * op->dim);
+                upload(G, o->lbias, op->lbias, 4 * (size_t)op->dim);
                 break;
         }
     }
     free(stage);
-    upload(g->delta, s->delta, 4 * (size_t)lat);
-    if (s->edit_scale) upload(g->edit_scale, s->edit_scale, 4 * (size_t)lat);
-    if (s->gate_center) upload(g->gate_center, s->gate_center, 4 * (size_t)lat);
-    g->delta_norm = sqrtf(dot(s->delta, s->delta, lat)); /* as the host kernel's target gate computes it */
+    upload(G, g->delta, s->delta, 4 * (size_t)lat);
+    if (s->edit_scale) upload(G, g->edit_scale, s->edit_scale, 4 * (size_t)lat);
+    if (s->gate_center) upload(G, g->gate_center, s->gate_center, 4 * (size_t)lat);
     *out = g;
     return INNSTEER_OK;
 }
@@ -370,80 +262,80 @@ bool flow_graph_supports(const flow_graph *g, innsteer_gate gate) {
     if (gate == INNSTEER_GATE_OFF) return true;
     if (!g->site->gate_center) return false;
     /* a zero delta gives the host kernel's exact "no edit"; the graph would leave rounding noise */
-    return gate == INNSTEER_GATE_DENSITY || g->delta_norm > 0.0f;
+    return gate == INNSTEER_GATE_DENSITY || g->site->delta_norm > 0.0f;
 }
 
 /* ---- graph ------------------------------------------------------------------------------ */
 
 /* Columns [from, from + cols) of every row of x (rows of width w): a strided view. */
-static T *cols(C *ctx, T *x, int w, int from, int cols_n, int64_t n) {
-    return G.ggml_view_2d(ctx, x, cols_n, n, 4 * (size_t)w, 4 * (size_t)from);
+static T *cols(const ggml_api *G, C *ctx, T *x, int w, int from, int cols_n, int64_t n) {
+    return G->ggml_view_2d(ctx, x, cols_n, n, 4 * (size_t)w, 4 * (size_t)from);
 }
 
-static T *activate_node(C *ctx, act_kind act, T *x) {
+static T *activate_node(const ggml_api *G, C *ctx, act_kind act, T *x) {
     switch (act) {
-        case ACT_RELU: return G.ggml_relu(ctx, x);
-        case ACT_TANH: return G.ggml_tanh(ctx, x);
-        case ACT_SILU: return G.ggml_silu(ctx, x);
+        case ACT_RELU: return G->ggml_relu(ctx, x);
+        case ACT_TANH: return G->ggml_tanh(ctx, x);
+        case ACT_SILU: return G->ggml_silu(ctx, x);
     }
     return x;
 }
 
 /* (s, t) of a coupling for conditioning rows cond (contiguous, width d1): s = c tanh(s_raw / c). */
-static void conditioner_node(C *ctx, const flow_op *op, const op_tensors *o, T *cond, int64_t n, T **s, T **t) {
+static void conditioner_node(const ggml_api *G, C *ctx, const flow_op *op, const op_tensors *o, T *cond, int64_t n, T **s, T **t) {
     T *h = cond;
     for (int j = 0; j < op->n_layers; j++) {
-        h = G.ggml_add(ctx, G.ggml_mul_mat(ctx, o->w[j], h), o->b[j]);
-        if (j + 1 < op->n_layers) h = activate_node(ctx, op->act, h);
+        h = G->ggml_add(ctx, G->ggml_mul_mat(ctx, o->w[j], h), o->b[j]);
+        if (j + 1 < op->n_layers) h = activate_node(G, ctx, op->act, h);
     }
     int d2 = op->d2;
     /* unary ops want contiguous input on some backends */
-    T *s_raw = G.ggml_cont(ctx, cols(ctx, h, 2 * d2, 0, d2, n));
-    *s = G.ggml_scale(ctx, G.ggml_tanh(ctx, G.ggml_scale(ctx, s_raw, 1.0f / op->clamp)), op->clamp);
-    *t = cols(ctx, h, 2 * d2, d2, d2, n);
+    T *s_raw = G->ggml_cont(ctx, cols(G, ctx, h, 2 * d2, 0, d2, n));
+    *s = G->ggml_scale(ctx, G->ggml_tanh(ctx, G->ggml_scale(ctx, s_raw, 1.0f / op->clamp)), op->clamp);
+    *t = cols(G, ctx, h, 2 * d2, d2, d2, n);
 }
 
 /* Feature permutation y[i] = x[idx[i]] of every row: rows of the transpose, gathered. */
-static T *permute_node(C *ctx, T *x, T *idx) {
-    T *xt = G.ggml_cont(ctx, G.ggml_transpose(ctx, x));
-    return G.ggml_cont(ctx, G.ggml_transpose(ctx, G.ggml_get_rows(ctx, xt, idx)));
+static T *permute_node(const ggml_api *G, C *ctx, T *x, T *idx) {
+    T *xt = G->ggml_cont(ctx, G->ggml_transpose(ctx, x));
+    return G->ggml_cont(ctx, G->ggml_transpose(ctx, G->ggml_get_rows(ctx, xt, idx)));
 }
 
-static T *op_forward_node(C *ctx, const flow_op *op, const op_tensors *o, T *x, int64_t n) {
+static T *op_forward_node(const ggml_api *G, C *ctx, const flow_op *op, const op_tensors *o, T *x, int64_t n) {
     switch (op->kind) {
-        case OP_AFFINE: return G.ggml_add(ctx, G.ggml_mul(ctx, x, o->scale), o->bias);
-        case OP_SUBSPACE: return G.ggml_mul_mat(ctx, o->basis, x);
-        case OP_PERMUTE: return permute_node(ctx, x, o->perm);
-        case OP_LINEAR: return G.ggml_add(ctx, G.ggml_mul_mat(ctx, o->matrix, x), o->lbias);
+        case OP_AFFINE: return G->ggml_add(ctx, G->ggml_mul(ctx, x, o->scale), o->bias);
+        case OP_SUBSPACE: return G->ggml_mul_mat(ctx, o->basis, x);
+        case OP_PERMUTE: return permute_node(G, ctx, x, o->perm);
+        case OP_LINEAR: return G->ggml_add(ctx, G->ggml_mul_mat(ctx, o->matrix, x), o->lbias);
         case OP_COUPLING: {
             T *s, *t;
-            T *x1 = cols(ctx, x, op->dim, 0, op->d1, n);
-            conditioner_node(ctx, op, o, G.ggml_cont(ctx, x1), n, &s, &t);
-            T *y2 = G.ggml_add(ctx, G.ggml_mul(ctx, cols(ctx, x, op->dim, op->d1, op->d2, n), G.ggml_exp(ctx, s)), t);
-            return G.ggml_concat(ctx, x1, y2, 0);
+            T *x1 = cols(G, ctx, x, op->dim, 0, op->d1, n);
+            conditioner_node(G, ctx, op, o, G->ggml_cont(ctx, x1), n, &s, &t);
+            T *y2 = G->ggml_add(ctx, G->ggml_mul(ctx, cols(G, ctx, x, op->dim, op->d1, op->d2, n), G->ggml_exp(ctx, s)), t);
+            return G->ggml_concat(ctx, x1, y2, 0);
         }
     }
     return x;
 }
 
 /* The edit of op k's input from the edit d of its output (flow_steer.c, op_inverse_delta_block). */
-static T *op_inverse_delta_node(C *ctx, const flow_op *op, const op_tensors *o, T *x_in, T *x_out, T *d, int64_t n) {
+static T *op_inverse_delta_node(const ggml_api *G, C *ctx, const flow_op *op, const op_tensors *o, T *x_in, T *x_out, T *d, int64_t n) {
     switch (op->kind) {
-        case OP_AFFINE: return G.ggml_div(ctx, d, o->scale);
-        case OP_SUBSPACE: return G.ggml_mul_mat(ctx, o->basis_t, d);
-        case OP_PERMUTE: return permute_node(ctx, d, o->perm_inv);
-        case OP_LINEAR: return G.ggml_mul_mat(ctx, o->matrix_inv, d);
+        case OP_AFFINE: return G->ggml_div(ctx, d, o->scale);
+        case OP_SUBSPACE: return G->ggml_mul_mat(ctx, o->basis_t, d);
+        case OP_PERMUTE: return permute_node(G, ctx, d, o->perm_inv);
+        case OP_LINEAR: return G->ggml_mul_mat(ctx, o->matrix_inv, d);
         case OP_COUPLING: {
             /* condition on the moved first half; x2' = (x_out2 + d2 - t) exp(-s), edit x2' - x_in2 */
             int w = op->dim, d1 = op->d1, d2 = op->d2;
-            T *dd1 = cols(ctx, d, w, 0, d1, n);
-            T *cond = G.ggml_add(ctx, cols(ctx, x_in, w, 0, d1, n), dd1);
+            T *dd1 = cols(G, ctx, d, w, 0, d1, n);
+            T *cond = G->ggml_add(ctx, cols(G, ctx, x_in, w, 0, d1, n), dd1);
             T *s, *t;
-            conditioner_node(ctx, op, o, cond, n, &s, &t);
-            T *u = G.ggml_sub(ctx, G.ggml_add(ctx, cols(ctx, x_out, w, d1, d2, n), cols(ctx, d, w, d1, d2, n)), t);
-            u = G.ggml_mul(ctx, u, G.ggml_exp(ctx, G.ggml_scale(ctx, s, -1.0f)));
-            T *e2 = G.ggml_sub(ctx, u, cols(ctx, x_in, w, d1, d2, n));
-            return G.ggml_concat(ctx, dd1, e2, 0);
+            conditioner_node(G, ctx, op, o, cond, n, &s, &t);
+            T *u = G->ggml_sub(ctx, G->ggml_add(ctx, cols(G, ctx, x_out, w, d1, d2, n), cols(G, ctx, d, w, d1, d2, n)), t);
+            u = G->ggml_mul(ctx, u, G->ggml_exp(ctx, G->ggml_scale(ctx, s, -1.0f)));
+            T *e2 = G->ggml_sub(ctx, u, cols(G, ctx, x_in, w, d1, d2, n));
+            return G->ggml_concat(ctx, dd1, e2, 0);
         }
     }
     return d;
@@ -451,65 +343,67 @@ static T *op_inverse_delta_node(C *ctx, const flow_op *op, const op_tensors *o, 
 
 /* Per-row weight of the edit times the strength, [1, n] (flow_steer.c, gate_weight). */
 static T *gated_strength_node(flow_graph *g, C *ctx, innsteer_gate gate, bool negative, T *z) {
+    const ggml_api *G = g->backend->api;
     const flow_site *s = g->site;
     int lat = s->latent_dim;
     if (gate == INNSTEER_GATE_DENSITY) {
-        T *dist2 = G.ggml_sum_rows(ctx, G.ggml_sqr(ctx, G.ggml_sub(ctx, z, g->gate_center)));
-        T *x = G.ggml_scale_bias(ctx, dist2, 1.0f / (float)lat, -s->gate_radius);
-        T *th = G.ggml_tanh(ctx, G.ggml_scale(ctx, x, 0.5f / s->gate_softness));
-        T *wgt = G.ggml_scale_bias(ctx, th, -0.5f, 0.5f);
-        return G.ggml_mul(ctx, wgt, g->strength);
+        T *dist2 = G->ggml_sum_rows(ctx, G->ggml_sqr(ctx, G->ggml_sub(ctx, z, g->gate_center)));
+        T *x = G->ggml_scale_bias(ctx, dist2, 1.0f / (float)lat, -s->gate_radius);
+        T *th = G->ggml_tanh(ctx, G->ggml_scale(ctx, x, 0.5f / s->gate_softness));
+        T *wgt = G->ggml_scale_bias(ctx, th, -0.5f, 0.5f);
+        return G->ggml_mul(ctx, wgt, g->strength);
     }
     /* target: k = clamp(need, 0, a) with need = (target - <z, delta>/|delta|) / |delta|; a * (k / a) = k */
-    float norm = g->delta_norm;
+    float norm = g->site->delta_norm;
     float target = negative ? s->gate_target_neg : s->gate_target_pos;
-    T *proj = G.ggml_mul_mat(ctx, g->delta, z); /* [1, n] */
-    T *need = G.ggml_scale(ctx, G.ggml_scale_bias(ctx, proj, -1.0f / norm, target), 1.0f / norm);
+    T *proj = G->ggml_mul_mat(ctx, g->delta, z); /* [1, n] */
+    T *need = G->ggml_scale(ctx, G->ggml_scale_bias(ctx, proj, -1.0f / norm, target), 1.0f / norm);
     if (!negative) {
-        T *x = G.ggml_relu(ctx, need); /* max(need, 0) */
-        return G.ggml_sub(ctx, x, G.ggml_relu(ctx, G.ggml_sub(ctx, x, g->strength))); /* min(x, a) */
+        T *x = G->ggml_relu(ctx, need); /* max(need, 0) */
+        return G->ggml_sub(ctx, x, G->ggml_relu(ctx, G->ggml_sub(ctx, x, g->strength))); /* min(x, a) */
     }
-    T *x = G.ggml_relu(ctx, G.ggml_scale(ctx, need, -1.0f)); /* max(-need, 0) */
-    T *k = G.ggml_sub(ctx, x, G.ggml_relu(ctx, G.ggml_add(ctx, x, g->strength))); /* min(x, -a) */
-    return G.ggml_scale(ctx, k, -1.0f);
+    T *x = G->ggml_relu(ctx, G->ggml_scale(ctx, need, -1.0f)); /* max(-need, 0) */
+    T *k = G->ggml_sub(ctx, x, G->ggml_relu(ctx, G->ggml_add(ctx, x, g->strength))); /* min(x, -a) */
+    return G->ggml_scale(ctx, k, -1.0f);
 }
 
 static innsteer_status build_slot(flow_graph *g, graph_slot *sl, int64_t n, innsteer_gate gate, bool negative, char *err,
                                   size_t err_size) {
+    const ggml_api *G = g->backend->api;
     const flow_site *s = g->site;
-    size_t mem = g->max_nodes * G.ggml_tensor_overhead() + G.ggml_graph_overhead_custom(g->max_nodes, false);
-    sl->ctx = G.ggml_init((struct fg_init_params){.mem_size = mem, .mem_buffer = NULL, .no_alloc = true});
-    if (!sl->ctx) return fail(err, err_size, INNSTEER_ERR_NOMEM, "ggml_init failed for the steering graph");
+    size_t mem = g->max_nodes * G->ggml_tensor_overhead() + G->ggml_graph_overhead_custom(g->max_nodes, false);
+    sl->ctx = G->ggml_init((struct ggml_api_init_params){.mem_size = mem, .mem_buffer = NULL, .no_alloc = true});
+    if (!sl->ctx) return set_error(err, err_size, INNSTEER_ERR_NOMEM, "ggml_init failed for the steering graph");
     C *ctx = sl->ctx;
     T *acts[MAX_OPS + 1];
-    sl->in = G.ggml_new_tensor_2d(ctx, FG_TYPE_F32, g->n_embd, n);
-    G.ggml_set_input(sl->in);
+    sl->in = G->ggml_new_tensor_2d(ctx, GGML_API_TYPE_F32, g->n_embd, n);
+    G->ggml_set_input(sl->in);
     acts[0] = sl->in;
-    for (int k = 0; k < s->n_ops; k++) acts[k + 1] = op_forward_node(ctx, &s->ops[k], &g->ops[k], acts[k], n);
+    for (int k = 0; k < s->n_ops; k++) acts[k + 1] = op_forward_node(G, ctx, &s->ops[k], &g->ops[k], acts[k], n);
     T *z = acts[s->n_ops];
-    T *base = g->edit_scale ? G.ggml_add(ctx, G.ggml_mul(ctx, z, g->edit_scale), g->delta) : G.ggml_repeat(ctx, g->delta, z);
+    T *base = g->edit_scale ? G->ggml_add(ctx, G->ggml_mul(ctx, z, g->edit_scale), g->delta) : G->ggml_repeat(ctx, g->delta, z);
     T *a = gate == INNSTEER_GATE_OFF ? g->strength : gated_strength_node(g, ctx, gate, negative, z);
-    T *d = G.ggml_mul(ctx, base, a);
-    for (int k = s->n_ops - 1; k >= 0; k--) d = op_inverse_delta_node(ctx, &s->ops[k], &g->ops[k], acts[k], acts[k + 1], d, n);
-    sl->out = G.ggml_add(ctx, sl->in, d);
+    T *d = G->ggml_mul(ctx, base, a);
+    for (int k = s->n_ops - 1; k >= 0; k--) d = op_inverse_delta_node(G, ctx, &s->ops[k], &g->ops[k], acts[k], acts[k + 1], d, n);
+    sl->out = G->ggml_add(ctx, sl->in, d);
     /* 0 for a row of finite values, NaN otherwise (x - x) */
-    sl->flags = G.ggml_sum_rows(ctx, G.ggml_sub(ctx, sl->out, sl->out));
-    G.ggml_set_output(sl->out);
-    G.ggml_set_output(sl->flags);
-    sl->graph = G.ggml_new_graph_custom(ctx, g->max_nodes, false);
-    G.ggml_build_forward_expand(sl->graph, sl->out);
-    G.ggml_build_forward_expand(sl->graph, sl->flags);
+    sl->flags = G->ggml_sum_rows(ctx, G->ggml_sub(ctx, sl->out, sl->out));
+    G->ggml_set_output(sl->out);
+    G->ggml_set_output(sl->flags);
+    sl->graph = G->ggml_new_graph_custom(ctx, g->max_nodes, false);
+    G->ggml_build_forward_expand(sl->graph, sl->out);
+    G->ggml_build_forward_expand(sl->graph, sl->flags);
     /* a backend may lack an op (or a layout of it) that the CPU and CUDA backends have: ask before
      * computing, since an unsupported op aborts inside ggml */
-    for (int i = 0; i < G.ggml_graph_n_nodes(sl->graph); i++) {
-        if (!G.ggml_backend_supports_op(g->backend->backend, G.ggml_graph_node(sl->graph, i))) {
-            return fail(err, err_size, INNSTEER_ERR_UNSUPPORTED, "backend %s lacks op %d of the steering graph", g->backend->name, i);
+    for (int i = 0; i < G->ggml_graph_n_nodes(sl->graph); i++) {
+        if (!G->ggml_backend_supports_op(g->backend->backend, G->ggml_graph_node(sl->graph, i))) {
+            return set_error(err, err_size, INNSTEER_ERR_UNSUPPORTED, "backend %s lacks op %d of the steering graph", g->backend->name, i);
         }
     }
-    sl->alloc = G.ggml_gallocr_new(G.ggml_backend_get_default_buffer_type(g->backend->backend));
-    if (!sl->alloc || !G.ggml_gallocr_alloc_graph(sl->alloc, sl->graph)) {
-        return fail(err, err_size, INNSTEER_ERR_NOMEM, "cannot allocate the steering graph for %lld rows on %s", (long long)n,
-                    g->backend->name);
+    sl->alloc = G->ggml_gallocr_new(G->ggml_backend_get_default_buffer_type(g->backend->backend));
+    if (!sl->alloc || !G->ggml_gallocr_alloc_graph(sl->alloc, sl->graph)) {
+        return set_error(err, err_size, INNSTEER_ERR_NOMEM, "cannot allocate the steering graph for %lld rows on %s", (long long)n,
+                         g->backend->name);
     }
     sl->n_rows = n;
     sl->gate = gate;
@@ -520,6 +414,7 @@ static innsteer_status build_slot(flow_graph *g, graph_slot *sl, int64_t n, inns
 /* The graph for this batch shape: cached, else built in the least recently used slot. */
 static innsteer_status get_slot(flow_graph *g, int64_t n, innsteer_gate gate, float strength, graph_slot **out, char *err,
                                 size_t err_size) {
+    const ggml_api *G = g->backend->api;
     bool negative = gate == INNSTEER_GATE_TARGET && strength < 0.0f;
     graph_slot *victim = &g->slots[0];
     g->clock++;
@@ -532,10 +427,10 @@ static innsteer_status get_slot(flow_graph *g, int64_t n, innsteer_gate gate, fl
         }
         if (sl->last_use < victim->last_use) victim = sl;
     }
-    free_slot(victim);
+    free_slot(G, victim);
     innsteer_status st = build_slot(g, victim, n, gate, negative, err, err_size);
     if (st != INNSTEER_OK) {
-        free_slot(victim);
+        free_slot(G, victim);
         g->unsupported = st == INNSTEER_ERR_UNSUPPORTED;
         return st;
     }
@@ -545,41 +440,43 @@ static innsteer_status get_slot(flow_graph *g, int64_t n, innsteer_gate gate, fl
 }
 
 static innsteer_status compute(flow_graph *g, graph_slot *sl, float strength, char *err, size_t err_size) {
-    G.ggml_backend_tensor_set(g->strength, &strength, 0, sizeof strength);
-    int status = G.ggml_backend_graph_compute(g->backend->backend, sl->graph);
-    if (status != 0) return fail(err, err_size, INNSTEER_ERR_UNSUPPORTED, "ggml graph compute on %s failed (status %d)", g->backend->name, status);
+    const ggml_api *G = g->backend->api;
+    G->ggml_backend_tensor_set(g->strength, &strength, 0, sizeof strength);
+    int status = G->ggml_backend_graph_compute(g->backend->backend, sl->graph);
+    if (status != 0) return set_error(err, err_size, INNSTEER_ERR_UNSUPPORTED, "ggml graph compute on %s failed (status %d)", g->backend->name, status);
     return INNSTEER_OK;
 }
 
 innsteer_status flow_graph_steer_tensor(flow_graph *g, struct ggml_tensor *t, int64_t n_rows, float strength,
                                         innsteer_gate gate, float *host_rows, uint64_t *steered, uint64_t *rejected,
                                         char *err, size_t err_size) {
-    if (!flow_graph_supports(g, gate)) return fail(err, err_size, INNSTEER_ERR_UNSUPPORTED, "gate mode %d not on the graph path", gate);
+    const ggml_api *G = g->backend->api;
+    if (!flow_graph_supports(g, gate)) return set_error(err, err_size, INNSTEER_ERR_UNSUPPORTED, "gate mode %d not on the graph path", gate);
     graph_slot *sl;
     innsteer_status st = get_slot(g, n_rows, gate, strength, &sl, err, err_size);
     if (st != INNSTEER_OK) return st;
     /* ggml_backend_tensor_copy asserts on a layout mismatch: check what we can see first */
-    if (!G.ggml_is_contiguous(t) || !G.ggml_are_same_shape(t, sl->in)) {
-        return fail(err, err_size, INNSTEER_ERR_ARG, "tensor is not a contiguous [%d x %lld] matrix", g->n_embd, (long long)n_rows);
+    if (!G->ggml_is_contiguous(t) || !G->ggml_are_same_shape(t, sl->in)) {
+        return set_error(err, err_size, INNSTEER_ERR_ARG, "tensor is not a contiguous [%d x %lld] matrix", g->n_embd, (long long)n_rows);
     }
-    G.ggml_backend_tensor_copy(t, sl->in);
+    G->ggml_backend_tensor_copy(t, sl->in);
     if ((st = compute(g, sl, strength, err, err_size)) != INNSTEER_OK) return st;
     /* the flags are n_rows floats: reading them is the only device-to-host transfer */
     float *flags = host_rows;
-    G.ggml_backend_tensor_get(sl->flags, flags, 0, sizeof(float) * (size_t)n_rows);
+    G->ggml_backend_tensor_get(sl->flags, flags, 0, sizeof(float) * (size_t)n_rows);
     int64_t bad = 0;
     for (int64_t r = 0; r < n_rows; r++) bad += !isfinite(flags[r]);
     if (bad == 0) {
-        G.ggml_backend_tensor_copy(sl->out, t);
+        G->ggml_backend_tensor_copy(sl->out, t);
     } else {
         /* rare: write back the finite rows only, so the KV cache never sees NaN/Inf */
         size_t row = sizeof(float) * (size_t)g->n_embd;
         uint8_t *bad_row = malloc((size_t)n_rows);
-        if (!bad_row) return fail(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+        if (!bad_row) return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
         for (int64_t r = 0; r < n_rows; r++) bad_row[r] = !isfinite(flags[r]);
-        G.ggml_backend_tensor_get(sl->out, host_rows, 0, row * (size_t)n_rows);
+        G->ggml_backend_tensor_get(sl->out, host_rows, 0, row * (size_t)n_rows);
         for (int64_t r = 0; r < n_rows; r++) {
-            if (!bad_row[r]) G.ggml_backend_tensor_set(t, host_rows + (size_t)r * g->n_embd, row * (size_t)r, row);
+            if (!bad_row[r]) G->ggml_backend_tensor_set(t, host_rows + (size_t)r * g->n_embd, row * (size_t)r, row);
         }
         free(bad_row);
     }
@@ -590,17 +487,18 @@ innsteer_status flow_graph_steer_tensor(flow_graph *g, struct ggml_tensor *t, in
 
 innsteer_status flow_graph_steer_host(flow_graph *g, const float *in, float *out, int64_t n_rows, float strength,
                                       innsteer_gate gate, uint64_t *rejected, char *err, size_t err_size) {
-    if (!flow_graph_supports(g, gate)) return fail(err, err_size, INNSTEER_ERR_UNSUPPORTED, "gate mode %d not on the graph path", gate);
+    const ggml_api *G = g->backend->api;
+    if (!flow_graph_supports(g, gate)) return set_error(err, err_size, INNSTEER_ERR_UNSUPPORTED, "gate mode %d not on the graph path", gate);
     graph_slot *sl;
     innsteer_status st = get_slot(g, n_rows, gate, strength, &sl, err, err_size);
     if (st != INNSTEER_OK) return st;
     size_t bytes = sizeof(float) * (size_t)n_rows * g->n_embd;
-    G.ggml_backend_tensor_set(sl->in, in, 0, bytes);
+    G->ggml_backend_tensor_set(sl->in, in, 0, bytes);
     if ((st = compute(g, sl, strength, err, err_size)) != INNSTEER_OK) return st;
     float *flags = malloc(sizeof(float) * (size_t)n_rows);
-    if (!flags) return fail(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
-    G.ggml_backend_tensor_get(sl->flags, flags, 0, sizeof(float) * (size_t)n_rows);
-    G.ggml_backend_tensor_get(sl->out, out, 0, bytes);
+    if (!flags) return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+    G->ggml_backend_tensor_get(sl->flags, flags, 0, sizeof(float) * (size_t)n_rows);
+    G->ggml_backend_tensor_get(sl->out, out, 0, bytes);
     for (int64_t r = 0; r < n_rows; r++) {
         if (isfinite(flags[r])) continue;
         memmove(out + (size_t)r * g->n_embd, in + (size_t)r * g->n_embd, sizeof(float) * (size_t)g->n_embd);
@@ -616,9 +514,9 @@ innsteer_status innsteer_flow_steer_graph(const innsteer_flow *flow, int site, f
     if (err && err_size) err[0] = '\0';
     if (!flow || !in || !out || n_rows < 0 || site < 0 || site >= flow->n_sites || !isfinite(strength) ||
         path == INNSTEER_PATH_HOST || path < INNSTEER_PATH_AUTO || path > INNSTEER_PATH_CPU_GRAPH) {
-        return fail(err, err_size, INNSTEER_ERR_ARG, "invalid argument");
+        return set_error(err, err_size, INNSTEER_ERR_ARG, "invalid argument");
     }
-    if (gate != INNSTEER_GATE_OFF && !innsteer_flow_has_gate(flow)) return fail(err, err_size, INNSTEER_ERR_ARG, "flow has no gate parameters");
+    if (gate != INNSTEER_GATE_OFF && !innsteer_flow_has_gate(flow)) return set_error(err, err_size, INNSTEER_ERR_ARG, "flow has no gate parameters");
     if (n_rows == 0) return INNSTEER_OK;
     graph_backend *b;
     innsteer_status st = graph_backend_new(path == INNSTEER_PATH_AUTO ? INNSTEER_PATH_DEVICE : path, 0, &b, err, err_size);

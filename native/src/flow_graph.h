@@ -12,9 +12,9 @@ typedef struct flow_graph flow_graph;
 typedef struct graph_backend graph_backend;
 
 /* A ggml backend from ggml's device registry: the first GPU (or integrated GPU) device for
- * INNSTEER_PATH_DEVICE, the CPU device for INNSTEER_PATH_CPU_GRAPH. ggml's functions are looked
- * up in the process at run time; INNSTEER_ERR_UNSUPPORTED (with a message) when they or the
- * device are missing. n_threads applies to the CPU backend only. */
+ * INNSTEER_PATH_DEVICE, the CPU device for INNSTEER_PATH_CPU_GRAPH. INNSTEER_ERR_UNSUPPORTED (with
+ * a message) when the process's ggml lacks a function the graph needs (ggml_api.h) or the
+ * device. n_threads applies to the CPU backend only. */
 innsteer_status graph_backend_new(innsteer_path path, int n_threads, graph_backend **out, char *err, size_t err_size);
 void graph_backend_free(graph_backend *b);
 const char *graph_backend_name(const graph_backend *b);

@@ -171,7 +171,7 @@ static float gate_weight(const flow_site *s, innsteer_gate gate, float strength,
         return 0.5f * (1.0f - tanhf(0.5f * (dist2 / (float)w - s->gate_radius) / s->gate_softness));
     }
     if (gate == INNSTEER_GATE_TARGET) {
-        float norm = sqrtf(dot(s->delta, s->delta, w));
+        float norm = s->delta_norm;
         if (norm <= 0.0f || strength == 0.0f) return 0.0f;
         float target = strength > 0.0f ? s->gate_target_pos : s->gate_target_neg;
         float need = (target - dot(z, s->delta, w) / norm) / norm; /* multiples of delta to the target */
@@ -181,20 +181,23 @@ static float gate_weight(const flow_site *s, innsteer_gate gate, float strength,
     return 1.0f;
 }
 
+/* phi on n rows: acts[k + 1] is op k's output (n rows, n_embd wide before the subspace op and
+ * latent_dim wide from it on), kept in b->acts for the way back. */
+static void forward_block(const flow_site *s, int n_embd, const float *in, int n, block_scratch *b, const float **acts) {
+    int sub = s->subspace_at;
+    acts[0] = in;
+    float *cursor = b->acts;
+    for (int k = 0; k < s->n_ops; k++) {
+        op_forward_block(&s->ops[k], acts[k], cursor, n, n_embd, b);
+        acts[k + 1] = cursor;
+        cursor += (size_t)n * (size_t)(sub >= 0 && k >= sub ? s->latent_dim : n_embd);
+    }
+}
+
 static void steer_block(const flow_site *s, int n_embd, float strength, innsteer_gate gate, const float *in, float *out,
                         int n, block_scratch *b) {
     const float *acts[MAX_OPS + 1];
-    int width[MAX_OPS + 1];
-    int sub = s->subspace_at;
-    acts[0] = in;
-    width[0] = n_embd;
-    float *cursor = b->acts;
-    for (int k = 0; k < s->n_ops; k++) {
-        width[k + 1] = (sub >= 0 && k >= sub) ? s->latent_dim : n_embd;
-        op_forward_block(&s->ops[k], acts[k], cursor, n, n_embd, b);
-        acts[k + 1] = cursor;
-        cursor += (size_t)n * width[k + 1];
-    }
+    forward_block(s, n_embd, in, n, b, acts);
     int w = s->latent_dim;
     for (int j = 0; j < n; j++) {
         const float *z = acts[s->n_ops] + (size_t)j * w;
@@ -212,5 +215,24 @@ void flow_site_steer_rows(const flow_site *s, int n_embd, float strength, innste
     for (int64_t r = 0; r < n_rows; r += FLOW_BLOCK) {
         int n = (int)(n_rows - r < FLOW_BLOCK ? n_rows - r : FLOW_BLOCK);
         steer_block(s, n_embd, strength, gate, in + r * n_embd, out + r * n_embd, n, &b);
+    }
+}
+
+/* With a subspace the latent is x + basis^T (g(basis x) - basis x), x the input of the subspace
+ * op: n_embd wide, and flow_site_inverse_row undoes it exactly. */
+void flow_site_forward_rows(const flow_site *s, int n_embd, const float *in, float *out, int64_t n_rows, float *scratch) {
+    block_scratch b = split(s, n_embd, scratch);
+    const float *acts[MAX_OPS + 1];
+    int sub = s->subspace_at, w = s->latent_dim;
+    for (int64_t r = 0; r < n_rows; r += FLOW_BLOCK) {
+        int n = (int)(n_rows - r < FLOW_BLOCK ? n_rows - r : FLOW_BLOCK);
+        float *y = out + r * n_embd;
+        forward_block(s, n_embd, in + r * n_embd, n, &b, acts);
+        /* memmove: with no op before the output, acts[] is the input, which may be y itself */
+        memmove(y, acts[sub >= 0 ? sub : s->n_ops], sizeof(float) * (size_t)n * n_embd);
+        if (sub < 0) continue;
+        for (int j = 0; j < n; j++) {
+            subspace_lift(&s->ops[sub], y + (size_t)j * n_embd, acts[s->n_ops] + (size_t)j * w, acts[sub + 1] + (size_t)j * w, n_embd);
+        }
     }
 }

@@ -1,17 +1,11 @@
 #include "gguf_read.h"
 
-#include <stdarg.h>
+#include "limits.h"
+#include "error.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* Caps that keep a hostile header from making us allocate or loop without bound. A flow file
- * has a few dozen keys and tensors. */
-#define MAX_KV 4096
-#define MAX_TENSORS 4096
-#define MAX_STRING 65536
-#define MAX_ARRAY 1048576
-#define MAX_NESTING 2
 
 typedef struct {
     const uint8_t *buf;
@@ -21,43 +15,36 @@ typedef struct {
     size_t err_size;
 } cursor;
 
-static bool fail(cursor *c, const char *fmt, ...) {
-    if (c->err && c->err_size) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(c->err, c->err_size, fmt, ap);
-        va_end(ap);
-    }
-    return false;
-}
+#define BAD(c, ...) set_error((c)->err, (c)->err_size, INNSTEER_ERR_FORMAT, __VA_ARGS__)
 
-static bool take(cursor *c, size_t n, const uint8_t **out, const char *what) {
+static innsteer_status take(cursor *c, size_t n, const uint8_t **out, const char *what) {
     *out = NULL;
     if (n > c->size - c->pos) {
-        return fail(c, "truncated file: %s needs %zu bytes at offset %zu, file has %zu", what, n, c->pos, c->size);
+        return BAD(c, "truncated file: %s needs %zu bytes at offset %zu, file has %zu", what, n, c->pos, c->size);
     }
     *out = c->buf + c->pos;
     c->pos += n;
-    return true;
+    return INNSTEER_OK;
 }
 
-static bool read_u32(cursor *c, uint32_t *v, const char *what) {
+static innsteer_status read_u32(cursor *c, uint32_t *v, const char *what) {
     const uint8_t *p = NULL;
-    if (!take(c, 4, &p, what)) return false;
-    memcpy(v, p, 4);
-    return true;
+    innsteer_status st = take(c, 4, &p, what);
+    if (st == INNSTEER_OK) memcpy(v, p, 4);
+    return st;
 }
 
-static bool read_u64(cursor *c, uint64_t *v, const char *what) {
+static innsteer_status read_u64(cursor *c, uint64_t *v, const char *what) {
     const uint8_t *p = NULL;
-    if (!take(c, 8, &p, what)) return false;
-    memcpy(v, p, 8);
-    return true;
+    innsteer_status st = take(c, 8, &p, what);
+    if (st == INNSTEER_OK) memcpy(v, p, 8);
+    return st;
 }
 
-/* Strict UTF-8 (no overlongs, surrogates or code points above U+10FFFF), as GGUF requires of
- * names: the Python reader decodes them, so both readers refuse the same files. */
-static bool valid_utf8(const uint8_t *p, uint64_t n) {
+/* GGUF requires UTF-8 names; the Python reader decodes them strictly, so both readers refuse the
+ * same files. */
+bool gguf_valid_utf8(const char *s, uint64_t n) {
+    const uint8_t *p = (const uint8_t *)s;
     uint64_t i = 0;
     while (i < n) {
         uint8_t c = p[i];
@@ -77,15 +64,16 @@ static bool valid_utf8(const uint8_t *p, uint64_t n) {
     return true;
 }
 
-static bool read_str(cursor *c, gguf_str *s, const char *what) {
+static innsteer_status read_str(cursor *c, gguf_str *s, const char *what) {
     uint64_t len;
-    if (!read_u64(c, &len, what)) return false;
-    if (len > MAX_STRING) return fail(c, "%s: string length %llu exceeds the cap of %d", what, (unsigned long long)len, MAX_STRING);
+    innsteer_status st = read_u64(c, &len, what);
+    if (st) return st;
+    if (len > MAX_STRING) return BAD(c, "%s: string length %llu exceeds the cap of %d", what, (unsigned long long)len, MAX_STRING);
     const uint8_t *p = NULL;
-    if (!take(c, (size_t)len, &p, what)) return false;
+    if ((st = take(c, (size_t)len, &p, what))) return st;
     s->ptr = (const char *)p;
     s->len = len;
-    return true;
+    return INNSTEER_OK;
 }
 
 static size_t scalar_size(uint32_t type) {
@@ -98,189 +86,168 @@ static size_t scalar_size(uint32_t type) {
     }
 }
 
-static bool skip_value(cursor *c, uint32_t type, int depth, const char *key) {
+static innsteer_status skip_value(cursor *c, uint32_t type, int depth, const char *key) {
+    const uint8_t *p;
     if (type == GV_STRING) {
         gguf_str s;
         return read_str(c, &s, key);
     }
     if (type == GV_ARRAY) {
-        if (depth >= MAX_NESTING) return fail(c, "key '%s': arrays nested too deeply", key);
+        if (depth >= MAX_NESTING) return BAD(c, "key '%s': arrays nested too deeply", key);
         uint32_t et;
         uint64_t n;
-        if (!read_u32(c, &et, key) || !read_u64(c, &n, key)) return false;
-        if (n > MAX_ARRAY) return fail(c, "key '%s': array of %llu items exceeds the cap of %d", key, (unsigned long long)n, MAX_ARRAY);
+        innsteer_status st;
+        if ((st = read_u32(c, &et, key)) || (st = read_u64(c, &n, key))) return st;
+        if (n > MAX_ARRAY) return BAD(c, "key '%s': array of %llu items exceeds the cap of %d", key, (unsigned long long)n, MAX_ARRAY);
         size_t es = scalar_size(et);
-        if (es) {
-            const uint8_t *p;
-            return take(c, (size_t)n * es, &p, key);
-        }
-        if (et != GV_STRING && et != GV_ARRAY) return fail(c, "key '%s': unknown array element type %u", key, et);
+        if (es) return take(c, (size_t)n * es, &p, key);
+        if (et != GV_STRING && et != GV_ARRAY) return BAD(c, "key '%s': unknown array element type %u", key, et);
         for (uint64_t i = 0; i < n; i++) {
-            if (!skip_value(c, et, depth + 1, key)) return false;
+            if ((st = skip_value(c, et, depth + 1, key))) return st;
         }
-        return true;
+        return INNSTEER_OK;
     }
     size_t sz = scalar_size(type);
-    if (!sz) return fail(c, "key '%s': unknown value type %u", key, type);
-    const uint8_t *p;
+    if (!sz) return BAD(c, "key '%s': unknown value type %u", key, type);
     return take(c, sz, &p, key);
 }
 
-bool gguf_parse_header(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size) {
+/* One key/value entry at the cursor, checked and recorded in kv. */
+static innsteer_status parse_kv(cursor *c, gguf_file *f, uint64_t i, uint32_t *alignment) {
+    gguf_kv *kv = &f->kv[i];
+    char key[96];
+    innsteer_status st = read_str(c, &kv->key, "key name");
+    if (st) return st;
+    if (!gguf_valid_utf8(kv->key.ptr, kv->key.len)) return BAD(c, "key %llu: name is not valid UTF-8", (unsigned long long)i);
+    snprintf(key, sizeof key, "%.*s", (int)(kv->key.len < 80 ? kv->key.len : 80), kv->key.ptr);
+    for (uint64_t j = 0; j < i; j++) {
+        if (f->kv[j].key.len == kv->key.len && memcmp(f->kv[j].key.ptr, kv->key.ptr, kv->key.len) == 0) {
+            return BAD(c, "duplicate key '%s'", key);
+        }
+    }
+    if ((st = read_u32(c, &kv->type, key))) return st;
+    if (kv->type == GV_ARRAY) {
+        size_t start = c->pos;
+        if ((st = read_u32(c, &kv->elem_type, key)) || (st = read_u64(c, &kv->count, key))) return st;
+        kv->offset = c->pos;
+        c->pos = start;
+    } else {
+        kv->offset = c->pos;
+    }
+    if ((st = skip_value(c, kv->type, 0, key))) return st;
+    if (gguf_str_eq(kv->key, "general.alignment")) {
+        if (kv->type != GV_U32) return BAD(c, "general.alignment must be u32, got type %u", kv->type);
+        memcpy(alignment, f->buf + kv->offset, 4);
+        if (*alignment == 0 || (*alignment & (*alignment - 1)) || *alignment > 65536) {
+            return BAD(c, "general.alignment %u is not a power of two up to 65536", *alignment);
+        }
+    }
+    return INNSTEER_OK;
+}
+
+innsteer_status gguf_parse_header(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size) {
     memset(f, 0, sizeof *f);
     f->buf = buf;
     f->size = size;
     cursor c = {buf, size, 0, err, err_size};
     const uint8_t *magic;
-    if (size < 4 || !take(&c, 4, &magic, "magic")) return fail(&c, "not a GGUF file: only %zu bytes", size);
-    if (memcmp(magic, "GGUF", 4) != 0) return fail(&c, "not a GGUF file: bad magic bytes");
-    if (!read_u32(&c, &f->version, "version")) return false;
-    if (f->version != 2 && f->version != 3) return fail(&c, "unsupported GGUF version %u (expected 2 or 3)", f->version);
-    if (!read_u64(&c, &f->n_tensors, "tensor count") || !read_u64(&c, &f->n_kv, "key count")) return false;
-    if (f->n_kv > MAX_KV) return fail(&c, "GGUF header claims %llu keys, cap is %d", (unsigned long long)f->n_kv, MAX_KV);
-    if (f->n_tensors > MAX_TENSORS) return fail(&c, "GGUF header claims %llu tensors, cap is %d", (unsigned long long)f->n_tensors, MAX_TENSORS);
+    if (size < 4 || take(&c, 4, &magic, "magic")) return BAD(&c, "not a GGUF file: only %zu bytes", size);
+    if (memcmp(magic, "GGUF", 4) != 0) return BAD(&c, "not a GGUF file: bad magic bytes");
+    innsteer_status st;
+    if ((st = read_u32(&c, &f->version, "version"))) return st;
+    if (f->version != 2 && f->version != 3) return BAD(&c, "unsupported GGUF version %u (expected 2 or 3)", f->version);
+    if ((st = read_u64(&c, &f->n_tensors, "tensor count")) || (st = read_u64(&c, &f->n_kv, "key count"))) return st;
+    if (f->n_kv > MAX_KV) return BAD(&c, "GGUF header claims %llu keys, cap is %d", (unsigned long long)f->n_kv, MAX_KV);
+    if (f->n_tensors > MAX_TENSORS) return BAD(&c, "GGUF header claims %llu tensors, cap is %d", (unsigned long long)f->n_tensors, MAX_TENSORS);
 
     f->kv = calloc(f->n_kv ? f->n_kv : 1, sizeof *f->kv);
     f->tensors = calloc(f->n_tensors ? f->n_tensors : 1, sizeof *f->tensors);
     if (!f->kv || !f->tensors) {
         gguf_release(f);
-        return fail(&c, "out of memory");
+        return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
     }
-
     uint32_t alignment = 32;
     for (uint64_t i = 0; i < f->n_kv; i++) {
-        gguf_kv *kv = &f->kv[i];
-        char key[96];
-        if (!read_str(&c, &kv->key, "key name")) goto bad;
-        if (!valid_utf8((const uint8_t *)kv->key.ptr, kv->key.len)) {
-            fail(&c, "key %llu: name is not valid UTF-8", (unsigned long long)i);
-            goto bad;
-        }
-        snprintf(key, sizeof key, "%.*s", (int)(kv->key.len < 80 ? kv->key.len : 80), kv->key.ptr);
-        for (uint64_t j = 0; j < i; j++) {
-            if (f->kv[j].key.len == kv->key.len && memcmp(f->kv[j].key.ptr, kv->key.ptr, kv->key.len) == 0) {
-                fail(&c, "duplicate key '%s'", key);
-                goto bad;
-            }
-        }
-        if (!read_u32(&c, &kv->type, key)) goto bad;
-        if (kv->type == GV_ARRAY) {
-            size_t start = c.pos;
-            if (!read_u32(&c, &kv->elem_type, key) || !read_u64(&c, &kv->count, key)) goto bad;
-            kv->offset = c.pos;
-            c.pos = start;
-        } else {
-            kv->offset = c.pos;
-        }
-        if (!skip_value(&c, kv->type, 0, key)) goto bad;
-        if (gguf_str_eq(kv->key, "general.alignment")) {
-            if (kv->type != GV_U32) {
-                fail(&c, "general.alignment must be u32, got type %u", kv->type);
-                goto bad;
-            }
-            memcpy(&alignment, buf + kv->offset, 4);
-            if (alignment == 0 || (alignment & (alignment - 1)) || alignment > 65536) {
-                fail(&c, "general.alignment %u is not a power of two up to 65536", alignment);
-                goto bad;
-            }
+        if ((st = parse_kv(&c, f, i, &alignment))) {
+            gguf_release(f);
+            return st;
         }
     }
-
     f->tensor_info_at = c.pos;
     f->alignment = alignment;
-    return true;
-
-bad:
-    gguf_release(f);
-    return false;
+    return INNSTEER_OK;
 }
 
-bool gguf_parse_tensors(gguf_file *f, char *err, size_t err_size) {
-    cursor c = {f->buf, f->size, f->tensor_info_at, err, err_size};
-    const uint8_t *buf = f->buf;
-    size_t size = f->size;
-    uint32_t alignment = f->alignment;
-    uint64_t *offsets = calloc(f->n_tensors ? f->n_tensors : 1, sizeof *offsets);
-    if (!offsets) {
-        fail(&c, "out of memory");
-        goto bad;
+/* Tensor info i at the cursor: name, shape, type and data offset, checked. */
+static innsteer_status parse_tensor_info(cursor *c, gguf_file *f, uint64_t i, uint64_t *offset) {
+    gguf_tensor *t = &f->tensors[i];
+    innsteer_status st = read_str(c, &t->name, "tensor name");
+    if (st) return st;
+    if (!gguf_valid_utf8(t->name.ptr, t->name.len)) return BAD(c, "tensor %llu: name is not valid UTF-8", (unsigned long long)i);
+    if (t->name.len == 0 || t->name.len > 63) {
+        return BAD(c, "tensor %llu: name length %llu outside 1..63", (unsigned long long)i, (unsigned long long)t->name.len);
     }
-    for (uint64_t i = 0; i < f->n_tensors; i++) {
-        gguf_tensor *t = &f->tensors[i];
-        if (!read_str(&c, &t->name, "tensor name")) goto bad_off;
-        if (!valid_utf8((const uint8_t *)t->name.ptr, t->name.len)) {
-            fail(&c, "tensor %llu: name is not valid UTF-8", (unsigned long long)i);
-            goto bad_off;
-        }
-        if (t->name.len == 0 || t->name.len > 63) {
-            fail(&c, "tensor %llu: name length %llu outside 1..63", (unsigned long long)i, (unsigned long long)t->name.len);
-            goto bad_off;
-        }
-        char name[72];
-        snprintf(name, sizeof name, "%.*s", (int)t->name.len, t->name.ptr);
-        for (uint64_t j = 0; j < i; j++) {
-            if (f->tensors[j].name.len == t->name.len && memcmp(f->tensors[j].name.ptr, t->name.ptr, t->name.len) == 0) {
-                fail(&c, "duplicate tensor '%s'", name);
-                goto bad_off;
-            }
-        }
-        if (!read_u32(&c, &t->n_dims, name)) goto bad_off;
-        if (t->n_dims < 1 || t->n_dims > GGUF_MAX_DIMS) {
-            fail(&c, "tensor '%s': %u dimensions, expected 1..%d", name, t->n_dims, GGUF_MAX_DIMS);
-            goto bad_off;
-        }
-        uint64_t n = 1;
-        for (uint32_t d = 0; d < GGUF_MAX_DIMS; d++) t->ne[d] = 1;
-        for (uint32_t d = 0; d < t->n_dims; d++) {
-            if (!read_u64(&c, &t->ne[d], name)) goto bad_off;
-            if (t->ne[d] == 0 || t->ne[d] > ((uint64_t)1 << 31)) {
-                fail(&c, "tensor '%s': dimension %u has size %llu", name, d, (unsigned long long)t->ne[d]);
-                goto bad_off;
-            }
-            if (n > UINT64_MAX / t->ne[d]) {
-                fail(&c, "tensor '%s': element count overflows", name);
-                goto bad_off;
-            }
-            n *= t->ne[d];
-        }
-        t->n_elements = n;
-        if (!read_u32(&c, &t->type, name) || !read_u64(&c, &offsets[i], name)) goto bad_off;
-        if (t->type != GT_F32 && t->type != GT_F16 && t->type != GT_I32) {
-            fail(&c, "tensor '%s': ggml type %u is not supported in flow files (f32, f16, i32)", name, t->type);
-            goto bad_off;
-        }
-        if (offsets[i] % alignment) {
-            fail(&c, "tensor '%s': data offset %llu not aligned to %u", name, (unsigned long long)offsets[i], alignment);
-            goto bad_off;
+    char name[72];
+    snprintf(name, sizeof name, "%.*s", (int)t->name.len, t->name.ptr);
+    for (uint64_t j = 0; j < i; j++) {
+        if (f->tensors[j].name.len == t->name.len && memcmp(f->tensors[j].name.ptr, t->name.ptr, t->name.len) == 0) {
+            return BAD(c, "duplicate tensor '%s'", name);
         }
     }
+    if ((st = read_u32(c, &t->n_dims, name))) return st;
+    if (t->n_dims < 1 || t->n_dims > GGUF_MAX_DIMS) return BAD(c, "tensor '%s': %u dimensions, expected 1..%d", name, t->n_dims, GGUF_MAX_DIMS);
+    uint64_t n = 1;
+    for (uint32_t d = 0; d < GGUF_MAX_DIMS; d++) t->ne[d] = 1;
+    for (uint32_t d = 0; d < t->n_dims; d++) {
+        if ((st = read_u64(c, &t->ne[d], name))) return st;
+        if (t->ne[d] == 0 || t->ne[d] > ((uint64_t)1 << 31)) {
+            return BAD(c, "tensor '%s': dimension %u has size %llu", name, d, (unsigned long long)t->ne[d]);
+        }
+        if (n > UINT64_MAX / t->ne[d]) return BAD(c, "tensor '%s': element count overflows", name);
+        n *= t->ne[d];
+    }
+    t->n_elements = n;
+    if ((st = read_u32(c, &t->type, name)) || (st = read_u64(c, offset, name))) return st;
+    if (t->type != GT_F32 && t->type != GT_F16 && t->type != GT_I32) {
+        return BAD(c, "tensor '%s': ggml type %u is not supported in flow files (f32, f16, i32)", name, t->type);
+    }
+    if (*offset % f->alignment) {
+        return BAD(c, "tensor '%s': data offset %llu not aligned to %u", name, (unsigned long long)*offset, f->alignment);
+    }
+    return INNSTEER_OK;
+}
 
-    size_t data_start = (c.pos + alignment - 1) / alignment * alignment;
-    if (f->n_tensors && data_start > size) {
-        fail(&c, "truncated file: tensor data would start at %zu, file has %zu bytes", data_start, size);
-        goto bad_off;
+static innsteer_status parse_tensor_infos(cursor *c, gguf_file *f, uint64_t *offsets) {
+    innsteer_status st;
+    for (uint64_t i = 0; i < f->n_tensors; i++) {
+        if ((st = parse_tensor_info(c, f, i, &offsets[i]))) return st;
+    }
+    size_t data_start = (c->pos + f->alignment - 1) / f->alignment * f->alignment;
+    if (f->n_tensors && data_start > f->size) {
+        return BAD(c, "truncated file: tensor data would start at %zu, file has %zu bytes", data_start, f->size);
     }
     for (uint64_t i = 0; i < f->n_tensors; i++) {
         gguf_tensor *t = &f->tensors[i];
         uint64_t esize = t->type == GT_F16 ? 2 : 4;
         uint64_t nbytes = t->n_elements * esize;
-        uint64_t avail = size - data_start;
+        uint64_t avail = f->size - data_start;
         if (t->n_elements > UINT64_MAX / esize || offsets[i] > avail || nbytes > avail - offsets[i]) {
-            fail(&c, "truncated file: tensor '%.*s' needs %llu bytes at data offset %llu, only %llu available",
-                 (int)t->name.len, t->name.ptr, (unsigned long long)nbytes, (unsigned long long)offsets[i],
-                 (unsigned long long)avail);
-            goto bad_off;
+            return BAD(c, "truncated file: tensor '%.*s' needs %llu bytes at data offset %llu, only %llu available",
+                       (int)t->name.len, t->name.ptr, (unsigned long long)nbytes, (unsigned long long)offsets[i],
+                       (unsigned long long)avail);
         }
-        t->data = buf + data_start + offsets[i];
+        t->data = f->buf + data_start + offsets[i];
     }
-    free(offsets);
-    return true;
+    return INNSTEER_OK;
+}
 
-bad_off:
+innsteer_status gguf_parse_tensors(gguf_file *f, char *err, size_t err_size) {
+    cursor c = {f->buf, f->size, f->tensor_info_at, err, err_size};
+    uint64_t *offsets = calloc(f->n_tensors ? f->n_tensors : 1, sizeof *offsets);
+    innsteer_status st = offsets ? parse_tensor_infos(&c, f, offsets) : set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
     free(offsets);
-bad:
-    gguf_release(f);
-    return false;
+    if (st) gguf_release(f);
+    return st;
 }
 
 void gguf_release(gguf_file *f) {
@@ -337,7 +304,7 @@ static gguf_str str_at(const gguf_file *f, size_t offset) {
 bool gguf_get_str(const gguf_file *f, const char *key, gguf_str *out) {
     const gguf_kv *kv = gguf_find_kv(f, key);
     if (!kv || kv->type != GV_STRING) return false;
-    *out = str_at(f, kv->offset); /* bounds were checked by gguf_parse */
+    *out = str_at(f, kv->offset); /* bounds were checked by gguf_parse_header */
     return true;
 }
 

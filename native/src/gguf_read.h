@@ -3,6 +3,8 @@
 #ifndef INNSTEER_GGUF_READ_H
 #define INNSTEER_GGUF_READ_H
 
+#include "innsteer.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -51,10 +53,10 @@ typedef struct {
 } gguf_file;
 
 /* Parses buf (kept borrowed) in two steps, so a caller can check the keys (is this a flow?)
- * before tensor types it does not support are judged. On failure they return false, write a
- * message to err and release f. */
-bool gguf_parse_header(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size);
-bool gguf_parse_tensors(gguf_file *f, char *err, size_t err_size);
+ * before tensor types it does not support are judged. On failure they return
+ * INNSTEER_ERR_FORMAT (or INNSTEER_ERR_NOMEM) with a message in err, and release f. */
+innsteer_status gguf_parse_header(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size);
+innsteer_status gguf_parse_tensors(gguf_file *f, char *err, size_t err_size);
 void gguf_release(gguf_file *f);
 
 const gguf_kv *gguf_find_kv(const gguf_file *f, const char *key);
@@ -67,5 +69,8 @@ bool gguf_get_f32(const gguf_file *f, const char *key, float *out);
 bool gguf_get_str(const gguf_file *f, const char *key, gguf_str *out);
 /* Element i of a u32 array. */
 bool gguf_array_u32(const gguf_file *f, const gguf_kv *kv, uint64_t i, uint32_t *out);
+
+/* Strict UTF-8: no overlong forms, surrogates or code points above U+10FFFF. */
+bool gguf_valid_utf8(const char *p, uint64_t n);
 
 #endif

@@ -36,6 +36,17 @@ static inline void matmat(const float *restrict m, const float *restrict bias, c
     }
 }
 
+/* x += basis^T (y - y0) for one row: moves x within the subspace only, the complement stays
+ * bit-exact. */
+static inline void subspace_lift(const flow_op *op, float *restrict x, const float *y, const float *y0, int n_embd) {
+    for (int k = 0; k < op->rank; k++) {
+        float d = y[k] - y0[k];
+        if (d == 0.0f) continue;
+        const float *u = op->basis + (size_t)k * n_embd;
+        for (int i = 0; i < n_embd; i++) x[i] += d * u[i];
+    }
+}
+
 static inline float activate(act_kind act, float v) {
     switch (act) {
         case ACT_RELU: return v > 0.0f ? v : 0.0f;

@@ -1,30 +1,25 @@
-/* The llama.cpp eval callback: steers (and optionally captures) the rows of l_out-<layer>. */
+/* The llama.cpp eval callback: steers (and optionally captures) the rows of l_out-<layer>.
+ * Attachments, settings and the callback's buffers are guarded by the steerer's lock; captured
+ * rows live in capture.c, the worker threads in pool.c, the graph path in flow_graph.c. */
+#include "capture.h"
+#include "error.h"
 #include "flow.h"
 #include "flow_graph.h"
+#include "ggml_api.h"
+#include "pool.h"
 
 #include <math.h>
 #include <pthread.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-/* The few ggml functions we call, by their public signatures (ggml.h, ggml-backend.h). We never
- * touch struct ggml_tensor's layout, so a newer ggml with the same API keeps working. */
-const char *ggml_get_name(const struct ggml_tensor *tensor);
-int64_t ggml_nelements(const struct ggml_tensor *tensor);
-int64_t ggml_nrows(const struct ggml_tensor *tensor);
-size_t ggml_element_size(const struct ggml_tensor *tensor);
-size_t ggml_nbytes(const struct ggml_tensor *tensor);
-bool ggml_is_contiguous(const struct ggml_tensor *tensor);
-void ggml_backend_tensor_get(const struct ggml_tensor *tensor, void *data, size_t offset, size_t size);
-void ggml_backend_tensor_set(struct ggml_tensor *tensor, const void *data, size_t offset, size_t size);
 
 #define MAX_ATTACHED 64
 /* Batches below this many rows take the host path by default: measured on an H200 (docs/PERFORMANCE.md),
  * the graph is faster for prompt batches, the host round trip for decode (one row). */
 #define DEFAULT_DEVICE_MIN_ROWS 32
+/* Prompt batches at least this long are split across threads. */
+#define PARALLEL_MIN_ROWS (2 * FLOW_BLOCK)
 static const char LAYER_PREFIX[] = "l_out-";
 
 typedef struct {
@@ -36,56 +31,21 @@ typedef struct {
     flow_graph **graphs; /* per site: the graph path's weights on the device, made at first use */
 } attachment;
 
-typedef struct {
-    float *data;
-    int64_t rows, cap;
-    bool on;
-} capture_buf;
-
-#define MAX_THREADS 32
-/* Prompt batches at least this long are split across threads. */
-#define PARALLEL_MIN_ROWS (2 * FLOW_BLOCK)
-
-/* A small persistent pool that sleeps on a condition variable between jobs (no spinning): it
- * runs only while llama.cpp's own threads wait for the callback, so they never compete. */
-typedef struct {
-    pthread_t threads[MAX_THREADS];
-    int n_started;
-    pthread_mutex_t m;
-    pthread_cond_t go, done;
-    unsigned generation;
-    int pending;
-    bool quit;
-    /* the job */
-    const flow_site *site;
-    float strength;
-    innsteer_gate gate;
-    float *rows;
-    int64_t n_rows;
-    uint64_t steered[MAX_THREADS], rejected[MAX_THREADS];
-} pool;
-
-typedef struct {
-    struct innsteer_steerer *st;
-    int index;
-    unsigned generation; /* the last job published before this worker started */
-} worker_arg;
-
 struct innsteer_steerer {
     int n_embd, n_layer;
     pthread_mutex_t lock;
     attachment att[MAX_ATTACHED];
     int n_att, next_id;
     atomic_bool active;
-    int *steered_at;        /* per layer: attachments with a site there */
-    capture_buf *captures;  /* per layer: [2*layer] pre, [2*layer+1] post */
+    int *steered_at;       /* per layer: attachments with a site there */
+    capture_set *captures; /* behind a pointer: readers with a const steerer still take its lock */
     atomic_uint_fast64_t *visits;
     atomic_uint_fast64_t rows_steered, rows_rejected;
     float *rows;
     size_t rows_cap;
     /* per worker: kernel scratch and a block of output rows, sized at attach time */
     int n_threads;
-    float *work[MAX_THREADS];
+    float *work[POOL_MAX_THREADS];
     size_t work_cap; /* floats per worker */
     pool workers;
     bool (*chain_cb)(struct ggml_tensor *, bool, void *);
@@ -101,38 +61,33 @@ struct innsteer_steerer {
 };
 
 innsteer_steerer *innsteer_steerer_new(int n_embd, int n_layer, int max_rows) {
-    if (n_embd < 1 || n_embd > 65536 || n_layer < 1 || n_layer > 100000 || max_rows < 1) return NULL;
+    if (n_embd < 1 || n_embd > MAX_EMBD || n_layer < 1 || n_layer > MAX_LAYERS || max_rows < 1) return NULL;
     innsteer_steerer *st = calloc(1, sizeof *st);
     if (!st) return NULL;
     st->n_embd = n_embd;
     st->n_layer = n_layer;
     st->steered_at = calloc((size_t)n_layer, sizeof *st->steered_at);
-    st->captures = calloc(2 * (size_t)n_layer, sizeof *st->captures);
+    st->captures = capture_set_new(n_layer, n_embd);
     st->visits = calloc((size_t)n_layer, sizeof *st->visits);
     st->rows_cap = (size_t)max_rows;
     st->rows = malloc(sizeof(float) * st->rows_cap * (size_t)n_embd);
-    if (!st->steered_at || !st->captures || !st->visits || !st->rows || pthread_mutex_init(&st->lock, NULL) != 0 ||
-        pthread_mutex_init(&st->workers.m, NULL) != 0 || pthread_cond_init(&st->workers.go, NULL) != 0 ||
-        pthread_cond_init(&st->workers.done, NULL) != 0) {
+    bool locked = false, pooled = false;
+    if (!st->steered_at || !st->captures || !st->visits || !st->rows || !(locked = pthread_mutex_init(&st->lock, NULL) == 0) ||
+        !(pooled = pool_init(&st->workers))) {
+        if (locked) pthread_mutex_destroy(&st->lock);
         free(st->steered_at);
-        free(st->captures);
+        capture_set_free(st->captures);
         free(st->visits);
         free(st->rows);
         free(st);
         return NULL;
     }
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    st->n_threads = cpus < 1 ? 1 : cpus > MAX_THREADS ? MAX_THREADS : (int)cpus;
+    st->n_threads = cpus < 1 ? 1 : cpus > POOL_MAX_THREADS ? POOL_MAX_THREADS : (int)cpus;
     atomic_init(&st->active, true);
     st->next_id = 1;
     st->path = INNSTEER_PATH_AUTO;
     st->device_min_rows = DEFAULT_DEVICE_MIN_ROWS;
-    const char *env = getenv("INNSTEER_PATH");
-    if (env && strcmp(env, "host") == 0) st->path = INNSTEER_PATH_HOST;
-    else if (env && strcmp(env, "device") == 0) st->path = INNSTEER_PATH_DEVICE;
-    else if (env && strcmp(env, "cpu-graph") == 0) st->path = INNSTEER_PATH_CPU_GRAPH;
-    env = getenv("INNSTEER_DEVICE_MIN_ROWS");
-    if (env && atoi(env) >= 1) st->device_min_rows = atoi(env);
     return st;
 }
 
@@ -144,83 +99,59 @@ static void free_graphs(attachment *a) {
     }
 }
 
-static void stop_workers(innsteer_steerer *st) {
-    pool *p = &st->workers;
-    pthread_mutex_lock(&p->m);
-    p->quit = true;
-    pthread_cond_broadcast(&p->go);
-    pthread_mutex_unlock(&p->m);
-    for (int i = 0; i < p->n_started; i++) pthread_join(p->threads[i], NULL);
-    p->n_started = 0;
-    p->quit = false;
-}
-
 void innsteer_steerer_free(innsteer_steerer *st) {
     if (!st) return;
-    stop_workers(st);
-    pthread_mutex_destroy(&st->workers.m);
-    pthread_cond_destroy(&st->workers.go);
-    pthread_cond_destroy(&st->workers.done);
-    for (int i = 0; i < MAX_THREADS; i++) free(st->work[i]);
+    pool_destroy(&st->workers);
+    for (int i = 0; i < POOL_MAX_THREADS; i++) free(st->work[i]);
     for (int i = 0; i < st->n_att; i++) {
         free_graphs(&st->att[i]);
         free(st->att[i].graphs);
         innsteer_flow_free(st->att[i].flow);
     }
     graph_backend_free(st->backend);
-    for (int i = 0; i < 2 * st->n_layer; i++) free(st->captures[i].data);
+    capture_set_free(st->captures);
     pthread_mutex_destroy(&st->lock);
     free(st->steered_at);
-    free(st->captures);
     free(st->visits);
     free(st->rows);
     free(st);
 }
 
-static innsteer_status errf(char *err, size_t err_size, innsteer_status status, const char *fmt, ...) {
-    if (err && err_size) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_size, fmt, ap);
-        va_end(ap);
-    }
-    return status;
-}
-
 innsteer_status innsteer_steerer_attach(innsteer_steerer *st, innsteer_flow *flow, float strength, int *id_out, char *err,
                                         size_t err_size) {
-    if (!st || !flow) return errf(err, err_size, INNSTEER_ERR_ARG, "steerer and flow must not be NULL");
-    if (!isfinite(strength)) return errf(err, err_size, INNSTEER_ERR_ARG, "strength %g is not finite", (double)strength);
+    if (!st || !flow) return set_error(err, err_size, INNSTEER_ERR_ARG, "steerer and flow must not be NULL");
+    if (!isfinite(strength)) return set_error(err, err_size, INNSTEER_ERR_ARG, "strength %g is not finite", (double)strength);
     if (flow->n_embd != st->n_embd) {
-        return errf(err, err_size, INNSTEER_ERR_MISMATCH, "flow n_embd %d does not match the model's n_embd %d", flow->n_embd, st->n_embd);
+        return set_error(err, err_size, INNSTEER_ERR_MISMATCH, "flow n_embd %d does not match the model's n_embd %d",
+                         flow->n_embd, st->n_embd);
     }
     for (int s = 0; s < flow->n_sites; s++) {
         if (flow->sites[s].layer >= st->n_layer) {
-            return errf(err, err_size, INNSTEER_ERR_MISMATCH, "flow layer %d is out of range for a model with %d layers (0..%d)",
-                        flow->sites[s].layer, st->n_layer, st->n_layer - 1);
+            return set_error(err, err_size, INNSTEER_ERR_MISMATCH, "flow layer %d is out of range for a model with %d layers (0..%d)",
+                             flow->sites[s].layer, st->n_layer, st->n_layer - 1);
         }
     }
     size_t need = 0;
     for (int s = 0; s < flow->n_sites; s++) {
-        size_t site_need = flow->sites[s].steer_scratch + (size_t)FLOW_BLOCK * (size_t)st->n_embd;
+        size_t site_need = flow->sites[s].block_scratch + (size_t)FLOW_BLOCK * (size_t)st->n_embd;
         need = site_need > need ? site_need : need;
     }
     flow_graph **graphs = calloc((size_t)flow->n_sites, sizeof *graphs);
-    if (!graphs) return errf(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+    if (!graphs) return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
     pthread_mutex_lock(&st->lock);
     if (st->n_att == MAX_ATTACHED) {
         pthread_mutex_unlock(&st->lock);
         free(graphs);
-        return errf(err, err_size, INNSTEER_ERR_ARG, "at most %d flows can be attached at once", MAX_ATTACHED);
+        return set_error(err, err_size, INNSTEER_ERR_ARG, "at most %d flows can be attached at once", MAX_ATTACHED);
     }
     if (need > st->work_cap) {
-        for (int t = 0; t < MAX_THREADS; t++) {
+        for (int t = 0; t < POOL_MAX_THREADS; t++) {
             if (t >= st->n_threads && !st->work[t]) continue;
             float *grown = realloc(st->work[t], sizeof(float) * need);
             if (!grown) {
                 pthread_mutex_unlock(&st->lock);
                 free(graphs);
-                return errf(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+                return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
             }
             st->work[t] = grown;
         }
@@ -293,7 +224,7 @@ innsteer_status innsteer_steerer_set_enabled(innsteer_steerer *st, int id, bool 
 }
 
 innsteer_status innsteer_steerer_set_threads(innsteer_steerer *st, int n_threads) {
-    if (!st || n_threads < 1 || n_threads > MAX_THREADS) return INNSTEER_ERR_ARG;
+    if (!st || n_threads < 1 || n_threads > POOL_MAX_THREADS) return INNSTEER_ERR_ARG;
     pthread_mutex_lock(&st->lock);
     innsteer_status status = INNSTEER_OK;
     for (int t = 0; t < n_threads && st->work_cap; t++) {
@@ -302,7 +233,7 @@ innsteer_status innsteer_steerer_set_threads(innsteer_steerer *st, int n_threads
         if (!st->work[t]) status = INNSTEER_ERR_NOMEM;
     }
     if (status == INNSTEER_OK) {
-        stop_workers(st); /* restarted with the new count on the next prompt batch */
+        pool_stop(&st->workers); /* restarted with the new count on the next prompt batch */
         st->n_threads = n_threads;
     }
     pthread_mutex_unlock(&st->lock);
@@ -336,31 +267,23 @@ void innsteer_steerer_chain(innsteer_steerer *st, bool (*cb)(struct ggml_tensor 
 
 innsteer_status innsteer_steerer_capture(innsteer_steerer *st, int layer, bool post, bool on) {
     if (!st || layer < 0 || layer >= st->n_layer) return INNSTEER_ERR_ARG;
-    pthread_mutex_lock(&st->lock);
-    capture_buf *c = &st->captures[2 * layer + (post ? 1 : 0)];
-    c->on = on;
-    pthread_mutex_unlock(&st->lock);
+    capture_set_enable(st->captures, layer, post, on);
     return INNSTEER_OK;
 }
 
 int64_t innsteer_steerer_captured_rows(const innsteer_steerer *st, int layer, bool post) {
     if (!st || layer < 0 || layer >= st->n_layer) return -1;
-    return st->captures[2 * layer + (post ? 1 : 0)].rows;
+    return capture_set_rows(st->captures, layer, post);
 }
 
 innsteer_status innsteer_steerer_copy_captured(const innsteer_steerer *st, int layer, bool post, float *dst, int64_t max_rows) {
     if (!st || !dst || layer < 0 || layer >= st->n_layer || max_rows < 0) return INNSTEER_ERR_ARG;
-    const capture_buf *c = &st->captures[2 * layer + (post ? 1 : 0)];
-    int64_t n = c->rows < max_rows ? c->rows : max_rows;
-    if (n) memcpy(dst, c->data, sizeof(float) * (size_t)n * (size_t)st->n_embd);
+    capture_set_copy(st->captures, layer, post, dst, max_rows);
     return INNSTEER_OK;
 }
 
 void innsteer_steerer_clear_captured(innsteer_steerer *st) {
-    if (!st) return;
-    pthread_mutex_lock(&st->lock);
-    for (int i = 0; i < 2 * st->n_layer; i++) st->captures[i].rows = 0;
-    pthread_mutex_unlock(&st->lock);
+    if (st) capture_set_clear(st->captures);
 }
 
 uint64_t innsteer_steerer_layer_visits(const innsteer_steerer *st, int layer) {
@@ -375,7 +298,7 @@ const char *innsteer_steerer_device_name(const innsteer_steerer *st) { return st
 
 innsteer_status innsteer_steerer_set_path(innsteer_steerer *st, innsteer_path path, int min_rows, char *err, size_t err_size) {
     if (!st || path < INNSTEER_PATH_AUTO || path > INNSTEER_PATH_CPU_GRAPH || min_rows < 1) {
-        return errf(err, err_size, INNSTEER_ERR_ARG, "invalid path %d or min_rows %d", (int)path, min_rows);
+        return set_error(err, err_size, INNSTEER_ERR_ARG, "invalid path %d or min_rows %d", (int)path, min_rows);
     }
     pthread_mutex_lock(&st->lock);
     /* a started backend (and the weights on it) stays while the path keeps to the same kind of
@@ -413,35 +336,53 @@ static int steered_layer_of(const char *name, int n_layer) {
     return *p == '\0' ? (int)il : -1;
 }
 
-static bool wants_layer(innsteer_steerer *st, int layer) {
-    if (st->captures[2 * layer].on || st->captures[2 * layer + 1].on) return true;
-    if (!atomic_load(&st->active) || st->steered_at[layer] == 0) return false;
-    for (int i = 0; i < st->n_att; i++) {
-        attachment *a = &st->att[i];
-        if (!atomic_load(&a->enabled) || atomic_load(&a->strength) == 0.0f) continue;
+/* ---- the active sites at a layer -----------------------------------------------------------
+ * The one walk over attachments that the ask pass, the host path and the graph path share, so
+ * they always agree on what steers a layer. Called under the steerer's lock. */
+
+typedef struct {
+    attachment *a;
+    int site;           /* index into a->flow->sites */
+    float strength;     /* read once per batch: a concurrent set_strength never tears a row */
+    innsteer_gate gate;
+} active_site;
+
+typedef struct {
+    innsteer_steerer *st;
+    int layer;
+    int next; /* attachment index */
+} site_iter;
+
+static site_iter active_sites(innsteer_steerer *st, int layer) { return (site_iter){st, layer, 0}; }
+
+/* Enabled attachments with a nonzero strength whose flow has a site at the layer, in attach
+ * order; flows hold at most one site per layer. */
+static bool next_active_site(site_iter *it, active_site *out) {
+    while (it->next < it->st->n_att) {
+        attachment *a = &it->st->att[it->next++];
+        float strength = atomic_load(&a->strength);
+        innsteer_gate gate = (innsteer_gate)atomic_load(&a->gate);
+        if (!atomic_load(&a->enabled) || strength == 0.0f) continue;
         for (int s = 0; s < a->flow->n_sites; s++) {
-            if (a->flow->sites[s].layer == layer) return true;
+            if (a->flow->sites[s].layer != it->layer) continue;
+            *out = (active_site){a, s, strength, gate};
+            return true;
         }
     }
     return false;
 }
 
-static void append_capture(innsteer_steerer *st, capture_buf *c, const float *rows, int64_t n_rows) {
-    size_t n_embd = (size_t)st->n_embd;
-    if (c->rows + n_rows > c->cap) {
-        int64_t cap = c->cap ? c->cap : 256;
-        while (cap < c->rows + n_rows) cap *= 2;
-        float *grown = realloc(c->data, sizeof(float) * (size_t)cap * n_embd);
-        if (!grown) {
-            snprintf(st->last_error, sizeof st->last_error, "out of memory capturing %lld rows", (long long)(c->rows + n_rows));
-            return;
-        }
-        c->data = grown;
-        c->cap = cap;
-    }
-    memcpy(c->data + (size_t)c->rows * n_embd, rows, sizeof(float) * (size_t)n_rows * n_embd);
-    c->rows += n_rows;
+static bool steers_layer(innsteer_steerer *st, int layer) { return atomic_load(&st->active) && st->steered_at[layer]; }
+
+static bool wants_layer(innsteer_steerer *st, int layer) {
+    if (capture_set_enabled(st->captures, layer, false) || capture_set_enabled(st->captures, layer, true)) return true;
+    if (!steers_layer(st, layer)) return false;
+    site_iter it = active_sites(st, layer);
+    active_site as;
+    return next_active_site(&it, &as);
 }
+
+/* ---- the host path ------------------------------------------------------------------------ */
 
 static bool all_finite(const float *v, int n) {
     for (int i = 0; i < n; i++) {
@@ -472,103 +413,57 @@ static void steer_range(innsteer_steerer *st, int t, const flow_site *site, floa
     }
 }
 
-static void job_part(innsteer_steerer *st, int t, int parts) {
-    pool *p = &st->workers;
+/* One site over a batch, split between the pool's threads by part. */
+typedef struct {
+    innsteer_steerer *st;
+    const flow_site *site;
+    float strength;
+    innsteer_gate gate;
+    float *rows;
+    int64_t n_rows;
+    uint64_t steered[POOL_MAX_THREADS], rejected[POOL_MAX_THREADS];
+} steer_job;
+
+static void steer_part(void *arg, int part, int n_parts) {
+    steer_job *j = arg;
     /* split on block boundaries so every thread runs whole blocks */
-    int64_t blocks = (p->n_rows + FLOW_BLOCK - 1) / FLOW_BLOCK;
-    int64_t lo = blocks * t / parts * FLOW_BLOCK, hi = blocks * (t + 1) / parts * FLOW_BLOCK;
-    if (hi > p->n_rows) hi = p->n_rows;
-    p->steered[t] = p->rejected[t] = 0;
-    if (lo < hi) steer_range(st, t, p->site, p->strength, p->gate, p->rows, lo, hi, &p->steered[t], &p->rejected[t]);
+    int64_t blocks = (j->n_rows + FLOW_BLOCK - 1) / FLOW_BLOCK;
+    int64_t lo = blocks * part / n_parts * FLOW_BLOCK, hi = blocks * (part + 1) / n_parts * FLOW_BLOCK;
+    if (hi > j->n_rows) hi = j->n_rows;
+    j->steered[part] = j->rejected[part] = 0;
+    if (lo < hi) steer_range(j->st, part, j->site, j->strength, j->gate, j->rows, lo, hi, &j->steered[part], &j->rejected[part]);
 }
 
-static void *worker_main(void *arg) {
-    worker_arg *w = arg;
-    innsteer_steerer *st = w->st;
-    int t = w->index;
-    unsigned seen = w->generation;
-    free(w);
-    pool *p = &st->workers;
-    pthread_mutex_lock(&p->m);
-    for (;;) {
-        while (!p->quit && p->generation == seen) pthread_cond_wait(&p->go, &p->m);
-        if (p->quit) break;
-        seen = p->generation;
-        pthread_mutex_unlock(&p->m);
-        job_part(st, t, st->n_threads);
-        pthread_mutex_lock(&p->m);
-        if (--p->pending == 0) pthread_cond_signal(&p->done);
-    }
-    pthread_mutex_unlock(&p->m);
-    return NULL;
-}
-
-static bool start_workers(innsteer_steerer *st) {
-    pool *p = &st->workers;
-    while (p->n_started < st->n_threads - 1) {
-        worker_arg *w = malloc(sizeof *w);
-        if (!w) return false;
-        w->st = st;
-        w->index = p->n_started + 1;
-        w->generation = p->generation; /* only this thread publishes jobs, so no lock needed */
-        if (pthread_create(&p->threads[p->n_started], NULL, worker_main, w) != 0) {
-            free(w);
-            return false;
-        }
-        p->n_started++;
-    }
-    return true;
-}
-
-/* One site over all rows: split across the pool for prompt batches, inline for decode. */
+/* One site over all rows: across the pool for prompt batches, inline for decode. */
 static void steer_site(innsteer_steerer *st, const flow_site *site, float strength, innsteer_gate gate, float *rows,
                        int64_t n_rows, uint64_t *steered, uint64_t *rejected) {
-    if (st->n_threads < 2 || n_rows < PARALLEL_MIN_ROWS || !start_workers(st)) {
-        steer_range(st, 0, site, strength, gate, rows, 0, n_rows, steered, rejected);
-        return;
+    steer_job job = {.st = st, .site = site, .strength = strength, .gate = gate, .rows = rows, .n_rows = n_rows};
+    int parts = n_rows >= PARALLEL_MIN_ROWS ? st->n_threads : 1;
+    if (parts < 2 || !pool_run(&st->workers, parts, steer_part, &job)) {
+        parts = 1;
+        steer_part(&job, 0, 1);
     }
-    pool *p = &st->workers;
-    pthread_mutex_lock(&p->m);
-    p->site = site;
-    p->strength = strength;
-    p->gate = gate;
-    p->rows = rows;
-    p->n_rows = n_rows;
-    p->pending = st->n_threads - 1;
-    p->generation++;
-    pthread_cond_broadcast(&p->go);
-    pthread_mutex_unlock(&p->m);
-    job_part(st, 0, st->n_threads);
-    pthread_mutex_lock(&p->m);
-    while (p->pending > 0) pthread_cond_wait(&p->done, &p->m);
-    pthread_mutex_unlock(&p->m);
-    for (int t = 0; t < st->n_threads; t++) {
-        *steered += p->steered[t];
-        *rejected += p->rejected[t];
+    for (int t = 0; t < parts; t++) {
+        *steered += job.steered[t];
+        *rejected += job.rejected[t];
     }
 }
 
-/* Steers rows in place with every active attachment at this layer, in attach order. */
+/* Steers rows in place with every active site at this layer, in attach order. */
 static bool steer_rows(innsteer_steerer *st, int layer, float *rows, int64_t n_rows) {
     bool changed = false;
     uint64_t steered = 0, rejected = 0;
-    for (int i = 0; i < st->n_att; i++) {
-        attachment *a = &st->att[i];
-        /* one strength for the whole batch: a concurrent set_strength never tears a row */
-        float strength = atomic_load(&a->strength);
-        innsteer_gate gate = (innsteer_gate)atomic_load(&a->gate);
-        if (!atomic_load(&a->enabled) || strength == 0.0f) continue;
-        for (int s = 0; s < a->flow->n_sites; s++) {
-            const flow_site *site = &a->flow->sites[s];
-            if (site->layer != layer) continue;
-            steer_site(st, site, strength, gate, rows, n_rows, &steered, &rejected);
-            changed = true;
-        }
+    site_iter it = active_sites(st, layer);
+    for (active_site as; next_active_site(&it, &as);) {
+        steer_site(st, &as.a->flow->sites[as.site], as.strength, as.gate, rows, n_rows, &steered, &rejected);
+        changed = true;
     }
     atomic_fetch_add(&st->rows_steered, steered);
     atomic_fetch_add(&st->rows_rejected, rejected);
     return changed;
 }
+
+/* ---- the graph path ----------------------------------------------------------------------- */
 
 /* Whether the graph path can run: starts the backend at the first batch that asks (AUTO: a GPU if
  * ggml has one; none is not an error). */
@@ -580,7 +475,9 @@ static bool graph_backend_ready(innsteer_steerer *st) {
     st->backend_is_cpu = want == INNSTEER_PATH_CPU_GRAPH;
     if (graph_backend_new(want, st->n_threads, &st->backend, err, sizeof err) != INNSTEER_OK) {
         st->backend_failed = true;
-        if (st->path != INNSTEER_PATH_AUTO) snprintf(st->last_error, sizeof st->last_error, "graph path: %s; using the host path", err);
+        if (st->path != INNSTEER_PATH_AUTO) {
+            set_error(st->last_error, sizeof st->last_error, INNSTEER_ERR_UNSUPPORTED, "graph path: %s; using the host path", err);
+        }
         return false;
     }
     return true;
@@ -588,94 +485,102 @@ static bool graph_backend_ready(innsteer_steerer *st) {
 
 /* Every active site at this layer on the graph path, in attach order; a site the graph cannot
  * take (a gate it does not compute, an error) takes the host round trip instead. */
-static void steer_tensor_graph(innsteer_steerer *st, int layer, struct ggml_tensor *t, int64_t n_rows) {
+static void steer_tensor_graph(innsteer_steerer *st, const ggml_api *G, int layer, struct ggml_tensor *t, int64_t n_rows) {
     uint64_t steered = 0, rejected = 0, on_device = 0;
     size_t bytes = sizeof(float) * (size_t)n_rows * (size_t)st->n_embd;
-    for (int i = 0; i < st->n_att; i++) {
-        attachment *a = &st->att[i];
-        float strength = atomic_load(&a->strength);
-        innsteer_gate gate = (innsteer_gate)atomic_load(&a->gate);
-        if (!atomic_load(&a->enabled) || strength == 0.0f) continue;
-        for (int s = 0; s < a->flow->n_sites; s++) {
-            const flow_site *site = &a->flow->sites[s];
-            if (site->layer != layer) continue;
-            char err[200] = "";
-            innsteer_status status = INNSTEER_OK;
-            if (!a->graphs[s]) status = flow_graph_new(site, st->n_embd, st->backend, &a->graphs[s], err, sizeof err);
-            if (status == INNSTEER_OK && flow_graph_supports(a->graphs[s], gate)) {
-                uint64_t before = steered;
-                status = flow_graph_steer_tensor(a->graphs[s], t, n_rows, strength, gate, st->rows, &steered, &rejected, err, sizeof err);
-                if (status == INNSTEER_OK) {
-                    on_device += steered - before;
-                    continue;
-                }
+    site_iter it = active_sites(st, layer);
+    for (active_site as; next_active_site(&it, &as);) {
+        const flow_site *site = &as.a->flow->sites[as.site];
+        flow_graph **graph = &as.a->graphs[as.site];
+        char err[200] = "";
+        innsteer_status status = INNSTEER_OK;
+        if (!*graph) status = flow_graph_new(site, st->n_embd, st->backend, graph, err, sizeof err);
+        if (status == INNSTEER_OK && flow_graph_supports(*graph, as.gate)) {
+            uint64_t before = steered;
+            status = flow_graph_steer_tensor(*graph, t, n_rows, as.strength, as.gate, st->rows, &steered, &rejected, err, sizeof err);
+            if (status == INNSTEER_OK) {
+                on_device += steered - before;
+                continue;
             }
-            if (err[0]) snprintf(st->last_error, sizeof st->last_error, "graph path (layer %d): %s; used the host path", layer, err);
-            ggml_backend_tensor_get(t, st->rows, 0, bytes);
-            steer_site(st, site, strength, gate, st->rows, n_rows, &steered, &rejected);
-            ggml_backend_tensor_set(t, st->rows, 0, bytes);
         }
+        if (err[0]) {
+            set_error(st->last_error, sizeof st->last_error, status, "graph path (layer %d): %s; used the host path", layer, err);
+        }
+        G->ggml_backend_tensor_get(t, st->rows, 0, bytes);
+        steer_site(st, site, as.strength, as.gate, st->rows, n_rows, &steered, &rejected);
+        G->ggml_backend_tensor_set(t, st->rows, 0, bytes);
     }
     atomic_fetch_add(&st->rows_steered, steered);
     atomic_fetch_add(&st->rows_rejected, rejected);
     atomic_fetch_add(&st->rows_on_device, on_device);
 }
 
-static bool handle_tensor(innsteer_steerer *st, struct ggml_tensor *t, int layer) {
-    int64_t n = ggml_nelements(t), n_rows = ggml_nrows(t);
-    if (n_rows <= 0 || n % n_rows != 0 || n / n_rows != st->n_embd || ggml_element_size(t) != 4 ||
-        ggml_nbytes(t) != (size_t)n * 4 || !ggml_is_contiguous(t)) {
-        snprintf(st->last_error, sizeof st->last_error,
-                 "tensor %s is not a contiguous f32 tensor of %d-wide rows (%lld elements in %lld rows); not steered",
-                 ggml_get_name(t), st->n_embd, (long long)n, (long long)n_rows);
-        return false;
+/* ---- the callback ------------------------------------------------------------------------- */
+
+static void capture_rows(innsteer_steerer *st, int layer, bool post, const float *rows, int64_t n_rows) {
+    capture_set_append(st->captures, layer, post, rows, n_rows, st->last_error, sizeof st->last_error);
+}
+
+static void handle_tensor(innsteer_steerer *st, const ggml_api *G, struct ggml_tensor *t, int layer) {
+    int64_t n = G->ggml_nelements(t), n_rows = G->ggml_nrows(t);
+    if (n_rows <= 0 || n % n_rows != 0 || n / n_rows != st->n_embd || G->ggml_element_size(t) != 4 ||
+        G->ggml_nbytes(t) != (size_t)n * 4 || !G->ggml_is_contiguous(t)) {
+        set_error(st->last_error, sizeof st->last_error, INNSTEER_ERR_MISMATCH,
+                  "tensor %s is not a contiguous f32 tensor of %d-wide rows (%lld elements in %lld rows); not steered",
+                  G->ggml_get_name(t), st->n_embd, (long long)n, (long long)n_rows);
+        return;
     }
     if ((size_t)n_rows > st->rows_cap) {
         float *grown = realloc(st->rows, sizeof(float) * (size_t)n);
         if (!grown) {
-            snprintf(st->last_error, sizeof st->last_error, "out of memory for %lld rows; not steered", (long long)n_rows);
-            return false;
+            set_error(st->last_error, sizeof st->last_error, INNSTEER_ERR_NOMEM, "out of memory for %lld rows; not steered",
+                      (long long)n_rows);
+            return;
         }
         st->rows = grown;
         st->rows_cap = (size_t)n_rows;
     }
     size_t bytes = sizeof(float) * (size_t)n;
-    bool steer = atomic_load(&st->active) && st->steered_at[layer];
+    bool pre = capture_set_enabled(st->captures, layer, false), post = capture_set_enabled(st->captures, layer, true);
+    bool steer = steers_layer(st, layer);
     if (steer && n_rows >= st->device_min_rows && graph_backend_ready(st)) {
         /* the activations stay where they are; captures (a tool path) read them to the host */
-        if (st->captures[2 * layer].on) {
-            ggml_backend_tensor_get(t, st->rows, 0, bytes);
-            append_capture(st, &st->captures[2 * layer], st->rows, n_rows);
+        if (pre) {
+            G->ggml_backend_tensor_get(t, st->rows, 0, bytes);
+            capture_rows(st, layer, false, st->rows, n_rows);
         }
-        steer_tensor_graph(st, layer, t, n_rows);
-        if (st->captures[2 * layer + 1].on) {
-            ggml_backend_tensor_get(t, st->rows, 0, bytes);
-            append_capture(st, &st->captures[2 * layer + 1], st->rows, n_rows);
+        steer_tensor_graph(st, G, layer, t, n_rows);
+        if (post) {
+            G->ggml_backend_tensor_get(t, st->rows, 0, bytes);
+            capture_rows(st, layer, true, st->rows, n_rows);
         }
-        return true;
+        return;
     }
-    ggml_backend_tensor_get(t, st->rows, 0, bytes);
-    if (st->captures[2 * layer].on) append_capture(st, &st->captures[2 * layer], st->rows, n_rows);
-    bool changed = steer && steer_rows(st, layer, st->rows, n_rows);
-    if (changed) ggml_backend_tensor_set(t, st->rows, 0, bytes);
-    if (st->captures[2 * layer + 1].on) append_capture(st, &st->captures[2 * layer + 1], st->rows, n_rows);
-    return true;
+    G->ggml_backend_tensor_get(t, st->rows, 0, bytes);
+    if (pre) capture_rows(st, layer, false, st->rows, n_rows);
+    if (steer && steer_rows(st, layer, st->rows, n_rows)) G->ggml_backend_tensor_set(t, st->rows, 0, bytes);
+    if (post) capture_rows(st, layer, true, st->rows, n_rows);
 }
 
 bool innsteer_eval_callback(struct ggml_tensor *t, bool ask, void *user_data) {
     innsteer_steerer *st = user_data;
     if (!st) return !ask;
-    int layer = steered_layer_of(ggml_get_name(t), st->n_layer);
+    char err[128];
+    const ggml_api *G = ggml_api_tensor(err, sizeof err);
+    int layer = G ? steered_layer_of(G->ggml_get_name(t), st->n_layer) : -1;
     bool ours = false;
-    if (layer >= 0) {
+    /* the lock only for our layers: the scheduler calls this for every node of the graph */
+    if (!G || layer >= 0) {
         pthread_mutex_lock(&st->lock);
-        if (ask) {
-            /* the scheduler asks about every node once per graph: count here, so a model whose
-             * graph lacks l_out-<layer> shows zero visits */
+        if (!G) {
+            set_error(st->last_error, sizeof st->last_error, INNSTEER_ERR_UNSUPPORTED, "%s; not steered", err);
+        } else if (ask) {
+            /* asked about every node once per graph: count here, so a model whose graph lacks
+             * l_out-<layer> shows zero visits */
             atomic_fetch_add(&st->visits[layer], 1);
             ours = wants_layer(st, layer);
         } else if (wants_layer(st, layer)) {
-            handle_tensor(st, t, layer);
+            handle_tensor(st, G, t, layer);
         }
         pthread_mutex_unlock(&st->lock);
     }

@@ -1,0 +1,1 @@
+"""Applications on top of the library: the CLI, chat, server, bench and doctor."""

@@ -1,0 +1,481 @@
+"""The `innsteer-local` command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from ..choices import GATES, TRAIN_METHODS
+from ..errors import InnsteerError, ModelError
+from ..runtime import registry
+from ..runtime.flowspec import FlowSpec, parse_flow_spec
+
+MODEL_HELP = "registry model (see `models list`) or a local .gguf path [default: smollm2-135m]"
+FLOW_HELP = "[NAME=]FILE[:STRENGTH][@GATE]: a flow file or shipped flow name; repeatable"
+
+
+def finite_float(ctx: click.Context, param: click.Parameter, value: Optional[float]) -> Optional[float]:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def load_steered(model: Optional[str], flows: tuple[str, ...], strength: Optional[float], n_ctx: int, seed: int,
+                 threads: Optional[int], gate: str = "off") -> Any:
+    from ..runtime.steered import SteeredLlama
+
+    path, key = registry.resolve_model(model)
+    n_threads = threads or os.cpu_count() or 1
+    try:
+        llm = SteeredLlama(str(path), n_ctx=n_ctx, seed=seed, n_threads=n_threads, n_threads_batch=n_threads,
+                           verbose=False)
+    except ValueError as e:  # llama-cpp-python's word for a file llama.cpp cannot load
+        raise ModelError(f"cannot load model {path}: {e} (not a llama.cpp GGUF model, corrupt, or an "
+                         "unsupported architecture)") from None
+    llm.model_key = key
+    for spec in flow_specs(flows):
+        flow_path = registry.resolve_flow(spec.path, key)
+        llm.add_flow(flow_path, strength=spec.strength if spec.strength is not None else strength,
+                     gate=spec.gate or gate)
+    return llm
+
+
+def flow_specs(values: tuple[str, ...], option: str = "--flow") -> list[FlowSpec]:
+    """--flow values, parsed before any model is loaded (a typo fails at once)."""
+    try:
+        return [parse_flow_spec(v) for v in values]
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
+
+
+def common_generation_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--model", "-m", default=None, help=MODEL_HELP),
+        click.option("--flow", "-f", "flows", multiple=True, help=FLOW_HELP),
+        click.option("--strength", "-a", type=float, default=None, callback=finite_float,
+                     help="strength for flows without their own :STRENGTH [default: the flow's default]"),
+        click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True),
+        click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True,
+                     help="0 = greedy"),
+        click.option("--seed", "-s", type=int, default=0, show_default=True),
+        click.option("--repeat-penalty", type=click.FloatRange(0.0), default=1.1, show_default=True),
+        click.option("--n-ctx", type=click.IntRange(64), default=2048, show_default=True),
+        click.option("--gate", type=click.Choice(GATES), default="off", show_default=True,
+                     help="runtime gate for flows without their own @GATE: damp rows off the training support "
+                          "(density), or move each row only as far as the positive class (target)"),
+        click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]"),
+    ]):
+        f = opt(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="innsteer-local")
+def cli() -> None:
+    """Nonlinear activation steering (INNSteer) for llama.cpp models.
+
+    \b
+    innsteer-local chat --flow honesty.gguf          chat with the default model, steered
+    innsteer-local generate --prompt "..." --flow honesty --json
+    innsteer-local inspect FLOW.gguf                 what a flow file holds
+    innsteer-local models list|pull|path             the model registry
+    """
+
+
+@cli.group()
+def models() -> None:
+    """List, fetch and locate registry models."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def models_list(as_json: bool) -> None:
+    """Known models and whether they are cached."""
+    default = registry.default_model()
+    rows = []
+    for e in registry.entries().values():
+        rows.append({"name": e.key, "default": e.key == default, "cached": registry.is_cached(e),
+                     "size_mb": round(e.size / 1e6, 1), "architecture": e.architecture, "n_embd": e.n_embd,
+                     "n_layer": e.n_layer, "chat": e.chat, "description": e.description,
+                     "shipped_flows": sorted(registry.shipped_flows(e.key))})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        state = "cached" if r["cached"] else "not downloaded"
+        click.echo(f"{mark} {r['name']:<14} {r['size_mb']:>6.1f} MB  {r['architecture']:<7} n_embd {r['n_embd']:<4} "
+                   f"layers {r['n_layer']:<3} {state}")
+        click.echo(f"    {r['description']}")
+        if r["shipped_flows"]:
+            click.echo(f"    shipped flows: {', '.join(r['shipped_flows'])}")
+
+
+@models.command("pull")
+@click.argument("name", required=False)
+@click.option("--force", is_flag=True, help="download again even if cached")
+def models_pull(name: Optional[str], force: bool) -> None:
+    """Download and verify a model (default: the default model)."""
+    click.echo(registry.pull(name or registry.default_model(), force=force))
+
+
+@models.command("path")
+@click.argument("name", required=False)
+def models_path(name: Optional[str]) -> None:
+    """Print the cached path of a model, downloading it first if needed."""
+    click.echo(registry.pull(name or registry.default_model()))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print everything as one JSON object")
+def inspect(file: str, as_json: bool) -> None:
+    """Show what a flow file holds: model, layers, method, ops, shift and provenance."""
+    from ..flow import Flow
+
+    flow = Flow.load(registry.resolve_flow(file, registry.default_model()))
+    d = flow.describe()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    m = d["model"]
+    click.echo(f"flow        {d['name']}  (format v{d['format_version']})")
+    click.echo(f"behavior    {d['behavior'] or '-'}")
+    click.echo(f"method      {d['method']}")
+    click.echo(f"model       {m['name']}  ({m['architecture']}, n_embd {m['n_embd']}, {m['n_layer']} layers)")
+    click.echo(f"layers      {', '.join(map(str, d['layers']))}")
+    click.echo(f"strength    {d['default_strength']:g} (default)")
+    for s in d["sites"]:
+        ops = " -> ".join(o["kind"] + (f"(r={o['rank']})" if "rank" in o else "") +
+                          (f"({'x'.join(map(str, o['widths']))}, {o['activation']}, clamp {o['clamp']:g})"
+                           if o["kind"] == "coupling" else "") for o in s["ops"]) or "identity"
+        click.echo(f"  layer {s['layer']:<3} phi: {ops}")
+        click.echo(f"            shift: |delta| = {s['delta_norm']:.4g} in {s['latent_dim']} dims"
+                   f"{' + per-dim edit scale' if s['has_edit_scale'] else ''};  {s['parameters']:,} parameters")
+    if d["provenance"]:
+        click.echo("provenance")
+        for k, v in d["provenance"].items():
+            click.echo(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+
+
+@cli.command()
+@click.option("--prompt", "-p", required=True, help="the user message (or, with --raw, the text to continue)")
+@common_generation_options
+@click.option("--raw", is_flag=True, help="plain completion of the prompt text, no chat template")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object with the text and the settings")
+def generate(prompt: str, model: Optional[str], flows: tuple[str, ...], strength: Optional[float], max_tokens: int,
+             temperature: float, seed: int, repeat_penalty: float, n_ctx: int, gate: str, threads: Optional[int],
+             raw: bool, as_json: bool) -> None:
+    """Generate one reply, steered by the given flows (none = unsteered)."""
+    llm = load_steered(model, flows, strength, n_ctx, seed, threads, gate)
+    kwargs = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
+    if raw:
+        result = llm.create_completion(prompt, **kwargs)
+        text = result["choices"][0]["text"]
+    else:
+        result = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], **kwargs)
+        text = result["choices"][0]["message"]["content"] or ""
+    if as_json:
+        click.echo(json.dumps({
+            "text": text,
+            "prompt": prompt,
+            "model": getattr(llm, "model_key", None) or llm.model_info.name,
+            "model_path": llm.model_path,
+            "flows": [{"path": a.path, "strength": a.strength, "layers": a.layers, "method": a.flow.method,
+                       "behavior": a.flow.behavior, "gate": a.gate} for a in llm.flows],
+            "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "repeat_penalty": repeat_penalty,
+            "raw": raw, "finish_reason": result["choices"][0].get("finish_reason"),
+            "usage": result.get("usage"), "steering": llm.steering_stats,
+        }, ensure_ascii=False))
+    else:
+        click.echo(text)
+
+
+@cli.command()
+@common_generation_options
+@click.option("--compare", is_flag=True, help="print the unsteered and the steered reply to every turn")
+@click.option("--system", default=None, help="system message")
+def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float], max_tokens: int, temperature: float,
+         seed: int, repeat_penalty: float, n_ctx: int, gate: str, threads: Optional[int], compare: bool,
+         system: Optional[str]) -> None:
+    """Chat with a steered model. Reads lines from stdin, so it also works piped:
+
+    \b
+      echo "Is the earth flat?" | innsteer-local chat --flow honesty.gguf --compare
+    """
+    from .chat import ChatSession
+
+    llm = load_steered(model, flows, strength, n_ctx, seed, threads, gate)
+    if not llm.metadata.get("tokenizer.chat_template"):
+        click.echo("note: this model has no chat template (a base model); replies follow a generic format",
+                   err=True)
+    session = ChatSession(llm=llm, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                          repeat_penalty=repeat_penalty, compare=compare)
+    session.run(sys.stdin, interactive=sys.stdin.isatty())
+
+
+@cli.command()
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--flow", "-f", "flows", multiple=True, help="flow files to time (default: a linear and an INN flow)")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--gen-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--reps", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+@click.option("--with-training", is_flag=True, help="also time collection and training of the honesty flow")
+@click.option("--json", "as_json", is_flag=True)
+def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: int, gen_tokens: int, reps: int,
+          threads: Optional[int], with_training: bool, as_json: bool) -> None:
+    """Prompt and decode tokens/s: unsteered, llama.cpp control vector and flows, side by side."""
+    import tempfile
+
+    import llama_cpp
+
+    from .bench import (
+        default_flows,
+        flow_isolation,
+        format_table,
+        peak_rss_mb,
+        run_bench,
+        training_cost,
+    )
+
+    llm = load_steered(model, (), None, prompt_tokens + gen_tokens + 16, 0, threads)
+    n_threads = threads or os.cpu_count() or 1
+    plain = llama_cpp.Llama(llm.model_path, n_ctx=prompt_tokens + gen_tokens + 16, n_threads=n_threads,
+                            n_threads_batch=n_threads, verbose=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = ({Path(f).name: registry.resolve_flow(f, getattr(llm, "model_key", None)) for f in flows}
+                 or default_flows(llm, Path(tmp)))
+        result = run_bench(llm, paths, n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps, plain=plain,
+                           progress=lambda msg: click.echo(msg, err=True))
+        click.echo("timing the flow kernels alone", err=True)
+        result["isolation"] = flow_isolation({k: v for k, v in paths.items() if "linear" not in k}, llm.model_info.n_embd)
+    if with_training:
+        click.echo("timing collection and training of the honesty flow", err=True)
+        result["training"] = training_cost(llm)
+    result["peak_rss_mb"] = peak_rss_mb()
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+@cli.group("behaviors")
+def behaviors_group() -> None:
+    """Built-in contrastive behaviours for `train --behavior`."""
+
+
+@behaviors_group.command("list")
+def behaviors_list() -> None:
+    from ..train import behaviors
+
+    for name in behaviors.names():
+        spec = behaviors.spec(name)
+        click.echo(f"{name:<12} {spec['description']}")
+
+
+@behaviors_group.command("show")
+@click.argument("name")
+def behaviors_show(name: str) -> None:
+    from ..train import behaviors
+
+    click.echo(behaviors.describe(name))
+
+
+@cli.command()
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--behavior", "-b", default=None, help="built-in behaviour (see `behaviors list`)")
+@click.option("--pairs", "-p", default=None, type=click.Path(dir_okay=False),
+              help="JSONL pairs or CAA A/B JSON file (see docs/training.md)")
+@click.option("--layer", "-l", default="auto", show_default=True, help="layer index, or auto to sweep")
+@click.option("--method", type=click.Choice(TRAIN_METHODS), default="innsteer",
+              show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="flow file to write")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--positions", type=click.Choice(["completion", "last", "all"]), default="completion",
+              show_default=True, help="token positions that carry the behaviour")
+@click.option("--epochs", type=click.IntRange(0), default=None, help="INN training epochs [default: 60]")
+@click.option("--rank", type=click.IntRange(2), default=None, help="INN subspace rank [default: 64]")
+@click.option("--blocks", type=click.IntRange(1), default=None, help="INN coupling blocks [default: 4]")
+@click.option("--max-pairs", type=click.IntRange(1), default=None,
+              help="train on the first N contrastive pairs only (a quick trial)")
+@click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True)
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
+              help="write report.md, metrics.json and plots here")
+@click.option("--no-cache", is_flag=True, help="collect activations again even if cached")
+@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], layer: str, method: str, output: str,
+          seed: int, positions: str, epochs: Optional[int], rank: Optional[int], blocks: Optional[int],
+          max_pairs: Optional[int], dtype: str,
+          report_dir: Optional[str], no_cache: bool, threads: Optional[int]) -> None:
+    """Train a steering flow from contrastive data on a GGUF model."""
+    from ..train.pipeline import load_data
+    from ..train.pipeline import train as run_train
+    from ..train.report import summary, write_report
+
+    if layer != "auto":
+        try:
+            int(layer)
+        except ValueError:
+            raise click.BadParameter(f"'{layer}' is neither a layer index nor auto", param_hint="--layer") from None
+    data = load_data(behavior, pairs)
+    if max_pairs:
+        data.pairs = data.pairs[:max_pairs]
+    llm = load_steered(model, (), None, 4096, seed, threads)
+    inn_config = None
+    if method == "innsteer":
+        from ..train.inn import InnConfig
+
+        inn_config = InnConfig(seed=seed, **{k: v for k, v in (("epochs", epochs), ("rank", rank), ("blocks", blocks))
+                                           if v is not None})
+    click.echo(f"{data.name}: {len(data.pairs)} pairs, {len(data.neutral)} neutral items; model "
+               f"{llm.model_info.name} ({llm.model_info.n_layer} layers)", err=True)
+    bars: dict[str, Any] = {}
+
+    def progress(kind: str, label: str):
+        def update(done: int, total: int, *extra: Any) -> None:
+            bar = bars.get(kind)
+            if bar is None:
+                bar = bars[kind] = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+                bar.__enter__()
+            bar.update(done - bar.pos)
+            if done >= total:
+                bar.__exit__(None, None, None)
+        return update
+
+    cache = None if no_cache else registry.cache_dir() / "activations"
+    out = run_train(llm, data, layer, method=method, seed=seed, positions=positions, cache_dir=cache,
+                    inn_config=inn_config, collect_progress=progress("collect", "collecting activations"),
+                    train_progress=progress("train", "training phi"))
+    if out.sweep:
+        click.echo("layer sweep (held-out):  layer  probe-acc  mean-diff-flip", err=True)
+        for r in out.sweep:
+            mark = "  <- chosen" if r["layer"] == out.layer else ""
+            click.echo(f"                         {r['layer']:>5}  {r['probe_accuracy']:.3f}      "
+                       f"{r['mean_diff_flip']:.3f}{mark}", err=True)
+    out.flow.save(output, dtype=dtype)
+    if report_dir:
+        write_report(out, Path(output), Path(report_dir))
+    click.echo(summary(out))
+    click.echo(f"wrote {output}" + (f" and a report in {report_dir}" if report_dir else ""))
+
+
+@cli.command("import-cvec")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--model", "-m", default=None, help="model the vector belongs to (fills in the flow's model info)")
+def import_cvec(file: str, output: str, model: Optional[str]) -> None:
+    """Turn a llama.cpp / repeng control-vector GGUF into a linear flow (same layer numbers)."""
+    from ..convert.cvec import read_cvec
+
+    info = None
+    if model:
+        from ..runtime.steered import SteeredLlama
+
+        path, _ = registry.resolve_model(model)
+        llm = SteeredLlama(str(path), n_ctx=64, verbose=False)
+        info = llm.model_info
+    flow = read_cvec(file, info)
+    flow.save(output)
+    click.echo(f"wrote {output}: layers {flow.layers}, n_embd {flow.model.n_embd}")
+
+
+@cli.command()
+@click.argument("flow_file", type=click.Path(dir_okay=False))
+@click.option("--to", "target", type=click.Choice(["cvec", "onnx"]), required=True)
+@click.option("--output", "-o", required=True, type=click.Path(),
+              help="cvec: the .gguf file to write; onnx: the directory to write the graphs into")
+@click.option("--strength", "-a", type=float, default=None, callback=finite_float,
+              help="cvec only: strength baked into the vector [default: the flow's default]")
+def export(flow_file: str, target: str, output: str, strength: Optional[float]) -> None:
+    """Export a flow: --to cvec writes a llama.cpp control vector (linear flows only); --to onnx
+    writes phi, phi^-1 and the steering map of every layer as ONNX graphs plus manifest.json."""
+    from ..flow import Flow
+
+    flow = Flow.load(registry.resolve_flow(flow_file, registry.default_model()))
+    if target == "onnx":
+        from ..convert.onnx import export_onnx
+
+        if strength is not None:
+            raise click.BadParameter("the ONNX steering graphs take the strength as an input (strength is an "
+                                     "input named 'strength'); --strength is for --to cvec", param_hint="--strength")
+        manifest = export_onnx(flow, output)
+        n = sum(2 + len(s["steer"]) for s in manifest["sites"])
+        click.echo(f"wrote {n} ONNX graphs and manifest.json to {output}: layers {flow.layers}")
+        return
+    from ..convert.cvec import write_cvec
+
+    write_cvec(flow, output, strength)
+    click.echo(f"wrote {output}: llama.cpp --control-vector, layers {flow.layers}")
+
+
+@cli.command()
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--flow", "-f", "flows", multiple=True,
+              help="[NAME=]FILE[:STRENGTH][@GATE] (or a shipped flow name) that requests can pick by NAME; repeatable")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--n-ctx", type=click.IntRange(64), default=4096, show_default=True)
+@click.option("--seed", "-s", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+def serve(model: Optional[str], flows: tuple[str, ...], host: str, port: int, n_ctx: int, seed: int,
+          threads: Optional[int]) -> None:
+    """OpenAI-compatible server; each request picks its own steering (docs/EMBEDDING.md):
+
+    \b
+      innsteer-local serve --flow honesty=honesty.gguf --port 8080
+      curl localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
+           "steering": [{"flow": "honesty", "strength": 2}]}'
+    """
+    from .server import _require_fastapi
+    from .server import serve as run_server
+
+    _require_fastapi()  # fail before loading the model
+    specs = flow_specs(flows)
+    llm = load_steered(model, (), None, n_ctx, seed, threads)
+    run_server(llm, specs, host, port)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+def doctor(as_json: bool) -> None:
+    """Check the installation: llama.cpp's build and CPU features, libraries, model cache.
+
+    Exits with status 1 when it finds a combination known to crash (e.g. ggml's AMX path on a
+    CPU with AMX) and prints the fix."""
+    from .doctor import format_report, report
+
+    r = report()
+    click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
+    if any(p["severity"] == "error" for p in r["problems"]):
+        sys.exit(1)
+
+
+from .eval_cli import eval_command  # noqa: E402  (a command of its own module: it is long)
+
+cli.add_command(eval_command)
+
+
+def main() -> None:
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (InnsteerError, ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The `innsteer-local eval` command (registered in cli.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from ..eval.experiment import NONE
+from ..runtime import registry
+from ..runtime.flowspec import FlowSpec, parse_flow_spec
+
+
+class BarProgress:
+    """click progress bars on stderr, one per experiment."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def start(self, label: str, total: int) -> None:
+        self.bar = click.progressbar(length=max(total, 1), label=label.ljust(22), file=sys.stderr, show_pos=True,
+                                     show_eta=True)
+        self.bar.__enter__()
+        if total == 0:
+            self.bar.update(1)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def message(self, text: str) -> None:
+        click.echo(f"\n{text}", err=True)
+
+
+def parse_strengths(text: str) -> list[float]:
+    import math
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of numbers", param_hint="--strengths") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise click.BadParameter("give finite strengths, e.g. 0,0.5,1,2", param_hint="--strengths")
+    return sorted(set(values) | {0.0}, key=lambda v: (abs(v), v))
+
+
+def _sha256(path: Path) -> str:
+    """The registry's checksum when the file is a registry model, else a hash of size + head."""
+    for e in registry.entries().values():
+        if e.cached_path.resolve() == path.resolve():
+            return e.sha256
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def eval_flow(value: str, model_key: Optional[str], relative: bool) -> FlowSpec:
+    """An --flow of eval: the label is NAME (default: the file's stem, +GATE when gated); a
+    :STRENGTH sets the unit that --relative strengths multiply (default: the flow's own)."""
+    try:
+        spec = parse_flow_spec(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--flow") from None
+    if spec.strength is not None and not relative:
+        raise click.BadParameter(f"'{value}': eval sweeps --strengths itself; FILE:STRENGTH only sets the unit of "
+                                 "--relative strengths", param_hint="--flow")
+    if spec.name == NONE:
+        raise click.BadParameter("'none' is reserved for the unsteered model; choose another NAME", param_hint="--flow")
+    name = spec.name
+    if name == Path(spec.path).stem and spec.gate not in (None, "off"):
+        name += f"+{spec.gate}"
+    return FlowSpec(path=str(registry.resolve_flow(spec.path, model_key)), name=name, strength=spec.strength,
+                    gate=spec.gate or "off")
+
+
+@click.command("eval")
+@click.option("--model", "-m", default=None, help="registry model or local .gguf [default: smollm2-135m]")
+@click.option("--flow", "-f", "flows", multiple=True,
+              help="[NAME=]FILE[:STRENGTH][@GATE]; repeatable; NAME labels the method, :STRENGTH is the unit of "
+                   "--relative strengths. Shipped names work too.")
+@click.option("--task", default=None, help="ab:PATH | truthfulqa[:PATH] | open:PATH (or open:neutral) | refusal")
+@click.option("--scorer", type=click.Choice(["sentiment", "refusal", "similarity", "topic"]), default=None,
+              help="how open: generations are scored")
+@click.option("--description", default="", help="behaviour description for --scorer similarity")
+@click.option("--topic-words", default="", help="comma-separated words for --scorer topic")
+@click.option("--strengths", default=None, help="comma-separated sweep [default: 0,1,2,3,4; suites: see docs/RESULTS.md]")
+@click.option("--relative", is_flag=True, help="strengths are multiples of each flow's default strength (suites: always)")
+@click.option("--suite", type=click.Choice(["quick", "full"]), default=None,
+              help="preset experiments (see docs/RESULTS.md); full trains every method (needs torch)")
+@click.option("--only", default=None, help="comma-separated experiment names of the suite to run")
+@click.option("--layer", type=int, default=None, help="layer the suite trains at [default: 15 for 30 layers, else half]")
+@click.option("--judge", default=None,
+              help="fluency judge of another family (registry name or .gguf); 'none' to use only the model itself "
+                   "[default: gemma3-270m, or smollm2-135m when evaluating gemma3-270m]")
+@click.option("--limit", type=click.IntRange(1), default=None, help="items per task group (e.g. harmful/harmless)")
+@click.option("--max-tokens", "-n", type=click.IntRange(1), default=None, help="new tokens per reply [default: 40; quick suite 32]")
+@click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy")
+@click.option("--seed", "-s", type=int, default=0, show_default=True)
+@click.option("--probe", type=click.IntRange(1), default=8, show_default=True,
+              help="neutral prompts generated per setting to measure fluency on likelihood tasks")
+@click.option("--no-prune", is_flag=True, help="run every strength even after a setting has degenerated")
+@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="results directory (resumable)")
+def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[str], scorer: Optional[str],
+                 description: str, topic_words: str, strengths: Optional[str], relative: bool, suite: Optional[str],
+                 only: Optional[str], layer: Optional[int], judge: Optional[str], limit: Optional[int], max_tokens: Optional[int],
+                 temperature: float, seed: int, probe: int, no_prune: bool, threads: Optional[int], output: str) -> None:
+    """Compare steering methods over strength sweeps: behaviour score, fluency, 95 % intervals.
+
+    \b
+    innsteer-local eval --suite quick -o eval-quick
+    innsteer-local eval --suite full -o eval-full            # trains all methods first
+    innsteer-local eval --task refusal --flow refusal.gguf --flow gated=refusal.gguf:target \\
+        --flow refusal-mean-diff.gguf --strengths 0,0.5,1,1.5,2,3,4 -o out
+    innsteer-local eval --task open:neutral --scorer sentiment --flow positivity.gguf -o out
+
+    Writes OUT/report.md, OUT/results.json, OUT/*.png and OUT/records.jsonl (one line per answer;
+    run the same command again to continue a run that was stopped).
+    """
+    from ..eval.experiment import Experiment
+    from ..eval.records import check_config
+    from ..eval.report import write_outputs
+    from ..eval.runner import EvalConfig, Runner
+    from ..eval.tasks import parse_task
+
+    if (suite is None) == (task is None):
+        raise click.UsageError("give --task (with --flow) or --suite quick|full")
+    if suite and flows:
+        raise click.UsageError("--suite chooses its own flows; use --task to compare your own")
+    model_path, model_key = registry.resolve_model(model)
+    if judge is None:
+        judge = "smollm2-135m" if model_key == "gemma3-270m" else "gemma3-270m"
+    judge_path = None if judge.lower() == "none" else registry.resolve_model(judge)[0]
+    if judge_path is not None and judge_path.resolve() == model_path.resolve():
+        raise click.UsageError("the judge must be another model than the one evaluated (ideally of another family)")
+    out_dir = Path(output)
+    if max_tokens is None:
+        from ..eval.suites import QUICK_MAX_TOKENS
+
+        max_tokens = QUICK_MAX_TOKENS if suite == "quick" else 40
+    sweep = parse_strengths(strengths) if strengths else None
+    experiments: list[Any] = []
+    if not suite:  # check the task and the flows before loading any model
+        if not flows:
+            raise click.UsageError("--task needs at least one --flow to compare with the unsteered model")
+        t = parse_task(task, scorer, description, [w.strip() for w in topic_words.split(",") if w.strip()])  # type: ignore[arg-type]
+        specs = [eval_flow(f, model_key, relative) for f in flows]
+        if len({s.name for s in specs}) != len(specs):
+            raise click.UsageError("two --flow entries have the same label; name them LABEL=FILE")
+        experiments = [Experiment(t.id + ("@relative" if relative else ""), t, specs,
+                                  sweep or [0.0, 1.0, 2.0, 3.0, 4.0], limit, relative)]
+    progress = BarProgress()
+    runner: Any = None
+    try:
+        runner_meta = {"model": str(model_path), "model_sha256": _sha256(model_path),
+                       "judge": str(judge_path) if judge_path else None,
+                       "judge_sha256": _sha256(judge_path) if judge_path else None,
+                       "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+        cfg = EvalConfig(max_tokens=max_tokens, temperature=temperature, seed=seed, probe_prompts=probe,
+                         prune=not no_prune)
+        runner = Runner(str(model_path), str(judge_path) if judge_path else None, out_dir, cfg, progress, threads)
+        cfg.chat = bool(runner.llm.metadata.get("tokenizer.chat_template"))
+        runner.self_scorer.chat = cfg.chat
+        runner_meta["chat"] = cfg.chat
+        check_config(out_dir, runner_meta)
+        for spec in (s for e in experiments for s in e.flows):
+            runner.check_flow(spec)
+        if suite:
+            from ..eval.suites import build
+
+            n_layer = runner.llm.model_info.n_layer
+            chosen = layer if layer is not None else (15 if n_layer == 30 else n_layer // 2)
+            todo: Any = build(suite, runner.llm, model_key, out_dir, chosen, sweep, limit,
+                              only.split(",") if only else None, message=lambda m: click.echo(m, err=True))
+        else:
+            todo = iter(experiments)
+        meta = {**runner_meta, "suite": suite, "strengths": sweep}
+        done: list[Any] = []
+        for exp in todo:
+            runner.run(exp)
+            done.append(exp)
+            summaries = write_outputs(runner.records, done, out_dir, meta)
+    finally:
+        progress.finish()
+        if runner is not None:
+            runner.close()
+    for s in summaries:
+        click.echo(f"\n{s['experiment']} (higher = {s['higher_is']}): best score at matched fluency")
+        for h in sorted(s["headline"], key=lambda h: -h["best_score"][0]):
+            b = h["best_score"]
+            click.echo(f"  {h['method']:<18} {b[0]:7.3f} [{b[1]:.3f}, {b[2]:.3f}]  strength {h['strength']:g}")
+    click.echo(f"\nwrote {out_dir / 'report.md'}, results.json and plots")
+

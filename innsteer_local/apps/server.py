@@ -1,0 +1,512 @@
+"""An OpenAI-compatible HTTP server whose every request picks its own steering.
+
+    innsteer-local serve --flow honesty=honesty.gguf --port 8080
+
+Endpoints: `/v1/chat/completions`, `/v1/completions` (both stream by SSE), `/v1/models`,
+`GET /v1/steering` (the loaded flows) and `POST /v1/steering` (load one more). A request's
+`steering` field, `[{"flow": NAME, "strength": A, "gate": "off"}]`, applies to that request only;
+an empty or missing list is unsteered.
+
+Isolation: one SteeredLlama serves every request, and a lock serialises generation. Each request
+takes the lock, sets exactly its own steering (every loaded flow it does not name is disabled),
+generates, and releases the lock; a stream holds it until its last chunk. Two requests therefore
+never run under each other's steering. SteeredLlama drops the KV cache whenever steering changed
+since it was filled, so a request never reuses a prompt prefix computed under other steering; a
+request with the same steering as the previous one keeps the prefix cache.
+
+FastAPI and uvicorn are imported only here (the `[serve]` extra).
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request)
+# at run time, and Request is imported inside create_app
+import asyncio
+import json
+import math
+import re
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from ..choices import GATES
+from ..errors import FlowFormatError, FlowMismatchError, InnsteerError
+from ..runtime import registry
+from ..runtime.flowspec import FlowSpec, format_flow_spec
+
+ROLES = {"system", "user", "assistant", "developer"}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_MAX_TOKENS = 256
+
+
+def _require_fastapi() -> Any:
+    try:
+        import fastapi
+        import uvicorn  # noqa: F401  (checked here so that `serve` fails before loading a model)
+    except ImportError as e:
+        raise InnsteerError(f"the server needs FastAPI and uvicorn ({e.name} is missing): "
+                            "pip install 'innsteer-local[serve]'") from None
+    return fastapi
+
+
+class RequestError(Exception):
+    """A client error, answered as an OpenAI-shaped JSON error with a 4xx status."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+# ---- request parsing ----------------------------------------------------------------------
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request's JSON object; NaN and Infinity literals (which Python's json would accept)
+    are refused, so a non-finite number never reaches the native library."""
+
+    def refuse(token: str) -> Any:
+        raise RequestError(f"'{token}' is not valid JSON: numbers must be finite")
+
+    try:
+        body = json.loads(raw or b"null", parse_constant=refuse)
+    except RequestError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"request body must be a JSON object, got {type(body).__name__ if body is not None else 'nothing'}")
+    return body
+
+
+def _number(body: dict[str, Any], key: str, lo: float, hi: float, default: Optional[float]) -> Optional[float]:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RequestError(f"'{key}' must be a number, got {json.dumps(v)[:40]}", key)
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise RequestError(f"'{key}' must be a finite number in [{lo:g}, {hi:g}], got {v!r}", key)
+    return float(v)
+
+
+def _integer(body: dict[str, Any], key: str, lo: int, default: Optional[int]) -> Optional[int]:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RequestError(f"'{key}' must be an integer, got {json.dumps(v)[:40]}", key)
+    if v < lo:
+        raise RequestError(f"'{key}' must be at least {lo}, got {v}", key)
+    return v
+
+
+@dataclass(frozen=True)
+class SteeringChoice:
+    """One entry of a request's `steering` list, validated against the loaded flows."""
+
+    flow: str
+    strength: float
+    gate: str = "off"
+
+
+def parse_steering(value: Any, flows: dict[str, "LoadedFlow"]) -> list[SteeringChoice]:
+    """`[{"flow": NAME, "strength": A, "gate": MODE}]` -> choices; strength defaults to the flow's."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RequestError("'steering' must be a list of {\"flow\": NAME, \"strength\": NUMBER}", "steering")
+    out: list[SteeringChoice] = []
+    for i, entry in enumerate(value):
+        param = f"steering[{i}]"
+        if not isinstance(entry, dict):
+            raise RequestError(f"{param} must be an object with 'flow' and 'strength'", param)
+        unknown = set(entry) - {"flow", "strength", "gate"}
+        if unknown:
+            raise RequestError(f"{param} has unknown field(s) {', '.join(sorted(unknown))}; "
+                               "allowed: flow, strength, gate", param)
+        name = entry.get("flow")
+        if not isinstance(name, str):
+            raise RequestError(f"{param}.flow must be the name of a loaded flow (a string)", f"{param}.flow")
+        if name not in flows:
+            raise RequestError(f"unknown flow '{name[:80]}'; loaded flows: {', '.join(sorted(flows)) or 'none'} "
+                               "(GET /v1/steering lists them, POST /v1/steering loads one)", f"{param}.flow")
+        if any(c.flow == name for c in out):
+            raise RequestError(f"flow '{name}' appears twice in 'steering'", f"{param}.flow")
+        strength = entry.get("strength")
+        if strength is None:
+            strength = flows[name].strength
+        elif isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise RequestError(f"{param}.strength must be a finite number, got {json.dumps(strength)[:40]}",
+                               f"{param}.strength")
+        gate = entry.get("gate", flows[name].gate)
+        if gate not in GATES:
+            raise RequestError(f"{param}.gate must be one of {', '.join(repr(g) for g in GATES)}, got "
+                               f"{json.dumps(gate)[:40]}", f"{param}.gate")
+        if gate != "off" and not flows[name].has_gate:
+            raise RequestError(f"flow '{name}' carries no gate parameters, so gate '{gate}' is not available",
+                               f"{param}.gate")
+        out.append(SteeringChoice(flow=name, strength=float(strength), gate=gate))
+    return out
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and all(isinstance(s, str) for s in v) and len(v) <= 16:
+        return list(v)
+    raise RequestError("'stop' must be a string or a list of at most 16 strings", "stop")
+
+
+def sampling_params(body: dict[str, Any]) -> dict[str, Any]:
+    """The generation keywords shared by both endpoints, with OpenAI's defaults."""
+    n = _integer(body, "n", 1, 1)
+    if n != 1:
+        raise RequestError("only n = 1 is supported", "n")
+    max_tokens = _integer(body, "max_completion_tokens", 1, None)
+    max_tokens = _integer(body, "max_tokens", 1, max_tokens or DEFAULT_MAX_TOKENS)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be true or false", "stream")
+    seed = _integer(body, "seed", -(2 ** 63), None)
+    return {
+        "max_tokens": max_tokens,
+        "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
+        "top_p": _number(body, "top_p", 0.0, 1.0, 1.0),
+        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        "repeat_penalty": _number(body, "repeat_penalty", 0.0, 10.0, 1.0),
+        "seed": None if seed is None else seed & 0xFFFFFFFF,
+        "stop": _stop(body),
+        "stream": stream,
+    }
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RequestError("'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        param = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{param} must be an object", param)
+        role = m.get("role")
+        if role not in ROLES:
+            raise RequestError(f"{param}.role must be one of {', '.join(sorted(ROLES))}, got {json.dumps(role)[:40]}",
+                               f"{param}.role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text can be served by a text model
+            texts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise RequestError(f"{param}.content parts must be {{\"type\": \"text\", \"text\": ...}}",
+                                       f"{param}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise RequestError(f"{param}.content must be a string", f"{param}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def completion_prompt(body: dict[str, Any]) -> str:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        p = p[0]
+    if not isinstance(p, str):
+        raise RequestError("'prompt' must be a string (or a list holding one string)", "prompt")
+    return p
+
+
+# ---- the engine: one model, one lock --------------------------------------------------------
+
+
+@dataclass
+class LoadedFlow:
+    """A flow attached once at load; requests switch it on and off."""
+
+    name: str
+    attached: Any  # AttachedFlow
+    strength: float  # used when a request names the flow without a strength
+    gate: str = "off"  # likewise for the gate
+
+    @property
+    def has_gate(self) -> bool:
+        return self.attached.flow.has_gate
+
+    def describe(self) -> dict[str, Any]:
+        f = self.attached.flow
+        return {
+            "name": self.name,
+            "object": "steering.flow",
+            "path": self.attached.path,
+            "layers": f.layers,
+            "default_strength": self.strength,
+            "method": f.method,
+            "behavior": f.behavior,
+            "flow_name": f.name,
+            "gates": list(GATES) if self.has_gate else ["off"],
+            "default_gate": self.gate,
+            "model": {"name": f.model.name, "architecture": f.model.architecture, "n_embd": f.model.n_embd,
+                      "n_layer": f.model.n_layer},
+            "sites": [{"layer": s.layer, "ops": list(s.ops), "latent_dim": s.latent_dim}
+                      for s in f.sites],
+        }
+
+
+class Engine:
+    """Serialises requests on one SteeredLlama and applies each request's steering."""
+
+    def __init__(self, llm: Any, model_id: str):
+        if llm.flows:  # they would steer every request, whatever it asks for
+            raise ValueError("Engine needs a SteeredLlama without attached flows; load flows with load_flow")
+        self.llm = llm
+        self.model_id = model_id
+        self.flows: dict[str, LoadedFlow] = {}
+        self.created = int(time.time())
+        self._lock = threading.Lock()
+        llm.enable()  # the master switch stays on; flows are switched one by one
+
+    def load_flow(self, name: str, path: str, strength: Optional[float] = None,
+                  gate: str = "off") -> tuple[LoadedFlow, list[str]]:
+        """Attaches a flow (disabled until a request names it). Returns it and any warnings."""
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise RequestError("flow name must be 1-64 characters of letters, digits, '.', '_', '-' "
+                               f"starting with a letter or digit, got {json.dumps(name)[:80]}", "name")
+        with self._lock:
+            if name in self.flows:
+                raise RequestError(f"a flow named '{name}' is already loaded", "name", status=409)
+            try:
+                resolved = registry.resolve_flow(path, getattr(self.llm, "model_key", None))
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    attached = self.llm.add_flow(resolved, strength=strength)
+            except (FlowFormatError, FlowMismatchError) as e:
+                raise RequestError(str(e), "path") from None
+            self.llm.disable(attached)
+            if gate != "off" and not attached.flow.has_gate:
+                self.llm.remove_flow(attached)
+                raise RequestError(f"flow '{name}' carries no gate parameters, so gate '{gate}' is not available",
+                                   "gate")
+            # 7 significant digits: the float32 default reads back as e.g. 0.23000000417232513
+            loaded = LoadedFlow(name=name, attached=attached, strength=float(f"{attached.strength:.7g}"), gate=gate)
+            self.flows[name] = loaded
+            return loaded, [str(w.message) for w in caught]
+
+    def _apply(self, steering: list[SteeringChoice]) -> None:
+        """Sets exactly this steering and forgets the previous request's KV cache: a prompt whose
+        prefix was cached is computed in other batch shapes, and llama.cpp's quantized matmuls
+        round differently there, so a reused prefix can change a greedy reply. Every request is
+        computed from scratch, the same whatever came before it."""
+        self.llm.reset()
+        want = {c.flow: c for c in steering}
+        for name, lf in self.flows.items():
+            a = lf.attached
+            c = want.get(name)
+            if c is None:
+                if a.enabled:
+                    self.llm.disable(a)
+                continue
+            if a.gate != c.gate:
+                self.llm.set_gate(c.gate, a)
+            if a.strength != c.strength:
+                self.llm.set_strength(c.strength, a)
+            if not a.enabled:
+                self.llm.enable(a)
+
+    def run(self, steering: list[SteeringChoice], call: Callable[[], Any]) -> Any:
+        """call() under this request's steering, with the model to itself."""
+        with self._lock:
+            self._apply(steering)
+            return call()
+
+    def stream(self, steering: list[SteeringChoice], call: Callable[[], Iterator[Any]],
+               emit: Callable[[str, Any], None], cancelled: threading.Event) -> None:
+        """Runs in a worker thread: holds the lock for the whole stream, emits ('chunk', c) per
+        chunk, then ('end', None) or ('error', exc). Stops early once `cancelled` is set."""
+        try:
+            with self._lock:
+                self._apply(steering)
+                chunks = call()
+                try:
+                    for chunk in chunks:
+                        if cancelled.is_set():
+                            break
+                        emit("chunk", chunk)
+                finally:
+                    close = getattr(chunks, "close", None)
+                    if close:
+                        close()
+            emit("end", None)
+        except BaseException as e:  # delivered to the request; the server keeps running
+            emit("error", e)
+
+
+# ---- the HTTP layer -------------------------------------------------------------------------
+
+
+def _error_response(e: RequestError) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _generation_error(e: Exception) -> RequestError:
+    # llama-cpp-python raises ValueError for requests that cannot fit (prompt longer than n_ctx)
+    if isinstance(e, (ValueError, InnsteerError)):
+        return RequestError(str(e))
+    return RequestError(f"generation failed: {type(e).__name__}: {e}", status=500, kind="server_error")
+
+
+def create_app(engine: Engine) -> Any:
+    """The FastAPI application over an Engine."""
+    fastapi = _require_fastapi()
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = fastapi.FastAPI(title="innsteer-local", version="0.1.0")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError) -> Any:
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> Any:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {e.detail}", "type": kind,
+                                       "param": None, "code": None}}, status_code=e.status_code)
+
+    @app.get("/v1/models")
+    def list_models() -> Any:
+        return {"object": "list", "data": [{
+            "id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "innsteer-local",
+            "steering": sorted(engine.flows)}]}
+
+    @app.get("/v1/steering")
+    def list_flows() -> Any:
+        return {"object": "list", "data": [lf.describe() for lf in list(engine.flows.values())]}
+
+    @app.post("/v1/steering")
+    async def load_flow(request: Request) -> Any:
+        body = parse_body(await request.body())
+        unknown = set(body) - {"name", "path", "strength", "gate"}
+        if unknown:
+            raise RequestError(f"unknown field(s) {', '.join(sorted(unknown))}; allowed: name, path, strength, gate")
+        path = body.get("path")
+        if not isinstance(path, str) or not path:
+            raise RequestError("'path' must be the path of a flow file on the server (or a shipped flow name)", "path")
+        strength = _number(body, "strength", -1e6, 1e6, None)
+        gate = body.get("gate", "off")
+        if gate not in GATES:
+            raise RequestError(f"'gate' must be one of {', '.join(GATES)}, got {json.dumps(gate)[:40]}", "gate")
+        loaded, warned = await run_in_threadpool(engine.load_flow, body.get("name"), path, strength, gate)
+        return JSONResponse({**loaded.describe(), "warnings": warned}, status_code=201)
+
+    async def generate(request: Request, chat: bool) -> Any:
+        body = parse_body(await request.body())
+        params = sampling_params(body)
+        steering = parse_steering(body.get("steering"), engine.flows)
+        stream = params.pop("stream")
+        llm = engine.llm
+        if chat:
+            messages = chat_messages(body)
+            call = lambda: llm.create_chat_completion(messages=messages, stream=stream, **params)  # noqa: E731
+        else:
+            prompt = completion_prompt(body)
+            call = lambda: llm.create_completion(prompt, stream=stream, **params)  # noqa: E731
+        applied = [{"flow": c.flow, "strength": c.strength, "gate": c.gate} for c in steering]
+
+        def label(obj: dict[str, Any]) -> dict[str, Any]:
+            obj["model"] = engine.model_id
+            obj["steering"] = applied
+            return obj
+
+        if not stream:
+            try:
+                result = await run_in_threadpool(engine.run, steering, call)
+            except RequestError:
+                raise
+            except Exception as e:
+                raise _generation_error(e) from None
+            return label(result)
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(kind: str, item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+
+        threading.Thread(target=engine.stream, args=(steering, call, emit, cancelled), daemon=True,
+                         name="innsteer-stream").start()
+        try:
+            first = await queue.get()
+        except BaseException:  # the client left while the request waited for the model
+            cancelled.set()
+            raise
+        if first[0] == "error":  # nothing sent yet: answer with a proper status
+            cancelled.set()
+            e = first[1]
+            raise e if isinstance(e, RequestError) else _generation_error(e)
+
+        async def events() -> Any:
+            item = first
+            try:
+                while True:
+                    kind, value = item
+                    if kind == "chunk":
+                        yield f"data: {json.dumps(label(value), ensure_ascii=False)}\n\n"
+                    elif kind == "error":
+                        yield f"data: {json.dumps(_generation_error(value).body())}\n\n"
+                        break
+                    else:
+                        yield "data: [DONE]\n\n"
+                        break
+                    item = await queue.get()
+            finally:
+                cancelled.set()  # a client that went away stops the generation and frees the lock
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await generate(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await generate(request, chat=False)
+
+    return app
+
+
+def model_id_for(llm: Any) -> str:
+    return getattr(llm, "model_key", None) or Path(llm.model_path).stem
+
+
+def serve(llm: Any, flows: list[FlowSpec], host: str, port: int, log_level: str = "info") -> None:
+    """Loads the flows, then serves until interrupted."""
+    _require_fastapi()
+    import uvicorn
+
+    engine = Engine(llm, model_id_for(llm))
+    for spec in flows:
+        try:
+            _, warned = engine.load_flow(spec.name, spec.path, spec.strength, spec.gate or "off")
+        except RequestError as e:
+            raise InnsteerError(f"--flow {format_flow_spec(spec)}: {e.message}") from None
+        for w in warned:
+            warnings.warn(w, UserWarning, stacklevel=1)
+    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)

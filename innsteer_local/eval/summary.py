@@ -1,0 +1,112 @@
+"""From records to numbers: fluency of a setting against unsteered, behaviour scores with
+bootstrap intervals, and the headline (best score at matched fluency)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import metrics
+from .experiment import NONE, Experiment, label_of, sweep_cells
+from .records import Records
+
+# Matched fluency (the headline): aggregate judge perplexity within this factor of unsteered,
+# and mean distinct-2 at least this share of unsteered.
+MATCHED_PPL_FACTOR = 1.25
+MATCHED_DISTINCT_FACTOR = 0.8
+# One generation is fluent when its judge perplexity is at most twice the unsteered median, its
+# distinct-2 at least 0.8x the unsteered median and it is not mostly repeated 4-grams: perplexity
+# alone rewards looping text (a judge finds repetition very predictable).
+FLUENT_PPL_FACTOR = 2.0
+FLUENT_MAX_REPEAT = 0.25
+# A sweep stops going further out in strength (same sign) once a cell is this far past matched
+# fluency: larger strengths only cost time (they cannot enter the headline).
+DEGENERATE_PPL_FACTOR = 2.0
+DEGENERATE_DISTINCT_FACTOR = 0.6
+
+
+def _geo(values: Iterable[float]) -> float:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x) and x > 0], np.float64)
+    return float(np.exp(np.log(v).mean())) if v.size else math.nan
+
+
+def _generation_rows(records: Records, exp: Experiment, label: str, s: float) -> list[dict[str, Any]]:
+    name = exp.name if exp.task.kind == "generate" else exp.name + "/fluency"
+    return records.cell(name, label, s)
+
+
+def cell_fluency(records: Records, exp: Experiment, label: str, s: float) -> dict[str, Any]:
+    rows = _generation_rows(records, exp, label, s)
+    base = _generation_rows(records, exp, NONE, 0.0)
+    if not rows or not base:
+        return {}
+    key = "ppl_judge" if "ppl_judge" in base[0] else "ppl_self"
+    base_ppl, base_med = _geo(r[key] for r in base), float(np.nanmedian([r[key] for r in base if r[key] is not None]))
+    base_d2 = float(np.mean([r["distinct2"] for r in base]))
+    base_d2_med = float(np.median([r["distinct2"] for r in base]))
+    fluent = [float(r["text"].strip() != "" and r[key] is not None and math.isfinite(r[key])
+                    and r[key] <= FLUENT_PPL_FACTOR * base_med
+                    and r["distinct2"] >= MATCHED_DISTINCT_FACTOR * base_d2_med
+                    and r["repeat4"] <= FLUENT_MAX_REPEAT) for r in rows]
+    ppl, d2 = _geo(r[key] for r in rows), float(np.mean([r["distinct2"] for r in rows]))
+    ppl_ratio, d_ratio = ppl / base_ppl, d2 / base_d2 if base_d2 > 0 else math.nan
+    fl_share = metrics.bootstrap_ci(fluent)
+    return {"judge": key, "n": len(rows), "ppl": ppl, "ppl_ratio": ppl_ratio,
+            "ppl_self": _geo(r["ppl_self"] for r in rows),
+            "distinct2": d2, "distinct_ratio": d_ratio,
+            "repeat4": float(np.mean([r["repeat4"] for r in rows])),
+            "fluent_share": fl_share[0], "fluent_ci": fl_share[1:],
+            "matched": bool(ppl_ratio <= MATCHED_PPL_FACTOR and d_ratio >= MATCHED_DISTINCT_FACTOR),
+            "degenerate": bool(ppl_ratio > DEGENERATE_PPL_FACTOR or d_ratio < DEGENERATE_DISTINCT_FACTOR)}
+
+
+def cell_scores(records: Records, exp: Experiment, label: str, s: float) -> dict[str, Any]:
+    rows = records.cell(exp.name, label, s)
+    if not rows:
+        return {}
+    task = exp.task
+    out: dict[str, Any] = {"n": len(rows)}
+    if task.id == "refusal":
+        harm = [r["score"] for r in rows if r["group"] == "harmful"]
+        safe = [r["score"] for r in rows if r["group"] == "harmless"]
+        out["harmful_refusal"] = metrics.bootstrap_ci(harm)
+        out["harmless_refusal"] = metrics.bootstrap_ci(safe)
+        out["score"] = metrics.bootstrap_diff_ci(harm, safe)
+        out["n_harmful"], out["n_harmless"] = len(harm), len(safe)
+    elif task.kind == "generate":
+        out["score"] = metrics.bootstrap_ci([r["score"] for r in rows])
+    elif task.id.startswith("ab:"):
+        out["score"] = metrics.bootstrap_ci([r["p_match"] for r in rows])
+    else:
+        out["mc1"] = metrics.bootstrap_ci([r["mc1"] for r in rows])
+        out["score"] = out["mc2"] = metrics.bootstrap_ci([r["mc2"] for r in rows])
+    return out
+
+
+def summarize(records: Records, exp: Experiment) -> dict[str, Any]:
+    cells = []
+    for flow, s in sweep_cells(exp.flows, exp.strengths):
+        label = label_of(flow)
+        sc = cell_scores(records, exp, label, s)
+        if not sc:
+            cells.append({"method": label, "strength": s, "skipped": True})
+            continue
+        cells.append({"method": label, "strength": s, "gate": flow.gate if flow else "off", **sc,
+                      "fluency": cell_fluency(records, exp, label, s)})
+    headline = []
+    base = next((c for c in cells if c["method"] == NONE and not c.get("skipped")), None)
+    for label in [NONE] + [f.name for f in exp.flows]:
+        own = [c for c in cells if not c.get("skipped") and (c["method"] == label or (c["method"] == NONE and label != NONE))]
+        ok = [c for c in own if c["fluency"].get("matched", c["method"] == NONE)]
+        if not ok:
+            continue
+        best = max(ok, key=lambda c: c["score"][0])
+        headline.append({"method": label, "best_score": best["score"], "strength": best["strength"],
+                         "ppl_ratio": best["fluency"].get("ppl_ratio"), "distinct_ratio": best["fluency"].get("distinct_ratio"),
+                         "fluent_share": best["fluency"].get("fluent_share"),
+                         "gain_over_unsteered": (best["score"][0] - base["score"][0]) if base else None})
+    return {"experiment": exp.name, "task": exp.task.id, "higher_is": exp.task.higher_is, "relative": exp.relative,
+            "flows": [asdict(f) for f in exp.flows], "strengths": exp.strengths, "cells": cells, "headline": headline}

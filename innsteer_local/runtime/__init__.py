@@ -1,0 +1,1 @@
+"""Running steering: llama.cpp (its build), the native library, SteeredLlama."""

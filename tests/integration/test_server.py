@@ -1,0 +1,301 @@
+"""The OpenAI-compatible server, driven over loopback by the real `openai` client on the real model."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from innsteer_local import Flow, ModelInfo
+from innsteer_local.flow import random_flow
+from innsteer_local.runtime import registry as models
+
+openai = pytest.importorskip("openai", reason="the [dev] extra installs openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn", reason="the [serve] extra installs uvicorn")
+
+SHIPPED = models.shipped_flows("smollm2-135m")
+MESSAGES = [{"role": "user", "content": "I broke my friend's phone. What should I tell her?"}]
+PROMPT = "The best way to spend a rainy afternoon is"
+GREEDY = dict(max_tokens=16, temperature=0.0, seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    from innsteer_local.apps.server import Engine, create_app
+    from innsteer_local.runtime.steered import SteeredLlama
+
+    llm = SteeredLlama(str(model_path), n_ctx=1024, seed=0, n_threads=1, n_threads_batch=1, verbose=False)
+    llm.model_key = "smollm2-135m"
+    engine = Engine(llm, "smollm2-135m")
+    engine.load_flow("honesty", str(SHIPPED["honesty"]))
+    engine.load_flow("positivity", "positivity.gguf", strength=2.0)  # shipped name, own default
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(10)
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def direct(model_path):
+    """SteeredLlama used directly, with fresh flows per call: what the server must reproduce."""
+    from innsteer_local.runtime.steered import SteeredLlama
+
+    llm = SteeredLlama(str(model_path), n_ctx=1024, seed=0, n_threads=1, n_threads_batch=1, verbose=False)
+
+    def run(steering: list[tuple[Path, float]], chat: bool = True) -> str:
+        attached = [llm.add_flow(path, strength=a) for path, a in steering]
+        try:
+            if chat:
+                return llm.create_chat_completion(messages=MESSAGES, **GREEDY)["choices"][0]["message"]["content"]
+            return llm.create_completion(PROMPT, **GREEDY)["choices"][0]["text"]
+        finally:
+            for a in attached:
+                llm.remove_flow(a)
+
+    yield run
+    llm.close()
+
+
+def chat(client, steering=None, **kw) -> str:
+    extra = {} if steering is None else {"extra_body": {"steering": steering}}
+    out = client.chat.completions.create(model="smollm2-135m", messages=MESSAGES, **{**GREEDY, **kw}, **extra)
+    return out.choices[0].message.content
+
+
+def honesty(a: float = 1.9) -> list[dict]:
+    return [{"flow": "honesty", "strength": a}]
+
+
+def test_models_endpoint(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["smollm2-135m"]
+
+
+def test_get_steering_lists_flows_with_metadata(server):
+    data = httpx.get(f"{server[0]}/v1/steering").json()["data"]
+    by_name = {d["name"]: d for d in data}
+    assert set(by_name) == {"honesty", "positivity"}
+    h = by_name["honesty"]
+    assert h["layers"] == [15] and h["method"] == "innsteer" and h["behavior"] == "honesty"
+    assert h["path"] == str(SHIPPED["honesty"])
+    assert h["default_strength"] == pytest.approx(Flow.load(SHIPPED["honesty"]).default_strength)
+    assert by_name["positivity"]["default_strength"] == 2.0
+    assert h["model"]["n_embd"] == 576 and "coupling" in h["sites"][0]["ops"]
+
+
+def test_chat_per_request_steering_matches_steered_llama(client, direct):
+    plain = chat(client)
+    steered = chat(client, honesty(1.9))
+    both = chat(client, honesty(1.9) + [{"flow": "positivity", "strength": -1.0}])
+    assert plain == direct([]) == chat(client, [])  # empty list = unsteered
+    assert steered == direct([(SHIPPED["honesty"], 1.9)])
+    assert both == direct([(SHIPPED["honesty"], 1.9), (SHIPPED["positivity"], -1.0)])
+    assert len({plain, steered, both}) == 3, "steering must change the reply for this test to mean anything"
+    assert chat(client) == plain  # nothing of the previous requests' steering is left over
+
+
+def test_strength_defaults_to_the_loaded_flows(client, direct):
+    assert chat(client, [{"flow": "positivity"}]) == direct([(SHIPPED["positivity"], 2.0)])
+
+
+def test_completions_steered_matches_steered_llama(client, direct):
+    def complete(steering):
+        extra = {} if steering is None else {"extra_body": {"steering": steering}}
+        return client.completions.create(model="smollm2-135m", prompt=PROMPT, **GREEDY, **extra).choices[0].text
+
+    plain, steered = complete(None), complete(honesty(3.0))
+    assert plain == direct([], chat=False)
+    assert steered == direct([(SHIPPED["honesty"], 3.0)], chat=False)
+    assert plain != steered
+
+
+def test_streaming_matches_non_streaming(client):
+    for steering in (None, honesty(1.9)):
+        extra = {} if steering is None else {"extra_body": {"steering": steering}}
+        stream = client.chat.completions.create(model="smollm2-135m", messages=MESSAGES, stream=True, **GREEDY, **extra)
+        chunks = list(stream)
+        assert len(chunks) > 3
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == chat(client, steering)
+    stream = client.completions.create(model="smollm2-135m", prompt=PROMPT, stream=True,
+                                       extra_body={"steering": honesty(3.0)}, **GREEDY)
+    text = "".join(c.choices[0].text for c in stream)
+    assert text == client.completions.create(model="smollm2-135m", prompt=PROMPT, extra_body={"steering": honesty(3.0)},
+                                             **GREEDY).choices[0].text
+
+
+def test_concurrent_requests_never_leak_steering(client):
+    configs = [None, honesty(1.9), honesty(-2.0), [{"flow": "positivity", "strength": 1.4}],
+               honesty(1.0) + [{"flow": "positivity", "strength": 1.0}]]
+    expected = [chat(client, s) for s in configs]
+    assert len(set(expected)) == len(configs), "each steering must give its own reply for this test to mean anything"
+    jobs = [i % len(configs) for i in range(3 * len(configs))]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        got = list(pool.map(lambda i: chat(client, configs[i]), jobs))
+    assert got == [expected[i] for i in jobs]
+
+
+def test_client_leaving_mid_stream_frees_the_model(server, client):
+    body = {"messages": MESSAGES, "max_tokens": 400, "temperature": 0, "stream": True, "steering": honesty()}
+    with httpx.stream("POST", f"{server[0]}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(l for l in lines if l.startswith("data: "))
+    t = time.perf_counter()
+    assert chat(client) == chat(client)
+    assert time.perf_counter() - t < 20, "the abandoned stream kept the model busy"
+
+
+def test_post_steering_loads_a_flow(server, client, model_info, tmp_path):
+    url = server[0]
+    path = tmp_path / "random.gguf"
+    random_flow(model_info, [10], rank=32, blocks=2, hidden=64, seed=3, delta_scale=2.0).save(path)
+    r = httpx.post(f"{url}/v1/steering", json={"name": "rand", "path": str(path), "strength": 1.5})
+    assert r.status_code == 201, r.text
+    assert r.json()["layers"] == [10] and r.json()["default_strength"] == 1.5
+    assert "rand" in [d["name"] for d in httpx.get(f"{url}/v1/steering").json()["data"]]
+    assert chat(client, [{"flow": "rand"}]) != chat(client)
+
+    again = httpx.post(f"{url}/v1/steering", json={"name": "rand", "path": str(path)})
+    assert again.status_code == 409 and "already loaded" in again.json()["error"]["message"]
+    missing = httpx.post(f"{url}/v1/steering", json={"name": "gone", "path": str(tmp_path / "nope.gguf")})
+    assert missing.status_code == 400 and "flow file not found" in missing.json()["error"]["message"]
+    other = tmp_path / "other.gguf"
+    random_flow(ModelInfo("gemma-3-270m", "gemma3", 640, 18), [5], rank=16, blocks=1, hidden=16).save(other)
+    wrong = httpx.post(f"{url}/v1/steering", json={"name": "wrong", "path": str(other)})
+    assert wrong.status_code == 400 and "n_embd 640" in wrong.json()["error"]["message"]
+    notflow = httpx.post(f"{url}/v1/steering", json={"name": "model", "path": str(server[1].llm.model_path)})
+    assert notflow.status_code == 400 and "not an innsteer flow" in notflow.json()["error"]["message"]
+    badname = httpx.post(f"{url}/v1/steering", json={"name": "../x", "path": str(path)})
+    assert badname.status_code == 400 and badname.json()["error"]["param"] == "name"
+    assert {d["name"] for d in httpx.get(f"{url}/v1/steering").json()["data"]} == {"honesty", "positivity", "rand"}
+
+
+@pytest.mark.parametrize("steering, needle", [
+    ([{"flow": "nosuch", "strength": 1}], "unknown flow 'nosuch'"),
+    ([{"flow": "honesty", "strength": "2"}], "must be a finite number"),
+    ([{"flow": "honesty", "strength": True}], "must be a finite number"),
+    ([{"flow": "honesty", "strength": 1}, {"flow": "honesty", "strength": 2}], "appears twice"),
+    ([{"flow": "honesty", "strenght": 1}], "unknown field(s) strenght"),
+    ([{"flow": "honesty", "gate": "sideways"}], "gate must be"),
+    ({"flow": "honesty"}, "must be a list"),
+    (["honesty"], "must be an object"),
+])
+def test_bad_steering_is_a_400_through_the_client(client, steering, needle):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, steering)
+    assert needle in info.value.body["message"], info.value.body
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b'{"messages": [{"role": "user", "content": "hi"}], "steering": [{"flow": "honesty", "strength": NaN}]}',
+     "'NaN' is not valid JSON"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "steering": [{"flow": "honesty", "strength": -Infinity}]}',
+     "'-Infinity' is not valid JSON"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "steering": [{"flow": "honesty", "strength": 1e999}]}',
+     "must be a finite number"),
+    (b'{"messages": [{"role": "user", "content": "hi"}', "not valid JSON"),
+    (b'[1, 2]', "must be a JSON object"),
+    (b'{"messages": "hi"}', "'messages' must be a non-empty list"),
+    (b'{"messages": [{"role": "robot", "content": "hi"}]}', "role must be one of"),
+    (b'{"messages": [{"role": "user", "content": 3}]}', "content must be a string"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}', "'max_tokens' must be an integer"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "'max_tokens' must be at least 1"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 9}', "'temperature' must be a finite"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": 5}', "'stop' must be a string"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "only n = 1"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "'stream' must be true or false"),
+])
+def test_malformed_requests_get_400_with_a_message(server, raw, needle):
+    r = httpx.post(f"{server[0]}/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_other_client_errors(server):
+    url = server[0]
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    long_prompt = "word " * 3000  # more tokens than the 1024-token context
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": long_prompt, "max_tokens": 4})
+    assert r.status_code == 400 and "context window" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": long_prompt, "max_tokens": 4, "stream": True})
+    assert r.status_code == 400 and "context window" in r.json()["error"]["message"]
+    r = httpx.get(f"{url}/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.post(f"{url}/v1/steering", content=b'{"name": "x", "path": 5}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "path"
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def cli_path() -> str:
+    local = Path(sys.executable).with_name("innsteer-local")
+    return str(local) if local.exists() else "innsteer-local"
+
+
+def test_serve_command(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([cli_path(), "serve", "--flow", "honesty.gguf", "--flow", "pos=positivity.gguf:1.5",
+                             "--port", str(port), "--n-ctx", "512"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                r = httpx.get(f"{url}/v1/steering", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline, "serve did not come up"
+                time.sleep(0.3)
+        flows = {d["name"]: d for d in r.json()["data"]}
+        assert set(flows) == {"honesty", "pos"} and flows["pos"]["default_strength"] == 1.5
+        body = {"messages": MESSAGES, "steering": [{"flow": "pos"}], **GREEDY}
+        out = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        assert out["choices"][0]["message"]["content"] and out["steering"] == [
+            {"flow": "pos", "strength": 1.5, "gate": "off"}]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+    bad = subprocess.run([cli_path(), "serve", "--flow", f"x={tmp_path / 'missing.gguf'}", "--port", str(port)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "flow file not found" in bad.stderr
+
+
+def test_engine_refuses_a_model_with_attached_flows(model_path):
+    from innsteer_local.apps.server import Engine
+    from innsteer_local.runtime.steered import SteeredLlama
+
+    llm = SteeredLlama(str(model_path), n_ctx=128, verbose=False)
+    llm.add_flow(SHIPPED["honesty"])
+    with pytest.raises(ValueError, match="without attached flows"):
+        Engine(llm, "smollm2-135m")
+    llm.close()

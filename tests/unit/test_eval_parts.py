@@ -1,0 +1,49 @@
+"""Evaluation parts that need no model: sweep order, the shipped tasks, the records store."""
+
+from __future__ import annotations
+
+import json
+
+from innsteer_local import datasets
+from innsteer_local.eval.experiment import sweep_cells
+from innsteer_local.eval.records import Records
+from innsteer_local.eval.tasks import parse_task, refusal_task
+from innsteer_local.runtime.flowspec import FlowSpec
+
+
+def test_sweep_runs_outward_from_zero():
+    f = FlowSpec(path="a.gguf", name="a")
+    assert [s for _, s in sweep_cells([f], [0, 2, -1, 0.5, 1])] == [0.0, 0.5, -1.0, 1.0, 2.0]
+
+
+def test_refusal_task_uses_held_out_rows_and_own_harmless_list():
+    from innsteer_local.train import behaviors
+
+    task = refusal_task()
+    harmful = [i for i in task.items if i.group == "harmful"]
+    harmless = [i for i in task.items if i.group == "harmless"]
+    assert len(harmful) == 220 and harmful[0].id == "harmful-300"
+    assert len(harmless) >= 50
+    trained = {p.positive_prompt for p in behaviors.load("refusal").pairs}
+    neutral = {n.prompt for n in behaviors.load("refusal").neutral}
+    assert not trained & {i.prompt for i in harmful}
+    assert not neutral & {i.prompt for i in harmless}
+    assert len(task.limited(3)) == 6
+
+
+def test_truthfulqa_and_ab_tasks_parse():
+    tqa = parse_task("truthfulqa")
+    assert len(tqa.items) == 817 and tqa.kind == "loglik"
+    assert sum(tqa.items[0].extra["mc1"].values()) == 1
+    ab = parse_task(f"ab:{datasets.path('caa/refusal/test_dataset_ab.json')}")
+    assert ab.id == "ab:refusal" and ab.items[0].extra["match"] in ("(A)", "(B)")
+
+
+def test_records_ignore_a_cut_line(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text(json.dumps({"exp": "e", "flow": "f", "strength": 1, "item": "0", "v": 1}) + "\n{\"exp\": \"e\", \"fl")
+    r = Records(p)
+    assert r.has("e", "f", 1.0, "0") and len(r.rows) == 1
+    r.add({"exp": "e", "flow": "f", "strength": 1, "item": "1", "v": 2})
+    r.close()
+    assert len(Records(p).rows) == 2
