@@ -5,7 +5,7 @@ for the C loader; tests/unit/test_choices.py keeps the two equal)."""
 from __future__ import annotations
 
 # training methods (`train --method`); "innsteer" is the default
-TRAIN_METHODS = ("innsteer", "mean-diff", "pca", "affine-ot")
+TRAIN_METHODS = ("innsteer", "vector", "mean-diff", "pca", "affine-ot")
 # what a flow file's innsteer.method may say besides those: imported control vectors, test flows
 FILE_METHODS = TRAIN_METHODS + ("cvec", "random")
 

@@ -127,14 +127,23 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def training_cost(llm: Any) -> dict[str, Any]:
-    """Collection (no cache) and INN training time of the built-in honesty flow at layer 15."""
-    from ..train import behaviors
-    from ..train.pipeline import train
+def training_cost(llm: Any, behavior: str = "refusal") -> dict[str, Any]:
+    """Wall time of `train --behavior <behavior>` (INN through the model, selection included) at
+    layer 15: once from nothing (the model writes its data), once with that data cached."""
+    import tempfile
 
-    out = train(llm, behaviors.load("honesty"), min(15, llm.model_info.n_layer - 2), method="innsteer", cache_dir=None)
-    return {"collect_tokens": out.metrics["collect_tokens"], "collect_seconds": out.collect_seconds,
-            "collect_tokens_per_second": out.metrics["collect_tokens_per_second"], "train_seconds": out.train_seconds}
+    from ..train import behaviors
+    from ..train.pipeline import TrainConfig, train
+
+    layer = min(15, llm.model_info.n_layer - 2)
+    out: dict[str, Any] = {"behavior": behavior}
+    with tempfile.TemporaryDirectory(prefix="innsteer-bench-") as tmp:
+        for run in ("first", "cached"):
+            t0 = time.perf_counter()
+            res = train(llm, behaviors.recipe(behavior), layer, TrainConfig(method="innsteer"), cache_dir=Path(tmp))
+            out[f"{run}_seconds"] = time.perf_counter() - t0
+            out[f"{run}_phases"] = {k: round(v, 1) for k, v in res.seconds.items()}
+    return out
 
 
 def default_flows(llm: Any, workdir: Path) -> dict[str, Path]:
@@ -171,8 +180,10 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{' (all layers)' if r['layers'] > 1 else ''}")
     if result.get("training"):
         t = result["training"]
-        lines.append(f"honesty flow: collection {t['collect_tokens']} tokens in {t['collect_seconds']:.1f} s "
-                     f"({t['collect_tokens_per_second']:.0f} tokens/s), INN training {t['train_seconds']:.1f} s")
+        for run in ("first", "cached"):
+            phases = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in t[f"{run}_phases"].items())
+            lines.append(f"train --behavior {t['behavior']} (INN through the model, {run} run): "
+                         f"{t[f'{run}_seconds']:.0f} s ({phases})")
     if result.get("peak_rss_mb"):
         lines.append(f"peak RSS {result['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)

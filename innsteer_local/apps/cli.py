@@ -228,7 +228,8 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
 @click.option("--gen-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--reps", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
-@click.option("--with-training", is_flag=True, help="also time collection and training of the honesty flow")
+@click.option("--with-training", is_flag=True,
+              help="also time `train --behavior refusal` (through the model, with and without cached data)")
 @click.option("--json", "as_json", is_flag=True)
 def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: int, gen_tokens: int, reps: int,
           threads: Optional[int], with_training: bool, as_json: bool) -> None:
@@ -258,7 +259,7 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: int, gen_
         click.echo("timing the flow kernels alone", err=True)
         result["isolation"] = flow_isolation({k: v for k, v in paths.items() if "linear" not in k}, llm.model_info.n_embd)
     if with_training:
-        click.echo("timing collection and training of the honesty flow", err=True)
+        click.echo("timing train --behavior refusal (twice: data written, then cached)", err=True)
         result["training"] = training_cost(llm)
     result["peak_rss_mb"] = peak_rss_mb()
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
@@ -291,29 +292,50 @@ def behaviors_show(name: str) -> None:
 @click.option("--behavior", "-b", default=None, help="built-in behaviour (see `behaviors list`)")
 @click.option("--pairs", "-p", default=None, type=click.Path(dir_okay=False),
               help="JSONL pairs or CAA A/B JSON file (see docs/training.md)")
-@click.option("--layer", "-l", default="auto", show_default=True, help="layer index, or auto to sweep")
-@click.option("--method", type=click.Choice(TRAIN_METHODS), default="innsteer",
-              show_default=True)
+@click.option("--layer", "-l", default="15", show_default=True,
+              help="layer index, or auto to sweep (activation-based methods only)")
+@click.option("--method", type=click.Choice(TRAIN_METHODS), default="innsteer", show_default=True,
+              help="innsteer: the invertible flow; vector: one vector trained the same way; mean-diff, pca, "
+                   "affine-ot: linear baselines (no torch)")
+@click.option("--objective", type=click.Choice(["model", "geometry"]), default="model", show_default=True,
+              help="innsteer only: train through the frozen model on what it says (model), or on activation "
+                   "geometry alone (geometry: no transformers, any architecture llama.cpp loads)")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="flow file to write")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+              help="torch device for training through the model")
+@click.option("--steps", type=click.IntRange(1), default=None, help="optimiser steps through the model [default: 40]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="learning rate of the shift through the model [default: 3e-3 for innsteer, 1e-2 for vector; couplings a third of it]")
+@click.option("--epochs", type=click.IntRange(0), default=None, help="geometry objective epochs [default: 60]")
+@click.option("--rank", type=click.IntRange(0), default=None,
+              help="INN subspace rank, 0 = the whole width [default: 0; geometry: 64]")
+@click.option("--blocks", type=click.IntRange(0), default=None, help="INN coupling blocks [default: 4]")
+@click.option("--hidden", type=click.IntRange(1), default=None, help="width of each coupling's network [default: 64]")
 @click.option("--positions", type=click.Choice(["completion", "last", "all"]), default="completion",
-              show_default=True, help="token positions that carry the behaviour")
-@click.option("--epochs", type=click.IntRange(0), default=None, help="INN training epochs [default: 60]")
-@click.option("--rank", type=click.IntRange(2), default=None, help="INN subspace rank [default: 64]")
-@click.option("--blocks", type=click.IntRange(1), default=None, help="INN coupling blocks [default: 4]")
+              show_default=True, help="activation-based methods: token positions that carry the behaviour")
 @click.option("--max-pairs", type=click.IntRange(1), default=None,
               help="train on the first N contrastive pairs only (a quick trial)")
+@click.option("--no-select", is_flag=True,
+              help="skip choosing the checkpoint and default strength by generation (default strength 1)")
 @click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True)
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
               help="write report.md, metrics.json and plots here")
-@click.option("--no-cache", is_flag=True, help="collect activations again even if cached")
+@click.option("--no-cache", is_flag=True, help="write the data and collect activations again even if cached")
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
-def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], layer: str, method: str, output: str,
-          seed: int, positions: str, epochs: Optional[int], rank: Optional[int], blocks: Optional[int],
-          max_pairs: Optional[int], dtype: str,
-          report_dir: Optional[str], no_cache: bool, threads: Optional[int]) -> None:
-    """Train a steering flow from contrastive data on a GGUF model."""
-    from ..train.pipeline import load_data
+def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], layer: str, method: str,
+          objective: str, output: str, seed: int, device: str, steps: Optional[int], lr: Optional[float],
+          epochs: Optional[int],
+          rank: Optional[int], blocks: Optional[int], hidden: Optional[int], positions: str,
+          max_pairs: Optional[int], no_select: bool, dtype: str, report_dir: Optional[str], no_cache: bool,
+          threads: Optional[int]) -> None:
+    """Train a steering flow from contrastive data on a GGUF model.
+
+    \b
+      innsteer-local train --behavior refusal -o refusal.gguf --report report/
+      innsteer-local train --pairs mine.jsonl --layer 12 --method vector -o mine-vector.gguf
+    """
+    from ..train.pipeline import TrainConfig, load_data
     from ..train.pipeline import train as run_train
     from ..train.report import summary, write_report
 
@@ -322,35 +344,36 @@ def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], l
             int(layer)
         except ValueError:
             raise click.BadParameter(f"'{layer}' is neither a layer index nor auto", param_hint="--layer") from None
+    through = method == "vector" or (method == "innsteer" and objective == "model")
+    if through and layer == "auto":
+        raise click.BadParameter("training through the model needs a layer index", param_hint="--layer")
     data = load_data(behavior, pairs)
     if max_pairs:
-        data.pairs = data.pairs[:max_pairs]
+        if hasattr(data, "prompts"):
+            data.prompts = data.prompts[:max_pairs]
+        else:
+            data.pairs = data.pairs[:max_pairs]
     llm = load_steered(model, (), None, 4096, seed, threads)
-    inn_config = None
-    if method == "innsteer":
+    cfg = TrainConfig(method=method, objective=objective, seed=seed, positions=positions, device=device,
+                      select=not no_select)
+    shape = {k: v for k, v in (("rank", rank), ("blocks", blocks), ("hidden", hidden)) if v is not None}
+    if through:
+        from ..train.inn import InnConfig
+        from ..train.through import ThroughConfig
+
+        cfg.through = ThroughConfig(seed=seed, inn=InnConfig(seed=seed, **shape), **({"steps": steps} if steps else {}),
+                                    **({"lr": lr, "coupling_lr": lr / 3} if lr else {}))
+    elif method == "innsteer":
+        from ..train.geometry import GeometryConfig
         from ..train.inn import InnConfig
 
-        inn_config = InnConfig(seed=seed, **{k: v for k, v in (("epochs", epochs), ("rank", rank), ("blocks", blocks))
-                                           if v is not None})
-    click.echo(f"{data.name}: {len(data.pairs)} pairs, {len(data.neutral)} neutral items; model "
-               f"{llm.model_info.name} ({llm.model_info.n_layer} layers)", err=True)
-    bars: dict[str, Any] = {}
-
-    def progress(kind: str, label: str):
-        def update(done: int, total: int, *extra: Any) -> None:
-            bar = bars.get(kind)
-            if bar is None:
-                bar = bars[kind] = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
-                bar.__enter__()
-            bar.update(done - bar.pos)
-            if done >= total:
-                bar.__exit__(None, None, None)
-        return update
-
-    cache = None if no_cache else registry.cache_dir() / "activations"
-    out = run_train(llm, data, layer, method=method, seed=seed, positions=positions, cache_dir=cache,
-                    inn_config=inn_config, collect_progress=progress("collect", "collecting activations"),
-                    train_progress=progress("train", "training phi"))
+        cfg.geometry = GeometryConfig(seed=seed, inn=InnConfig(**{"rank": 64, "blocks": 4, "hidden": 128, **shape},
+                                                               seed=seed), **({"epochs": epochs} if epochs is not None else {}))
+    name = data.name
+    click.echo(f"{name}: model {llm.model_info.name} ({llm.model_info.n_layer} layers), method {method}"
+               + (f" ({objective} objective)" if method == "innsteer" else ""), err=True)
+    cache = None if no_cache else registry.cache_dir() / "training"
+    out = run_train(llm, data, layer, cfg, cache_dir=cache, progress=BarProgress())
     if out.sweep:
         click.echo("layer sweep (held-out):  layer  probe-acc  mean-diff-flip", err=True)
         for r in out.sweep:
@@ -362,6 +385,44 @@ def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], l
         write_report(out, Path(output), Path(report_dir))
     click.echo(summary(out))
     click.echo(f"wrote {output}" + (f" and a report in {report_dir}" if report_dir else ""))
+
+
+class BarProgress:
+    """Training progress on stderr: one bar per phase, with the objective's terms where given."""
+
+    SHOWN = ("loss", "preference", "likelihood", "preservation", "transport", "background", "nll", "val_loss")
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.info: dict[str, float] = {}
+
+    def phase(self, label: str, total: int) -> None:
+        self._close()
+        self.info = {}
+        self.bar = click.progressbar(length=max(total, 1), label=label.ljust(36), file=sys.stderr, show_pos=True,
+                                     show_eta=True, item_show_func=lambda _: self._terms())
+        self.bar.__enter__()
+
+    def _terms(self) -> str:
+        return "  ".join(f"{k} {v:.3f}" for k, v in self.info.items() if k in self.SHOWN)
+
+    def update(self, done: int, info: Optional[dict[str, float]] = None) -> None:
+        if self.bar is None:
+            return
+        if info:
+            self.info = {k: v for k, v in info.items() if isinstance(v, (int, float))}
+        self.bar.update(done - self.bar.pos, current_item=done)
+        if done >= self.bar.length:
+            self._close()
+
+    def message(self, text: str) -> None:
+        self._close()
+        click.echo(text, err=True)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 @cli.command("import-cvec")

@@ -34,21 +34,24 @@ def report_markdown(summaries: list[dict[str, Any]], meta: dict[str, Any], plots
     lines = ["# Evaluation report", "",
              f"Model `{meta['model']}`, judge `{meta.get('judge') or 'none'}`, {meta['max_tokens']} new tokens, "
              f"temperature {meta['temperature']}, seed {meta['seed']}. Scores: mean with bootstrap 95 % interval. "
-             f"Matched fluency: judge perplexity (geometric mean) within {MATCHED_PPL_FACTOR}x of unsteered and "
+             f"Fluency is judged on the reply itself: the judge's perplexity of the reply alone (the perplexity "
+             f"of the reply after its prompt also charges a requested change of subject; it is the relevance "
+             f"column). Matched fluency: judge perplexity (geometric mean) within {MATCHED_PPL_FACTOR}x of unsteered and "
              f"distinct-2 at least {MATCHED_DISTINCT_FACTOR}x unsteered. A generation is fluent when its judge "
              f"perplexity is at most {FLUENT_PPL_FACTOR}x the unsteered median, its distinct-2 at least "
              f"{MATCHED_DISTINCT_FACTOR}x the unsteered median and at most {FLUENT_MAX_REPEAT:.0%} of its 4-grams repeat.", ""]
     for s in summaries:
         lines += [f"## {s['experiment']} (task `{s['task']}`: higher = {s['higher_is']})", "",
                   "### Best score at matched fluency", "",
-                  "| method | best score [95 % CI] | at strength | judge ppl ratio | distinct-2 ratio | fluent share | gain over unsteered |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| method | best score [95 % CI] | at strength | judge ppl ratio | distinct-2 ratio | fluent share | relevance ppl ratio | gain over unsteered |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for h in sorted(s["headline"], key=lambda h: -h["best_score"][0]):
             lines.append(f"| {h['method']} | {_ci(h['best_score'])} | {h['strength']:g} | {_num(h['ppl_ratio'])} | "
-                         f"{_num(h['distinct_ratio'])} | {_num(h['fluent_share'])} | {_num(h['gain_over_unsteered'], '+.3f')} |")
+                         f"{_num(h['distinct_ratio'])} | {_num(h['fluent_share'])} | {_num(h.get('relevance_ratio'))} | "
+                         f"{_num(h['gain_over_unsteered'], '+.3f')} |")
         extra = "harmful refused | harmless refused | " if s["task"] == "refusal" else "MC1 | " if s["task"] == "truthfulqa" else ""
         lines += ["", "### Sweep", "",
-                  f"| method | strength | n | score [95 % CI] | {extra}judge ppl (ratio) | self ppl | distinct-2 (ratio) | repeat-4 | fluent share |",
+                  f"| method | strength | n | score [95 % CI] | {extra}judge ppl (ratio) | relevance ppl ratio | distinct-2 (ratio) | repeat-4 | fluent share |",
                   "|---|---:|---:|---|" + "---|" * extra.count("|") + "---:|---:|---:|---:|---:|"]
         for c in s["cells"]:
             if c.get("skipped"):
@@ -59,7 +62,7 @@ def report_markdown(summaries: list[dict[str, Any]], meta: dict[str, Any], plots
             ex = (f"{_ci(c['harmful_refusal'], 2)} | {_ci(c['harmless_refusal'], 2)} | " if s["task"] == "refusal"
                   else f"{_ci(c['mc1'])} | " if s["task"] == "truthfulqa" else "")
             lines.append(f"| {c['method']} | {c['strength']:g} | {c['n']} | {_ci(c['score'])} | {ex}"
-                         f"{_num(f.get('ppl'), '.1f')} ({_num(f.get('ppl_ratio'))}) | {_num(f.get('ppl_self'), '.1f')} | "
+                         f"{_num(f.get('ppl'), '.1f')} ({_num(f.get('ppl_ratio'))}) | {_num(f.get('ppl_conditioned_ratio'))} | "
                          f"{_num(f.get('distinct2'))} ({_num(f.get('distinct_ratio'))}) | {_num(f.get('repeat4'))} | "
                          f"{_num(f.get('fluent_share'))} |")
         lines.append("")

@@ -59,9 +59,17 @@ class Scorer:
         self.chat = chat
 
     def reply_perplexity(self, prompt: str, reply: str) -> float:
+        """Perplexity of the reply after the prompt (also charges a reply for leaving the subject)."""
         if not reply.strip():
             return math.nan
         return metrics.perplexity(example_logprobs(self.llm, reply_example(self.llm, prompt, reply, self.chat)))
+
+    def text_perplexity(self, text: str) -> float:
+        """Perplexity of the text alone, as plain text: how fluent it reads, whatever it answers."""
+        tokens = self.llm.tokenize(text.strip().encode("utf-8"), add_bos=True, special=False)
+        if len(tokens) < 2:
+            return math.nan
+        return metrics.perplexity(example_logprobs(self.llm, Example(tokens=tokens, start=1)))
 
     def close(self) -> None:
         self.llm.close()
@@ -161,9 +169,11 @@ class Runner:
         row: dict[str, Any] = {"text": reply, "n_tokens": n_tok,
                                "distinct2": metrics.distinct_n(reply, 2),
                                "repeat4": metrics.repeated_ngram_share(reply, 4),
-                               "ppl_self": self.self_scorer.reply_perplexity(item.prompt, reply)}
+                               "ppl_self": self.self_scorer.reply_perplexity(item.prompt, reply),
+                               "ppl_self_alone": self.self_scorer.text_perplexity(reply)}
         if self.judge:
             row["ppl_judge"] = self.judge.reply_perplexity(item.prompt, reply)
+            row["ppl_judge_alone"] = self.judge.text_perplexity(reply)
         if scorer is not None:
             row["score"] = scorer(reply)
         return row

@@ -21,14 +21,18 @@ from ..train import behaviors
 from .experiment import Experiment
 from .tasks import Task, ab_task, open_task, refusal_task, truthfulqa_task
 
-# Multiples of each flow's own default strength (the methods' raw scales differ: mean-diff's
-# default moves rows by 16 % of their norm, an INN flow's default is 0.4 of that). Steps stay
-# at most a quarter of the default up to 1.5x: the best fluent setting lies there.
+# Multiples of each flow's own default strength, which training chose by generation for each
+# method; the best fluent setting lies within a factor of two of it.
 QUICK_STRENGTHS = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
-FULL_STRENGTHS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+FULL_STRENGTHS = [0.0, 0.5, 0.75, 1.0, 1.5, 2.0]
 QUICK_MAX_TOKENS = 32
-# every training method, the linear baselines first
-TRAINED_METHODS = TRAIN_METHODS[1:] + TRAIN_METHODS[:1]
+# the comparison the full suite makes: the linear baseline, the vector trained like the flow, and
+# the flow (pca and affine-ot behaved like mean-diff or worse in the earlier runs; train and
+# compare them with --task and --flow)
+SUITE_METHODS = ("mean-diff", "vector", "innsteer")
+assert set(SUITE_METHODS) <= set(TRAIN_METHODS)
+# pairs the CAA experiments train on (the built-in recipes use 48 as well)
+CAA_PAIRS = 48
 
 
 @dataclass
@@ -69,16 +73,19 @@ def plans(suite: str, chat: bool) -> list[Plan]:
         ]
     if suite != "full":
         raise InnsteerError(f"unknown suite {suite!r}; choose quick or full")
+    open_ended = [
+        Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=100),
+        Plan("topic-ocean", _topic_task, behavior="topic-ocean", limit=100),
+    ]
     if not chat:  # a base model: plain-completion behaviours only
-        return [Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=20)]
+        return open_ended
     return [
-        Plan("refusal", refusal_task, behavior="refusal", limit=24),
-        Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=20),
-        Plan("topic-ocean", _topic_task, behavior="topic-ocean", limit=20),
-        Plan("honesty-truthfulqa", truthfulqa_task, behavior="honesty", limit=32),
-        Plan("caa-refusal", lambda: _caa_test("refusal"), pairs=_caa("refusal"), limit=30),
-        Plan("caa-survival-instinct", lambda: _caa_test("survival-instinct"), pairs=_caa("survival-instinct"), limit=30,
-             max_pairs=400),
+        Plan("refusal", refusal_task, behavior="refusal", limit=100),
+        *open_ended,
+        Plan("honesty-truthfulqa", truthfulqa_task, behavior="honesty", limit=100),
+        Plan("caa-refusal", lambda: _caa_test("refusal"), pairs=_caa("refusal"), limit=50, max_pairs=CAA_PAIRS),
+        Plan("caa-survival-instinct", lambda: _caa_test("survival-instinct"), pairs=_caa("survival-instinct"), limit=50,
+             max_pairs=CAA_PAIRS),
     ]
 
 
@@ -92,7 +99,7 @@ def build(suite: str, llm: Any, model_key: Optional[str], out_dir: Path, layer: 
     """Experiments of a suite, one at a time, each training the flows it compares just before it
     runs (cached in DIR/flows), so the first results do not wait for every behaviour's training."""
     from ..runtime.registry import resolve_flow
-    from ..train.pipeline import load_data, train
+    from ..train.pipeline import TrainConfig, load_data, train
 
     chat = bool(llm.metadata.get("tokenizer.chat_template"))
     flow_dir = out_dir / "flows"
@@ -110,17 +117,17 @@ def build(suite: str, llm: Any, model_key: Optional[str], out_dir: Path, layer: 
         else:
             flow_dir.mkdir(parents=True, exist_ok=True)
             data = None
-            for method in TRAINED_METHODS:
+            for method in SUITE_METHODS:
                 path = flow_dir / f"{plan.name}-{method}-L{layer}.gguf"
                 if not path.exists():
                     if data is None:
                         data = load_data(plan.behavior, plan.pairs)
-                        data.pairs = data.pairs[: plan.max_pairs]
+                        if hasattr(data, "pairs"):
+                            data.pairs = data.pairs[: plan.max_pairs]
                     message(f"training {method} on {data.name} at layer {layer}")
-                    res = train(llm, data, layer, method=method, cache_dir=out_dir / "activations")
+                    # one cache for every method: they train on the same data the model wrote
+                    res = train(llm, data, layer, TrainConfig(method=method), cache_dir=out_dir / "training")
                     res.flow.save(path)
                 flows.append(FlowSpec(path=str(path), name=method))
-            flows.append(FlowSpec(path=str(flow_dir / f"{plan.name}-innsteer-L{layer}.gguf"), name="innsteer-gated",
-                                  gate="target"))
         yield Experiment(plan.name, plan.task(), flows, list(strengths or suite_strengths(suite)),
                          limit if limit is not None else plan.limit, relative=True)

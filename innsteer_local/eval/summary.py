@@ -33,6 +33,17 @@ def _geo(values: Iterable[float]) -> float:
     return float(np.exp(np.log(v).mean())) if v.size else math.nan
 
 
+def fluency_key(row: dict[str, Any]) -> str:
+    """The perplexity that judges fluency: the judge's of the reply alone. A reply judged after
+    its prompt is charged for every change of subject the steering asks for (a reply about the
+    sea to a question about breakfast); that conditioned perplexity is reported as relevance.
+    Records written before the reply-alone measure fall back to the conditioned one."""
+    for key in ("ppl_judge_alone", "ppl_self_alone", "ppl_judge", "ppl_self"):
+        if key in row:
+            return key
+    return "ppl_self"
+
+
 def _generation_rows(records: Records, exp: Experiment, label: str, s: float) -> list[dict[str, Any]]:
     name = exp.name if exp.task.kind == "generate" else exp.name + "/fluency"
     return records.cell(name, label, s)
@@ -43,8 +54,9 @@ def cell_fluency(records: Records, exp: Experiment, label: str, s: float) -> dic
     base = _generation_rows(records, exp, NONE, 0.0)
     if not rows or not base:
         return {}
-    key = "ppl_judge" if "ppl_judge" in base[0] else "ppl_self"
+    key = fluency_key(base[0])
     base_ppl, base_med = _geo(r[key] for r in base), float(np.nanmedian([r[key] for r in base if r[key] is not None]))
+    cond = "ppl_judge" if "ppl_judge" in base[0] else "ppl_self"  # after the prompt: relevance, not fluency
     base_d2 = float(np.mean([r["distinct2"] for r in base]))
     base_d2_med = float(np.median([r["distinct2"] for r in base]))
     fluent = [float(r["text"].strip() != "" and r[key] is not None and math.isfinite(r[key])
@@ -56,6 +68,7 @@ def cell_fluency(records: Records, exp: Experiment, label: str, s: float) -> dic
     fl_share = metrics.bootstrap_ci(fluent)
     return {"judge": key, "n": len(rows), "ppl": ppl, "ppl_ratio": ppl_ratio,
             "ppl_self": _geo(r["ppl_self"] for r in rows),
+            "ppl_conditioned_ratio": _geo(r[cond] for r in rows) / _geo(r[cond] for r in base),
             "distinct2": d2, "distinct_ratio": d_ratio,
             "repeat4": float(np.mean([r["repeat4"] for r in rows])),
             "fluent_share": fl_share[0], "fluent_ci": fl_share[1:],
@@ -106,6 +119,7 @@ def summarize(records: Records, exp: Experiment) -> dict[str, Any]:
         best = max(ok, key=lambda c: c["score"][0])
         headline.append({"method": label, "best_score": best["score"], "strength": best["strength"],
                          "ppl_ratio": best["fluency"].get("ppl_ratio"), "distinct_ratio": best["fluency"].get("distinct_ratio"),
+                         "relevance_ratio": best["fluency"].get("ppl_conditioned_ratio"),
                          "fluent_share": best["fluency"].get("fluent_share"),
                          "gain_over_unsteered": (best["score"][0] - base["score"][0]) if base else None})
     return {"experiment": exp.name, "task": exp.task.id, "higher_is": exp.task.higher_is, "relative": exp.relative,

@@ -1,38 +1,84 @@
-"""The `train` pipeline: data -> activations (cached) -> layer choice -> flow -> report."""
+"""The `train` pipeline: data (built-in recipes are written by the model itself) -> a flow -> a
+default strength chosen by what the steered model writes -> a report.
+
+Methods, all on the same data and layer:
+  innsteer   the invertible flow trained through the frozen model (train/through.py; default), or
+             on activation geometry alone with objective="geometry" (train/geometry.py)
+  vector     one vector trained with the same objective and data (the fair linear control)
+  mean-diff, pca, affine-ot   linear baselines from captured activations (no torch)
+
+Strength scale: strength 1 shifts rows by DEFAULT_MOVE_FRACTION of their median norm along the
+mean difference (every method starts there); a trained flow's operating point is 1, and the
+file's default strength is the setting that selection by generation chose (train/select.py).
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from ..choices import TRAIN_METHODS
+from ..errors import InnsteerError
 from ..flow import Flow, Gate
 from . import behaviors
 from .collect import Activations, collect_dataset
 from .data import Dataset, load_file
 from .linear import LinearProbe, linear_flow, mean_diff
 
-# The default strength moves rows by this share of a typical activation norm: on smollm2-135m,
-# mean-diff honesty at layer 15 was visible and still fluent there (strength 4 = 16 %).
+# strength 1 moves rows by this share of a typical activation norm: on smollm2-135m, mean-diff
+# honesty at layer 15 was visible and still fluent there
 DEFAULT_MOVE_FRACTION = 0.16
+OBJECTIVES = ("model", "geometry")
+# strengths tried when choosing the default (multiples of the operating point)
+SELECT_STRENGTHS = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-def default_strength(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Strength at which mean-diff (and so every calibrated method) moves rows by
-    DEFAULT_MOVE_FRACTION of their median norm, to two significant digits."""
-    typical = float(np.median(np.linalg.norm(np.concatenate([pos, neg]), axis=1)))
-    a = DEFAULT_MOVE_FRACTION * typical / max(float(np.linalg.norm(mean_diff(pos, neg))), 1e-12)
-    return float(f"{a:.2g}")
+class Progress:
+    """What training reports; the CLI draws bars from it."""
+
+    def phase(self, label: str, total: int) -> None: ...
+    def update(self, done: int, info: Optional[dict[str, float]] = None) -> None: ...
+    def message(self, text: str) -> None: ...
 
 
-def load_data(behavior: Optional[str], pairs: Optional[str]) -> Dataset:
+@dataclass
+class TrainConfig:
+    method: str = "innsteer"
+    objective: str = "model"
+    seed: int = 0
+    positions: str = "completion"
+    device: str = "auto"
+    select: bool = True  # choose checkpoint and default strength by generation
+    select_tokens: int = 64
+    select_prompts: int = 6  # held-out behaviour prompts (and as many neutral ones) per setting
+    through: Any = None  # ThroughConfig (torch) for the model objective
+    geometry: Any = None  # GeometryConfig (torch) for the geometry objective
+
+
+@dataclass
+class TrainOutcome:
+    flow: Flow
+    layer: int
+    data: Dataset
+    activations: Optional[Activations] = None
+    sweep: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    selection: list[dict[str, Any]] = field(default_factory=list)
+    latent: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    candidates: list[tuple[int, Flow]] = field(default_factory=list)  # (training step, flow) to choose from
+    held_out: tuple[list[str], list[str]] = ([], [])  # prompts for selection: behaviour, neutral
+
+
+def load_data(behavior: Optional[str], pairs: Optional[str]) -> Dataset | behaviors.Recipe:
     if (behavior is None) == (pairs is None):
         raise ValueError("give exactly one of --behavior NAME or --pairs FILE")
-    return behaviors.load(behavior) if behavior else load_file(pairs)  # type: ignore[arg-type]
+    return behaviors.recipe(behavior) if behavior else load_file(pairs)  # type: ignore[arg-type]
 
 
 def candidate_layers(n_layer: int) -> list[int]:
@@ -41,12 +87,11 @@ def candidate_layers(n_layer: int) -> list[int]:
     return list(range(lo, hi + 1, 3))
 
 
-# An INN flow's edit is input-dependent, so equal mean displacement is not equal fluency: the
-# shipped honesty flow (smollm2-135m, layer 15) was fluent at strength 2, repeated itself at 3 and
-# degenerated at mean-diff's default 4.7, although it moves generated rows less than mean-diff
-# (0.61 |v| per unit strength). Until the evaluation harness calibrates strengths at matched
-# fluency, INN flows default to 0.4 of mean-diff's default (honesty: 1.9).
-INN_DEFAULT_FRACTION = 0.4
+def unit_scale(pos: np.ndarray, neg: np.ndarray, rows: np.ndarray) -> float:
+    """The factor that makes the mean difference move rows by DEFAULT_MOVE_FRACTION of their median
+    norm (strength 1)."""
+    typical = float(np.median(np.linalg.norm(rows, axis=1)))
+    return DEFAULT_MOVE_FRACTION * typical / max(float(np.linalg.norm(mean_diff(pos, neg))), 1e-12)
 
 
 def held_out_mask(pair_ids: np.ndarray, frac: float = 0.2, seed: int = 0) -> np.ndarray:
@@ -72,79 +117,207 @@ def layer_sweep(acts: Activations, seed: int = 0) -> list[dict[str, float]]:
     return rows
 
 
-@dataclass
-class TrainOutcome:
-    flow: Flow
-    layer: int
-    activations: Activations
-    sweep: list[dict[str, float]] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-    latent: dict[str, np.ndarray] = field(default_factory=dict)
-    collect_seconds: float = 0.0
-    train_seconds: float = 0.0
-
-
-def train(llm: Any, data: Dataset, layer: int | str, method: str = "innsteer", seed: int = 0,
-          positions: str = "completion", cache_dir: Optional[Path] = None, inn_config: Any = None,
-          collect_progress: Optional[Callable[[int, int], None]] = None,
-          train_progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainOutcome:
-    if method not in TRAIN_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(TRAIN_METHODS)}")
-    layers: Sequence[int]
+def _check_layer(llm: Any, layer: int | str) -> Sequence[int]:
     if layer == "auto":
-        layers = candidate_layers(llm.model_info.n_layer)
-    else:
-        layers = [int(layer)]
-        if not 0 <= layers[0] < llm.model_info.n_layer - 1:
-            raise ValueError(f"layer {layers[0]} is outside 0..{llm.model_info.n_layer - 2} for this model "
-                             f"({llm.model_info.n_layer} layers; the last one cannot be captured)")
+        return candidate_layers(llm.model_info.n_layer)
+    value = int(layer)
+    if not 0 <= value < llm.model_info.n_layer - 1:
+        raise ValueError(f"layer {value} is outside 0..{llm.model_info.n_layer - 2} for this model "
+                         f"({llm.model_info.n_layer} layers; the last one cannot be captured)")
+    return [value]
+
+
+def prepare(llm: Any, data: Dataset | behaviors.Recipe, cache_dir: Optional[Path], progress: Progress) -> Dataset:
+    """A built-in recipe's data written by this model (cached), or the user's data as it is."""
+    if isinstance(data, Dataset):
+        return data
+    n = 2 * len(data.prompts) + len(data.neutral_prompts)
+    progress.phase("writing data with the model", n)
+    ds = behaviors.build(llm, data, cache_dir, lambda done, total: progress.update(done))
+    return ds
+
+
+def train(llm: Any, data: Dataset | behaviors.Recipe, layer: int | str, cfg: Optional[TrainConfig] = None,
+          cache_dir: Optional[Path] = None, progress: Optional[Progress] = None) -> TrainOutcome:
+    cfg = cfg or TrainConfig()
+    progress = progress or Progress()
+    if cfg.method not in TRAIN_METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    layers = _check_layer(llm, layer)
+    recipe = data if isinstance(data, behaviors.Recipe) else None
     t0 = time.perf_counter()
-    acts = collect_dataset(llm, data, layers, positions=positions, cache_dir=cache_dir, progress=collect_progress)
-    collect_seconds = time.perf_counter() - t0
+    ds = prepare(llm, data, cache_dir, progress)
+    seconds = {"data": time.perf_counter() - t0}
+    through = cfg.method == "vector" or (cfg.method == "innsteer" and cfg.objective == "model")
+    if through and len(layers) > 1:
+        raise ValueError("training through the model needs one --layer (auto sweeps layers for the "
+                         "activation-based methods only)")
+    meta = dict(behavior=ds.name, name=ds.name,
+                provenance={"data": ds.name, "data_sha256": ds.digest(), "pairs": len(ds.pairs),
+                            "neutral_items": len(ds.neutral), "seed": cfg.seed, "method": cfg.method})
+    if through:
+        out = _train_through(llm, ds, layers[0], cfg, recipe, meta, progress)
+    else:
+        out = _train_from_activations(llm, ds, layers, cfg, meta, cache_dir, progress)
+    out.seconds = {**seconds, **out.seconds}
+    if cfg.select:
+        from .choose import choose  # noqa: PLC0415  (generation and scoring: only when selecting)
+
+        t1 = time.perf_counter()
+        choose(llm, out, recipe, cfg, progress)
+        out.seconds["select"] = time.perf_counter() - t1
+    out.flow.provenance["layer"] = out.layer
+    out.flow.provenance["seconds"] = {k: round(v, 1) for k, v in out.seconds.items()}
+    return out
+
+
+def _train_from_activations(llm: Any, ds: Dataset, layers: Sequence[int], cfg: TrainConfig, meta: dict[str, Any],
+                            cache_dir: Optional[Path], progress: Progress) -> TrainOutcome:
+    t0 = time.perf_counter()
+    progress.phase("collecting activations", len(ds.pairs) * 2 + len(ds.neutral) + len(behaviors.background_exchanges()))
+    acts = collect_dataset(llm, ds, layers, positions=cfg.positions,
+                           cache_dir=None if cache_dir is None else cache_dir / "activations",
+                           progress=lambda done, total: progress.update(done))
     if not len(acts.pos[layers[0]]) or not len(acts.neg[layers[0]]):
         raise ValueError("the data gave no behaviour rows (empty replies?)")
-    sweep = layer_sweep(acts, seed) if len(layers) > 1 else []
+    seconds = {"collect": time.perf_counter() - t0}
+    sweep = layer_sweep(acts, cfg.seed) if len(layers) > 1 else []
     chosen = max(sweep, key=lambda r: r["score"])["layer"] if sweep else layers[0]
-    meta = dict(behavior=data.name, name=data.name, default_strength=default_strength(acts.pos[chosen], acts.neg[chosen]),
-                provenance={"data": data.name, "data_sha256": data.digest(), "pairs": len(data.pairs),
-                            "neutral_items": len(data.neutral), "positions": positions, "seed": seed,
-                            "rows": {"positive": int(len(acts.pos[chosen])), "negative": int(len(acts.neg[chosen])),
-                                     "background": int(len(acts.background[chosen])),
-                                     "neutral": int(len(acts.neutral[chosen]))}})
+    pos, neg = acts.pos[chosen], acts.neg[chosen]
+    scale = unit_scale(pos, neg, np.concatenate([pos, neg]))
+    meta["provenance"].update(positions=cfg.positions, rows={"positive": int(len(pos)), "negative": int(len(neg)),
+                                                               "background": int(len(acts.background[chosen])),
+                                                               "neutral": int(len(acts.neutral[chosen]))})
     if sweep:
         meta["provenance"]["layer_sweep"] = sweep
     t1 = time.perf_counter()
-    out = TrainOutcome(flow=None, layer=chosen, activations=acts, sweep=sweep, collect_seconds=collect_seconds)  # type: ignore[arg-type]
-    if method == "innsteer":
-        from .inn import InnConfig, train_inn
+    out = TrainOutcome(flow=None, layer=chosen, data=ds, activations=acts, sweep=sweep)  # type: ignore[arg-type]
+    if cfg.method == "innsteer":  # the activation-geometry objective
+        from .geometry import GeometryConfig, train_geometry
 
-        cfg = inn_config or InnConfig(seed=seed)
-        res = train_inn(chosen, acts.pos[chosen], acts.neg[chosen], acts.background[chosen], acts.neutral[chosen],
-                        acts.pos_pair, acts.neg_pair, acts.neg_target, llm.model_info, cfg, progress=train_progress,
-                        **meta)
+        gcfg = cfg.geometry or GeometryConfig(seed=cfg.seed)
+        progress.phase("training phi (geometry objective)", gcfg.epochs)
+        res = train_geometry(chosen, pos, neg, acts.background[chosen], acts.neutral[chosen], acts.pos_pair,
+                             acts.neg_pair, acts.neg_target, llm.model_info, gcfg,
+                             progress=lambda e, total, row: progress.update(e, row), **meta)
         out.flow, out.metrics, out.history, out.latent = res.flow, res.metrics, res.history, res.latent
-        out.flow.default_strength = float(f"{INN_DEFAULT_FRACTION * meta['default_strength']:.2g}")
-        out.metrics["default_strength"] = out.flow.default_strength
+        out.flow.provenance["objective"] = "geometry"
+        # its delta moves negatives by |v| at strength 1: rescale to the common unit
+        for site in out.flow.sites:
+            site.delta = (site.delta * scale).astype(np.float32)
+            if site.gate is not None:
+                site.gate = Gate(center=site.gate.center, radius=site.gate.radius, softness=site.gate.softness,
+                                 target_pos=site.gate.target_pos, target_neg=site.gate.target_neg)
     else:
-        out.flow = linear_flow(method, chosen, acts.pos[chosen], acts.neg[chosen], acts.pos_pair, acts.neg_pair,
-                               llm.model_info, **meta)
-        pv, nv = held_out_mask(acts.pos_pair, seed=seed), held_out_mask(acts.neg_pair, seed=seed)
-        probe = LinearProbe.fit(acts.pos[chosen][~pv], acts.neg[chosen][~nv])
+        out.flow = linear_flow(cfg.method, chosen, pos, neg, acts.pos_pair, acts.neg_pair, llm.model_info, **meta)
         site = out.flow.sites[0]
+        site.delta = (site.delta * scale).astype(np.float32)
+        if site.edit_scale is not None:
+            site.edit_scale = (site.edit_scale * scale).astype(np.float32)
+        pv, nv = held_out_mask(acts.pos_pair, seed=cfg.seed), held_out_mask(acts.neg_pair, seed=cfg.seed)
+        probe = LinearProbe.fit(pos[~pv], neg[~nv])
         # a linear flow's latent is h itself: its gate lives in raw space
-        site.gate = Gate.fit(acts.pos[chosen][~pv], acts.neg[chosen][~nv],
-                             np.concatenate([acts.pos[chosen][pv], acts.neg[chosen][nv]]), site.delta)
-        steered = site.steer(acts.neg[chosen][nv], 1.0)
-        out.metrics = {"layer": chosen, "raw_probe_accuracy": probe.accuracy(acts.pos[chosen][pv], acts.neg[chosen][nv]),
+        site.gate = Gate.fit(pos[~pv], neg[~nv], np.concatenate([pos[pv], neg[nv]]), site.delta)
+        steered = site.steer(neg[nv], 1.0)
+        out.metrics = {"layer": chosen, "raw_probe_accuracy": probe.accuracy(pos[pv], neg[nv]),
                        "flip_rate": float((probe.score(steered) > 0).mean()),
-                       "mean_move": float(np.linalg.norm(steered - acts.neg[chosen][nv], axis=1).mean())}
-        out.flow.provenance["held_out"] = out.metrics
-    out.flow.provenance["layer"] = chosen
-    out.train_seconds = time.perf_counter() - t1
-    out.metrics["collect_seconds"] = collect_seconds
-    out.metrics["collect_tokens"] = acts.n_tokens
-    out.metrics["collect_tokens_per_second"] = acts.tokens_per_second
-    out.metrics["activations_cached"] = acts.cached
-    out.metrics["train_seconds"] = out.train_seconds
+                       "mean_move": float(np.linalg.norm(steered - neg[nv], axis=1).mean())}
+        out.flow.provenance["held_out"] = dict(out.metrics)
+    out.flow.default_strength = 1.0
+    out.metrics.update(collect_tokens=acts.n_tokens, collect_tokens_per_second=acts.tokens_per_second,
+                       activations_cached=acts.cached)
+    out.seconds = {**seconds, "train": time.perf_counter() - t1}
     return out
+
+
+def _train_through(llm: Any, ds: Dataset, layer: int, cfg: TrainConfig, recipe: Optional[behaviors.Recipe],
+                   meta: dict[str, Any], progress: Progress) -> TrainOutcome:
+    from dataclasses import asdict
+
+    from ..runtime.prompts import reply_example
+    from .hf_model import HFModel
+    from .inn import InnFlow, VectorFlow
+    from .through import ThroughConfig, ThroughTrainer, encode, reply_rows
+
+    tcfg = cfg.through or ThroughConfig(seed=cfg.seed)
+    if recipe is not None:
+        tcfg.weights.preservation = recipe.preservation
+    chat = bool(llm.metadata.get("tokenizer.chat_template"))
+    t0 = time.perf_counter()
+    progress.message("loading the model in transformers (dequantized to float32)")
+    hf = HFModel(llm.model_path, layer, device=cfg.device, architecture=llm.model_info.architecture,
+                 threads=int(llm.context_params.n_threads) or None)
+    if hf.n_embd != llm.model_info.n_embd:
+        raise InnsteerError(f"transformers reads n_embd {hf.n_embd} from {llm.model_path}, llama.cpp "
+                            f"{llm.model_info.n_embd}: not the same model")
+    pair_ex = [(reply_example(llm, p.positive_prompt or "", p.positive, chat),
+                reply_example(llm, p.negative_prompt or "", p.negative, chat)) for p in ds.pairs]
+    if any(p.positive_prompt is None for p in ds.pairs):
+        raise InnsteerError("training through the model needs pairs with a prompt ({prompt, positive, negative} "
+                            "lines); plain-text pairs work with --objective geometry or the linear methods")
+    neutral_ex = [reply_example(llm, n.prompt, n.reply, chat) for n in ds.neutral]
+    n_texts = 2 * len(pair_ex) + len(neutral_ex)
+    progress.phase("encoding texts below the layer", n_texts)
+    enc = encode(hf, [x for pr in pair_ex for x in pr] + neutral_ex, tcfg.max_reply_tokens,
+                 progress=lambda done, total: progress.update(done))
+    pairs = list(zip(enc[0: 2 * len(pair_ex): 2], enc[1: 2 * len(pair_ex): 2]))
+    neutral = enc[2 * len(pair_ex):]
+    seconds = {"load_and_encode": time.perf_counter() - t0}
+    pos_rows, neg_rows = reply_rows([p for p, _ in pairs]), reply_rows([n for _, n in pairs])
+    all_rows = np.concatenate([pos_rows, neg_rows] + ([reply_rows(neutral)] if neutral else []))
+    v = mean_diff(pos_rows, neg_rows).astype(np.float64) * unit_scale(pos_rows, neg_rows, all_rows)
+    mu, sd = all_rows.mean(0), np.maximum(all_rows.std(0), 1e-3)
+    flow_t = VectorFlow(sd, v) if cfg.method == "vector" else InnFlow(mu, sd, v, tcfg.inn)
+    trainer = ThroughTrainer(hf, flow_t, pairs, neutral, tcfg)
+    t1 = time.perf_counter()
+    progress.phase(f"training {'the vector' if cfg.method == 'vector' else 'phi'} through the model", tcfg.steps)
+    history, checkpoints = trainer.fit(lambda step, total, row: progress.update(step, row))
+    seconds["train"] = time.perf_counter() - t1
+
+    def to_flow(state: dict[str, Any]) -> Flow:
+        flow_t.load_state_dict(state)
+        site = flow_t.site(layer)
+        if cfg.method == "innsteer":
+            site.gate = _gate(flow_t, site, pos_rows, neg_rows, cfg.seed)
+        return Flow(model=llm.model_info, sites=[site], method=cfg.method, default_strength=1.0,
+                    provenance=dict(meta["provenance"], objective="model", layer=layer,
+                                    hyperparameters=_plain(asdict(tcfg))),
+                    **{k: v for k, v in meta.items() if k != "provenance"})
+
+    candidates = [(step, to_flow(state)) for step, state in checkpoints]
+    out = TrainOutcome(flow=candidates[-1][1], layer=layer, data=ds, history=history, seconds=seconds)
+    out.metrics = {"layer": layer, "start": history[0], "end": history[-1], "checkpoints": [s for s, _ in candidates]}
+    out.candidates = candidates
+    out.held_out = _val_prompts(ds, trainer)
+    return out
+
+
+def _gate(flow_t: Any, site: Any, pos_rows: np.ndarray, neg_rows: np.ndarray, seed: int) -> Gate:
+    """The runtime gates' parameters in the trained latent (positive and negative reply rows)."""
+    from .inn import torch
+
+    with torch.no_grad():
+        zp = flow_t.latent(torch.tensor(pos_rows)).double().numpy()
+        zn = flow_t.latent(torch.tensor(neg_rows)).double().numpy()
+    rng = np.random.default_rng(seed)
+    hp, hn = rng.random(len(zp)) < 0.2, rng.random(len(zn)) < 0.2
+    return Gate.fit(zp[~hp], zn[~hn], np.concatenate([zp[hp], zn[hn]]), site.delta)
+
+
+def _val_prompts(ds: Dataset, trainer: Any) -> tuple[list[str], list[str]]:
+    """The held-out behaviour and neutral prompts (the texts the trainer never trained on)."""
+    val_tokens = {tuple(p.tokens) for p, _ in trainer.val_pairs}
+    val_neutral = {tuple(n.tokens) for n in trainer.val_neutral}
+    pairs = [p.positive_prompt for p, (e, _) in zip(ds.pairs, trainer.all_pairs) if tuple(e.tokens) in val_tokens]
+    neutral = [n.prompt for n, e in zip(ds.neutral, trainer.all_neutral) if tuple(e.tokens) in val_neutral]
+    return [p for p in pairs if p], neutral
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

@@ -14,9 +14,9 @@ import pytest
 
 from innsteer_local import Flow
 from innsteer_local.flow import random_flow
+from innsteer_local.runtime.native import NativeFlow
 from innsteer_local.train.collect import collect_dataset
 from innsteer_local.train.data import Dataset, Pair
-from innsteer_local.runtime.native import NativeFlow
 from innsteer_local.train.linear import linear_flow, mean_diff
 
 LAYER = 12
@@ -61,12 +61,13 @@ def test_collection_is_split_and_cached(small_acts):
 
 def test_identity_innsteer_equals_mean_diff_logits(small_acts, model_info, steered, logits_of, tmp_path):
     pytest.importorskip("torch")
-    from innsteer_local.train.inn import InnConfig, train_inn
+    from innsteer_local.train.geometry import GeometryConfig, train_geometry
+    from innsteer_local.train.inn import InnConfig
 
     acts, _ = small_acts
     a = acts
-    res = train_inn(LAYER, a.pos[LAYER], a.neg[LAYER], a.background[LAYER], a.neutral[LAYER], a.pos_pair, a.neg_pair,
-                    a.neg_target, model_info, InnConfig(rank=32, epochs=0, seed=0))
+    res = train_geometry(LAYER, a.pos[LAYER], a.neg[LAYER], a.background[LAYER], a.neutral[LAYER], a.pos_pair,
+                         a.neg_pair, a.neg_target, model_info, GeometryConfig(inn=InnConfig(rank=32), epochs=0))
     inn_path, md_path = tmp_path / "inn.gguf", tmp_path / "md.gguf"
     res.flow.save(inn_path)
     linear_flow("mean-diff", LAYER, a.pos[LAYER], a.neg[LAYER], a.pos_pair, a.neg_pair, model_info).save(md_path)

@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch", reason="training needs the [train] extra")
 
 from innsteer_local.flow import Flow, ModelInfo  # noqa: E402
 from innsteer_local.runtime.native import NativeFlow  # noqa: E402
-from innsteer_local.train.inn import InnConfig, train_inn  # noqa: E402
+from innsteer_local.train.geometry import GeometryConfig, train_geometry  # noqa: E402
+from innsteer_local.train.inn import InnConfig  # noqa: E402
 from innsteer_local.train.linear import mean_diff  # noqa: E402
 
 D = 24
@@ -40,8 +41,8 @@ def trained():
     rng = np.random.default_rng(0)
     pos, neg = curved(4000, rng)
     ids = np.arange(len(pos))
-    cfg = InnConfig(rank=D, epochs=30, lr=1e-3, hidden=64, nll_weight=1.0, seed=0)
-    res = train_inn(3, pos, neg, off_support(2000, rng), np.zeros((0, D)), ids, ids, ids.copy(), MODEL, cfg)
+    cfg = GeometryConfig(inn=InnConfig(rank=D, hidden=64, seed=0), epochs=30, lr=1e-3, nll_weight=1.0, seed=0)
+    res = train_geometry(3, pos, neg, off_support(2000, rng), np.zeros((0, D)), ids, ids, ids.copy(), MODEL, cfg)
     return res, pos, neg
 
 
@@ -98,8 +99,8 @@ def test_identity_start_is_mean_diff():
     rng = np.random.default_rng(3)
     pos, neg = curved(600, rng)
     ids = np.arange(len(pos))
-    res = train_inn(3, pos, neg, off_support(300, rng), np.zeros((0, D)), ids, ids, ids.copy(), MODEL,
-                    InnConfig(rank=D, epochs=0, hidden=32, seed=0))
+    res = train_geometry(3, pos, neg, off_support(300, rng), np.zeros((0, D)), ids, ids, ids.copy(), MODEL,
+                         GeometryConfig(inn=InnConfig(rank=D, hidden=32, seed=0), epochs=0, seed=0))
     assert not res.metrics["trained"]
     rows = curved(50, rng)[1]
     np.testing.assert_allclose(res.flow.sites[0].steer(rows, 1.7), rows + 1.7 * mean_diff(pos, neg), atol=1e-4)
@@ -110,8 +111,8 @@ def test_same_seed_same_bytes(tmp_path):
         rng = np.random.default_rng(5)
         pos, neg = curved(600, rng)
         ids = np.arange(len(pos))
-        res = train_inn(3, pos, neg, off_support(300, rng), np.zeros((0, D)), ids, ids, ids.copy(), MODEL,
-                        InnConfig(rank=16, epochs=3, hidden=32, seed=seed))
+        res = train_geometry(3, pos, neg, off_support(300, rng), np.zeros((0, D)), ids, ids, ids.copy(), MODEL,
+                             GeometryConfig(inn=InnConfig(rank=16, hidden=32, seed=seed), epochs=3, seed=seed))
         p = tmp_path / f"s{seed}-{len(list(tmp_path.iterdir()))}.gguf"
         res.flow.save(p)
         return p.read_bytes()

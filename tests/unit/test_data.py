@@ -61,4 +61,4 @@ def test_behaviors_commands():
     out = cli("behaviors", "list").output
     assert {"honesty", "positivity", "refusal"} <= {line.split()[0] for line in out.splitlines() if line.strip()}
     show = cli("behaviors", "show", "refusal").output
-    assert "300 contrastive pairs" in show and "neutral" in show
+    assert "48 contrastive prompts, 48 neutral prompts" in show and "openings:" in show

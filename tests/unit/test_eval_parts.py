@@ -24,8 +24,10 @@ def test_refusal_task_uses_held_out_rows_and_own_harmless_list():
     harmless = [i for i in task.items if i.group == "harmless"]
     assert len(harmful) == 220 and harmful[0].id == "harmful-300"
     assert len(harmless) >= 50
-    trained = {p.positive_prompt for p in behaviors.load("refusal").pairs}
-    neutral = {n.prompt for n in behaviors.load("refusal").neutral}
+    recipe = behaviors.recipe("refusal")
+    trained = set(recipe.prompts) | set(recipe.held_out_prompts)
+    neutral = set(recipe.neutral_prompts) | set(recipe.held_out_neutral)
+    assert trained <= {g for g, _ in behaviors.advbench_rows(0, 300)}
     assert not trained & {i.prompt for i in harmful}
     assert not neutral & {i.prompt for i in harmless}
     assert len(task.limited(3)) == 6

@@ -1,0 +1,99 @@
+"""Training through the model on the real SmolLM2: the transformers copy of the GGUF agrees with
+llama.cpp (block L's output, the steering effect of a flow on the logits), and `train` runs end to
+end (the model writes its data, trains, chooses its default by generation)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training needs the [train] extra")
+pytest.importorskip("transformers", reason="training through the model needs the [train] extra")
+
+from innsteer_local import Flow  # noqa: E402
+from innsteer_local.runtime.prompts import chat_example  # noqa: E402
+
+LAYER = 15
+CLI = str(Path(sys.executable).parent / "innsteer-local")
+# documented in docs/training.md: llama.cpp runs the Q4_1 weights with quantized activations,
+# transformers the dequantized float32 weights
+ROW_ERROR = 0.05  # median relative difference of block L's output rows
+EFFECT_COSINE = 0.9  # cosine between the steering effects on the last position's log-probabilities
+
+
+@pytest.fixture(scope="module")
+def hf(model_path):
+    from innsteer_local.train.hf_model import HFModel
+
+    return HFModel(model_path, LAYER)
+
+
+def test_block_output_matches_llama_cpp(hf, steered):
+    ex = chat_example(steered, "What is the capital of France?", "The capital of France is Paris, on the Seine.")
+    st = steered.native_steerer
+    st.capture(LAYER, post=False)
+    steered.reset()
+    steered.eval(ex.tokens)
+    cpp = st.captured(LAYER)
+    st.capture(LAYER, post=False, on=False)
+    rows = hf.below(hf.batch([(ex.tokens, ex.start)]))[0].numpy()
+    rel = np.linalg.norm(rows - cpp, axis=1) / np.linalg.norm(cpp, axis=1)
+    assert rows.shape == cpp.shape
+    assert np.median(rel[1:]) <= ROW_ERROR
+
+
+def test_torch_and_llama_cpp_steer_the_logits_alike(hf, steered, model_info, tmp_path):
+    from innsteer_local.train.inn import InnConfig, InnFlow
+
+    ex = chat_example(steered, "Tell me about your weekend.", "I went hiking with friends and")
+    b = hf.batch([(ex.tokens, len(ex.tokens) - 1)])
+    rows = hf.below(b)[0]
+    flow_t = InnFlow(rows.numpy().mean(0), rows.numpy().std(0), np.zeros(model_info.n_embd), InnConfig(seed=1))
+    with torch.no_grad():
+        for p in flow_t.couplings.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        flow_t.delta.copy_(torch.randn(model_info.n_embd) * 0.6)
+    path = tmp_path / "f.gguf"
+    Flow(model=model_info, sites=[flow_t.site(LAYER)]).save(path)
+
+    def torch_logp(a: float) -> np.ndarray:
+        with torch.no_grad():
+            final = hf.above(flow_t.steer(rows[None], a), b)[0, -1]
+            return torch.log_softmax(hf.logits(final), -1).numpy()
+
+    def cpp_logp() -> np.ndarray:
+        steered.reset()
+        steered.eval(ex.tokens)
+        logits = np.asarray(steered.scores[len(ex.tokens) - 1], np.float64)
+        return logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+
+    base_cpp = cpp_logp()
+    steered.add_flow(path, strength=1.0)
+    effect_cpp = cpp_logp() - base_cpp
+    effect_torch = torch_logp(1.0) - torch_logp(0.0)
+    top = np.argsort(-np.exp(base_cpp))[:200]  # where the probability mass is
+    cos = effect_cpp[top] @ effect_torch[top] / np.linalg.norm(effect_cpp[top]) / np.linalg.norm(effect_torch[top])
+    assert np.abs(effect_cpp[top]).max() > 0.5, "the flow must really move the logits"
+    assert cos >= EFFECT_COSINE
+
+
+def test_train_end_to_end_through_the_model(tmp_path):
+    out, report = tmp_path / "r.gguf", tmp_path / "report"
+    proc = subprocess.run([CLI, "train", "--behavior", "refusal", "--max-pairs", "8", "--steps", "4", "-o", str(out),
+                           "--report", str(report)], capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    flow = Flow.load(out)
+    assert flow.method == "innsteer" and flow.provenance["objective"] == "model"
+    assert flow.sites[0].gate is not None and len(flow.sites[0].ops) > 1
+    sel = flow.provenance["selection"]
+    assert sel["scorer"] == "refusal" and sel["prompts"] == 6 and sel["tokens"] == 64
+    assert flow.default_strength in (0.5, 0.75, 1.0, 1.5, 2.0)
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert len(metrics["history"]) == 5 and len(metrics["selection"]) >= 4
+    assert (report / "loss_curves.png").stat().st_size > 0 and (report / "selection.png").stat().st_size > 0
+    assert "chosen by generation" in proc.stdout

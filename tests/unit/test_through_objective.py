@@ -1,0 +1,149 @@
+"""The through-the-model objective on a tiny transformers model (no GGUF, no llama.cpp): its
+gradient equals finite differences, the INN flow starts as the mean-diff vector, training lowers
+the objective, and a trained flow's file steers as its torch modules do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training needs the [train] extra")
+transformers = pytest.importorskip("transformers", reason="training through the model needs the [train] extra")
+
+from innsteer_local import Flow, ModelInfo  # noqa: E402
+from innsteer_local.runtime.prompts import Example  # noqa: E402
+from innsteer_local.train.hf_model import HFModel  # noqa: E402
+from innsteer_local.train.inn import InnConfig, InnFlow, VectorFlow  # noqa: E402
+from innsteer_local.train.through import (  # noqa: E402
+    ThroughConfig,
+    ThroughTrainer,
+    encode,
+    reply_rows,
+)
+
+WIDTH, LAYER = 16, 1
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=WIDTH, intermediate_size=32, num_hidden_layers=3,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    return HFModel.from_model(model, LAYER)
+
+
+def texts(seed: int, n: int) -> list[Example]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        prompt = list(rng.integers(3, 40, rng.integers(3, 6)))
+        reply = list(rng.integers(3, 40, rng.integers(2, 5)))
+        out.append(Example(tokens=[1] + [int(t) for t in prompt + reply], start=1 + len(prompt)))
+    return out
+
+
+def data(hf: HFModel):
+    pos = [Example(tokens=e.tokens[: e.start] + [5, 6, 7], start=e.start) for e in texts(1, 8)]
+    neg = [Example(tokens=e.tokens[: e.start] + [20, 21, 22], start=e.start) for e in texts(1, 8)]
+    enc = encode(hf, pos + neg + texts(2, 6), max_reply=4)
+    return list(zip(enc[:8], enc[8:16])), enc[16:]
+
+
+def make_flow(pairs, neutral, blocks: int = 2):
+    pos_rows, neg_rows = reply_rows([p for p, _ in pairs]), reply_rows([n for _, n in pairs])
+    rows = np.concatenate([pos_rows, neg_rows, reply_rows(neutral)])
+    v = pos_rows.mean(0) - neg_rows.mean(0)
+    return InnFlow(rows.mean(0), rows.std(0), v, InnConfig(blocks=blocks, hidden=8, seed=3)), v, rows
+
+
+def test_gradient_matches_finite_differences(tiny):
+    pairs, neutral = data(tiny)
+    flow, _, _ = make_flow(pairs, neutral)
+    with torch.no_grad():  # away from the identity start, so every coupling weight matters
+        for p in flow.couplings.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    tiny.model.double()
+    flow.double()
+    # transformers' RMSNorm computes in float32 whatever the input; finite differences need the
+    # whole forward in float64
+    norms = [m for m in tiny.model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms
+    for m in norms:
+        m.forward = lambda x, m=m: m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+    for group in (pairs, neutral):
+        for item in (x for g in group for x in (g if isinstance(g, tuple) else (g,))):
+            item.hidden, item.base_logp, item.base_final = item.hidden.double(), item.base_logp.double(), item.base_final.double()
+    try:
+        trainer = ThroughTrainer(tiny, flow, pairs, neutral, ThroughConfig(val_fraction=0.0))
+        a = torch.tensor([0.7, 1.3, 0.9], dtype=torch.float64)
+        sign = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+        a_neutral = torch.tensor([1.1, -0.6], dtype=torch.float64)
+        params = [flow.delta, *flow.couplings.parameters()]
+
+        def loss(*values):
+            with torch.no_grad():
+                for p, v in zip(params, values):
+                    p.copy_(v)
+            return trainer.losses(pairs[:3], neutral[:2], a, sign, a_neutral)["loss"]
+
+        # the analytic gradient of the whole objective against central differences
+        values = [p.detach().clone() for p in params]
+        total = loss(*values)
+        grads = torch.autograd.grad(total, params)
+        rng = np.random.default_rng(0)
+        for p_index, g in enumerate(grads):
+            for flat in rng.choice(g.numel(), size=min(3, g.numel()), replace=False):
+                eps = 1e-6
+                up = [v.clone() for v in values]
+                down = [v.clone() for v in values]
+                up[p_index].view(-1)[flat] += eps
+                down[p_index].view(-1)[flat] -= eps
+                numeric = (loss(*up).item() - loss(*down).item()) / (2 * eps)
+                assert numeric == pytest.approx(g.view(-1)[flat].item(), rel=1e-4, abs=1e-7)
+    finally:
+        for m in norms:
+            del m.forward
+        tiny.model.float()
+
+
+def test_identity_start_is_the_mean_diff_vector(tiny):
+    pairs, neutral = data(tiny)
+    flow, v, rows = make_flow(pairs, neutral, blocks=3)
+    vector = VectorFlow(rows.std(0), v)
+    h = torch.tensor(rows[:7])
+    for a in (1.0, -2.5, 0.3):
+        np.testing.assert_allclose(flow.steer(h, a).detach().numpy(), rows[:7] + a * v, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(vector.steer(h, a).detach().numpy(), rows[:7] + a * v, rtol=0, atol=1e-4)
+    # the written files steer the same way (the NumPy reader of each file)
+    info = ModelInfo("tiny", "llama", WIDTH, 3)
+    for f in (flow, vector):
+        site = Flow(model=info, sites=[f.site(LAYER)]).sites[0]
+        np.testing.assert_allclose(site.steer(rows[:7], 1.0), rows[:7] + v, atol=1e-4)
+
+
+def test_training_lowers_the_held_out_objective(tiny):
+    pairs, neutral = data(tiny)
+    flow, _, _ = make_flow(pairs, neutral)
+    cfg = ThroughConfig(steps=30, pairs_per_step=3, neutral_per_step=2, lr=0.05, coupling_lr=0.01, val_fraction=0.25,
+                        checkpoints=1)
+    trainer = ThroughTrainer(tiny, flow, pairs, neutral, cfg)
+    history, checkpoints = trainer.fit()
+    assert history[0]["val_loss"] > history[-1]["val_loss"]
+    assert [s for s, _ in checkpoints] == [30]
+
+
+def test_exported_flow_steers_like_the_torch_modules(tiny, tmp_path):
+    pairs, neutral = data(tiny)
+    flow, _, rows = make_flow(pairs, neutral)
+    with torch.no_grad():
+        for p in flow.couplings.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    path = tmp_path / "f.gguf"
+    Flow(model=ModelInfo("tiny", "llama", WIDTH, 3), sites=[flow.site(LAYER)]).save(path)
+    from innsteer_local.runtime.native import NativeFlow
+
+    native = NativeFlow(path)
+    for a in (1.0, -1.5):
+        want = flow.steer(torch.tensor(rows[:9]), a).detach().numpy()
+        np.testing.assert_allclose(native.steer(rows[:9].astype(np.float32), a), want, rtol=1e-4, atol=1e-4)
