@@ -478,27 +478,44 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
 @click.option("--flow", "-f", "flows", multiple=True,
               help="[NAME=]FILE[:STRENGTH][@GATE] (or a shipped flow name) that requests can pick by NAME; repeatable")
+@click.option("--preset", "presets", multiple=True,
+              help="NAME=FLOW:STRENGTH[@GATE]: also serve the model id MODEL+NAME (FLOW a loaded flow's name); "
+                   "repeatable")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--n-ctx", type=click.IntRange(64), default=4096, show_default=True)
 @click.option("--seed", "-s", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
-def serve(model: Optional[str], flows: tuple[str, ...], host: str, port: int, n_ctx: int, seed: int,
-          threads: Optional[int]) -> None:
-    """OpenAI-compatible server; each request picks its own steering (docs/EMBEDDING.md):
+def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...], host: str, port: int, n_ctx: int,
+          seed: int, threads: Optional[int]) -> None:
+    """OpenAI-compatible server with a playground page at /; each request picks its own steering,
+    by a `steering` field or by a model id such as smollm2-135m+honesty@2 (docs/EMBEDDING.md):
 
     \b
-      innsteer-local serve --flow honesty=honesty.gguf --port 8080
-      curl localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
-           "steering": [{"flow": "honesty", "strength": 2}]}'
+      innsteer-local serve --flow honesty.gguf --preset honest=honesty:2
+      open http://127.0.0.1:8080/                      # the playground
+      curl localhost:8080/v1/models                    # smollm2-135m, ...+honesty, ...+honest
+      curl localhost:8080/v1/chat/completions -d '{"model": "smollm2-135m+honesty@2",
+           "messages": [{"role": "user", "content": "Hi"}]}'
     """
+    from .model_ids import parse_preset
     from .server import _require_fastapi
     from .server import serve as run_server
 
     _require_fastapi()  # fail before loading the model
     specs = flow_specs(flows)
+    try:
+        parsed = [parse_preset(p) for p in presets]
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--preset") from None
+    names = {s.name for s in specs}
+    for p in parsed:
+        if p.flow not in names:
+            raise click.BadParameter(f"preset '{p.name}' uses flow '{p.flow}', but the loaded flows are "
+                                     f"{', '.join(sorted(names)) or 'none'} (add --flow {p.flow}.gguf)",
+                                     param_hint="--preset")
     llm = load_steered(model, (), None, n_ctx, seed, threads)
-    run_server(llm, specs, host, port)
+    run_server(llm, specs, host, port, presets=parsed)
 
 
 @cli.command()

@@ -3,9 +3,11 @@
     innsteer-local serve --flow honesty=honesty.gguf --port 8080
 
 Endpoints: `/v1/chat/completions`, `/v1/completions` (both stream by SSE), `/v1/models`,
-`GET /v1/steering` (the loaded flows) and `POST /v1/steering` (load one more). A request's
-`steering` field, `[{"flow": NAME, "strength": A, "gate": "off"}]`, applies to that request only;
-an empty or missing list is unsteered.
+`GET /v1/steering` (the loaded flows) and `POST /v1/steering` (load one more), and a playground
+page at `/`. A request's `steering` field, `[{"flow": NAME, "strength": A, "gate": "off"}]`,
+applies to that request only; an empty list is unsteered. Without the field, the model id says
+the steering (`smollm2-135m+honesty@2`, grammar in model_ids.py), so any OpenAI-compatible chat
+app can steer by picking a model.
 
 Isolation: one SteeredLlama serves every request, and a lock serialises generation. Each request
 takes the lock, sets exactly its own steering (every loaded flow it does not name is disabled),
@@ -28,16 +30,20 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..choices import GATES
 from ..errors import FlowFormatError, FlowMismatchError, InnsteerError
 from ..runtime import registry
 from ..runtime.flowspec import FlowSpec, format_flow_spec
+from .model_ids import Preset, UnknownModel, listed_ids, parse_model_id
 
 ROLES = {"system", "user", "assistant", "developer"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MAX_TOKENS = 256
+# the playground page (static, no build step, nothing fetched from elsewhere)
+PLAYGROUND = Path(__file__).parent / "playground"
+PLAYGROUND_FILES = {"playground.js": "text/javascript", "playground.css": "text/css"}
 
 
 def _require_fastapi() -> Any:
@@ -54,12 +60,12 @@ class RequestError(Exception):
     """A client error, answered as an OpenAI-shaped JSON error with a 4xx status."""
 
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", code: Optional[str] = None):
         super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 # ---- request parsing ----------------------------------------------------------------------
@@ -273,6 +279,7 @@ class Engine:
         self.llm = llm
         self.model_id = model_id
         self.flows: dict[str, LoadedFlow] = {}
+        self.presets: dict[str, Preset] = {}
         self.created = int(time.time())
         self._lock = threading.Lock()
         llm.enable()  # the master switch stays on; flows are switched one by one
@@ -303,6 +310,59 @@ class Engine:
             self.flows[name] = loaded
             return loaded, [str(w.message) for w in caught]
 
+    def add_preset(self, preset: Preset) -> None:
+        """Serves a steering setting as the model id BASE+NAME."""
+        if preset.flow not in self.flows:
+            raise RequestError(f"preset '{preset.name}' uses flow '{preset.flow}', which is not loaded "
+                               f"(loaded: {', '.join(sorted(self.flows)) or 'none'})", "preset")
+        if preset.name in self.flows or preset.name in self.presets:
+            raise RequestError(f"preset name '{preset.name}' is already a flow or preset name", "preset")
+        parse_steering([self._entry(preset.flow, preset.strength, preset.gate)], self.flows)  # gate available?
+        self.presets[preset.name] = preset
+
+    @staticmethod
+    def _entry(flow: str, strength: Optional[float], gate: Optional[str]) -> dict[str, Any]:
+        entry: dict[str, Any] = {"flow": flow}
+        if strength is not None:
+            entry["strength"] = strength
+        if gate is not None:
+            entry["gate"] = gate
+        return entry
+
+    def model_steering(self, model: Any) -> list[SteeringChoice]:
+        """The steering a request's model id asks for (None or the base id: unsteered)."""
+        if model is None:
+            return []
+        if not isinstance(model, str):
+            raise RequestError(f"'model' must be a string, got {json.dumps(model)[:40]}", "model")
+        try:
+            terms = parse_model_id(model, self.model_id, set(self.flows), self.presets)
+        except UnknownModel as e:
+            raise RequestError(str(e), "model", status=404, code="model_not_found") from None
+        return parse_steering([self._entry(t.flow, t.strength, t.gate) for t in terms], self.flows)
+
+    def models(self) -> list[dict[str, Any]]:
+        """The `/v1/models` entries: the base model, one per loaded flow and one per preset."""
+        out = []
+        for model_id in listed_ids(self.model_id, sorted(self.flows), self.presets):
+            steering = self.model_steering(model_id)
+            out.append({"id": model_id, "object": "model", "created": self.created, "owned_by": "innsteer-local",
+                        "steering": [{"flow": c.flow, "strength": c.strength, "gate": c.gate} for c in steering]})
+        return out
+
+    def _counters(self) -> tuple[int, int]:
+        stats = self.llm.steering_stats
+        return stats["rows_steered"], stats["rows_rejected_nonfinite"]
+
+    def _stats(self, before: tuple[int, int]) -> dict[str, Any]:
+        """What the runtime counted during one request: residual rows the flows edited (one per
+        evaluated token and flow site), rows refused as non-finite, tokens evaluated (the KV cache
+        starts empty for every request)."""
+        steered, rejected = (a - b for a, b in zip(self._counters(), before))
+        tokens = int(self.llm.n_tokens)
+        return {"rows_steered": steered, "rows_rejected_nonfinite": rejected, "tokens_evaluated": tokens,
+                "rows_steered_per_token": round(steered / tokens, 3) if tokens else None}
+
     def _apply(self, steering: list[SteeringChoice]) -> None:
         """Sets exactly this steering and forgets the previous request's KV cache: a prompt whose
         prefix was cached is computed in other batch shapes, and llama.cpp's quantized matmuls
@@ -325,23 +385,32 @@ class Engine:
                 self.llm.enable(a)
 
     def run(self, steering: list[SteeringChoice], call: Callable[[], Any]) -> Any:
-        """call() under this request's steering, with the model to itself."""
+        """call() under this request's steering, with the model to itself; a completion result
+        gets the request's `steering_stats`."""
         with self._lock:
             self._apply(steering)
-            return call()
+            before = self._counters()
+            result = call()
+            if isinstance(result, dict):
+                result["steering_stats"] = self._stats(before)
+            return result
 
     def stream(self, steering: list[SteeringChoice], call: Callable[[], Iterator[Any]],
                emit: Callable[[str, Any], None], cancelled: threading.Event) -> None:
         """Runs in a worker thread: holds the lock for the whole stream, emits ('chunk', c) per
-        chunk, then ('end', None) or ('error', exc). Stops early once `cancelled` is set."""
+        chunk, then ('end', None) or ('error', exc). Stops early once `cancelled` is set. The
+        chunk that finishes the reply carries the request's `steering_stats`."""
         try:
             with self._lock:
                 self._apply(steering)
+                before = self._counters()
                 chunks = call()
                 try:
                     for chunk in chunks:
                         if cancelled.is_set():
                             break
+                        if (chunk.get("choices") or [{}])[0].get("finish_reason") is not None:
+                            chunk["steering_stats"] = self._stats(before)
                         emit("chunk", chunk)
                 finally:
                     close = getattr(chunks, "close", None)
@@ -372,7 +441,7 @@ def create_app(engine: Engine) -> Any:
     """The FastAPI application over an Engine."""
     fastapi = _require_fastapi()
     from fastapi import Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -390,9 +459,24 @@ def create_app(engine: Engine) -> Any:
 
     @app.get("/v1/models")
     def list_models() -> Any:
-        return {"object": "list", "data": [{
-            "id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "innsteer-local",
-            "steering": sorted(engine.flows)}]}
+        return {"object": "list", "data": engine.models()}
+
+    @app.get("/v1/models/{model_id:path}")
+    def get_model(model_id: str) -> Any:
+        steering = engine.model_steering(model_id)
+        return {"id": model_id, "object": "model", "created": engine.created, "owned_by": "innsteer-local",
+                "steering": [{"flow": c.flow, "strength": c.strength, "gate": c.gate} for c in steering]}
+
+    @app.get("/", include_in_schema=False)
+    def playground() -> Any:
+        return FileResponse(PLAYGROUND / "index.html", media_type="text/html")
+
+    @app.get("/playground/{name}", include_in_schema=False)
+    def playground_file(name: str) -> Any:
+        kind = PLAYGROUND_FILES.get(name)
+        if kind is None:  # a fixed list: nothing else on disk is reachable
+            raise RequestError(f"no playground file '{name[:64]}'", status=404, kind="not_found_error")
+        return FileResponse(PLAYGROUND / name, media_type=kind)
 
     @app.get("/v1/steering")
     def list_flows() -> Any:
@@ -417,7 +501,10 @@ def create_app(engine: Engine) -> Any:
     async def generate(request: Request, chat: bool) -> Any:
         body = parse_body(await request.body())
         params = sampling_params(body)
-        steering = parse_steering(body.get("steering"), engine.flows)
+        model_steering = engine.model_steering(body.get("model"))  # an unknown id is a 404 either way
+        explicit = body.get("steering")
+        steering = model_steering if explicit is None else parse_steering(explicit, engine.flows)
+        model_id = body.get("model") or engine.model_id
         stream = params.pop("stream")
         llm = engine.llm
         if chat:
@@ -429,7 +516,7 @@ def create_app(engine: Engine) -> Any:
         applied = [{"flow": c.flow, "strength": c.strength, "gate": c.gate} for c in steering]
 
         def label(obj: dict[str, Any]) -> dict[str, Any]:
-            obj["model"] = engine.model_id
+            obj["model"] = model_id
             obj["steering"] = applied
             return obj
 
@@ -496,8 +583,9 @@ def model_id_for(llm: Any) -> str:
     return getattr(llm, "model_key", None) or Path(llm.model_path).stem
 
 
-def serve(llm: Any, flows: list[FlowSpec], host: str, port: int, log_level: str = "info") -> None:
-    """Loads the flows, then serves until interrupted."""
+def serve(llm: Any, flows: list[FlowSpec], host: str, port: int, log_level: str = "info",
+          presets: Sequence[Preset] = ()) -> None:
+    """Loads the flows and presets, then serves until interrupted."""
     _require_fastapi()
     import uvicorn
 
@@ -509,4 +597,11 @@ def serve(llm: Any, flows: list[FlowSpec], host: str, port: int, log_level: str 
             raise InnsteerError(f"--flow {format_flow_spec(spec)}: {e.message}") from None
         for w in warned:
             warnings.warn(w, UserWarning, stacklevel=1)
+    for preset in presets:
+        try:
+            engine.add_preset(preset)
+        except RequestError as e:
+            raise InnsteerError(f"--preset {preset.name}: {e.message}") from None
+    shown = host if ":" not in host else f"[{host}]"
+    print(f"playground: http://{shown}:{port}/   models: " + ", ".join(m["id"] for m in engine.models()), flush=True)
     uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)

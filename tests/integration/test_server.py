@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from innsteer_local import Flow, ModelInfo
+from innsteer_local.apps.model_ids import parse_preset
 from innsteer_local.flow import random_flow
 from innsteer_local.runtime import registry as models
 
@@ -42,6 +44,7 @@ def server(model_path):
     engine = Engine(llm, "smollm2-135m")
     engine.load_flow("honesty", str(SHIPPED["honesty"]))
     engine.load_flow("positivity", "positivity.gguf", strength=2.0)  # shipped name, own default
+    engine.add_preset(parse_preset("honest2=honesty:2"))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -92,9 +95,75 @@ def honesty(a: float = 1.9) -> list[dict]:
     return [{"flow": "honesty", "strength": a}]
 
 
-def test_models_endpoint(client):
-    ids = [m.id for m in client.models.list().data]
-    assert ids == ["smollm2-135m"]
+def test_models_endpoint_lists_flows_and_presets_as_models(server, client):
+    models = {m.id: m for m in client.models.list().data}
+    assert list(models) == ["smollm2-135m", "smollm2-135m+honesty", "smollm2-135m+positivity", "smollm2-135m+honest2"]
+    assert models["smollm2-135m"].steering == []
+    assert models["smollm2-135m+positivity"].steering == [{"flow": "positivity", "strength": 2.0, "gate": "off"}]
+    assert models["smollm2-135m+honest2"].steering == [{"flow": "honesty", "strength": 2.0, "gate": "off"}]
+    one = httpx.get(f"{server[0]}/v1/models/smollm2-135m+honesty@-1.5").json()
+    assert one["id"] == "smollm2-135m+honesty@-1.5" and one["steering"][0]["strength"] == -1.5
+
+
+def test_a_model_id_steers_exactly_like_the_steering_field(client):
+    def reply(model: str, **extra) -> str:
+        out = client.chat.completions.create(model=model, messages=MESSAGES, **GREEDY, **extra)
+        assert out.model == model
+        return out.choices[0].message.content
+
+    explicit = chat(client, honesty(2.0))
+    assert reply("smollm2-135m+honesty@2") == explicit
+    assert reply("smollm2-135m+honest2") == explicit  # the preset
+    assert explicit != chat(client), "steering must change the reply for this test to mean anything"
+    assert reply("smollm2-135m+positivity") == chat(client, [{"flow": "positivity"}])
+    both = chat(client, honesty(1.9) + [{"flow": "positivity", "strength": -1.0}])
+    assert reply("smollm2-135m+honesty@1.9+positivity@-1") == both
+    # the field, when present, wins over the model id
+    assert reply("smollm2-135m+honesty@2", extra_body={"steering": []}) == chat(client)
+    stream = client.chat.completions.create(model="smollm2-135m+honesty@2", messages=MESSAGES, stream=True, **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == explicit
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "smollm2-135m+", "smollm2-135m+nothing", "smollm2-135m+honesty@abc",
+                                   "smollm2-135m+honesty@nan", "smollm2-135m+honesty+honesty", "smollm2-135m@2"])
+def test_unknown_model_ids_are_404_with_the_openai_body(server, client, model):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model=model, messages=MESSAGES, **GREEDY)
+    err = info.value.body
+    assert err["code"] == "model_not_found" and err["param"] == "model" and err["type"] == "invalid_request_error"
+    assert "does not exist" in err["message"]
+    r = httpx.get(f"{server[0]}/v1/models/{model}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_responses_carry_the_runtime_counters(server):
+    url = server[0]
+
+    def stats(model: str, stream: bool = False) -> dict:
+        body = {"model": model, "messages": MESSAGES, "stream": stream, **GREEDY}
+        if not stream:
+            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["steering_stats"]
+        lines = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).text.split("\n\n")
+        last = [json.loads(x[6:]) for x in lines if x.startswith("data: {")][-1]
+        return last["steering_stats"]
+
+    plain, steered = stats("smollm2-135m"), stats("smollm2-135m+honesty")
+    assert plain["rows_steered"] == 0 and plain["tokens_evaluated"] > 16
+    # one site: one steered row per evaluated token
+    assert steered["rows_steered"] == steered["tokens_evaluated"] and steered["rows_steered_per_token"] == 1.0
+    assert steered["rows_rejected_nonfinite"] == 0
+    assert stats("smollm2-135m+honesty", stream=True)["rows_steered"] == steered["rows_steered"]
+
+
+def test_playground_files_are_served_and_nothing_else(server):
+    url = server[0]
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "playground.js" in page.text and "http" not in page.text.replace("http-equiv", "")
+    js = httpx.get(f"{url}/playground/playground.js")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    for name in ("index.py", "..%2Fserver.py", "../server.py"):
+        assert httpx.get(f"{url}/playground/{name}").status_code == 404
 
 
 def test_get_steering_lists_flows_with_metadata(server):
@@ -262,7 +331,8 @@ def cli_path() -> str:
 def test_serve_command(tmp_path):
     port = free_port()
     proc = subprocess.Popen([cli_path(), "serve", "--flow", "honesty.gguf", "--flow", "pos=positivity.gguf:1.5",
-                             "--port", str(port), "--n-ctx", "512"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--preset", "warm=pos:3", "--preset", "honesty:-1", "--port", str(port),
+                             "--n-ctx", "512"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -281,6 +351,12 @@ def test_serve_command(tmp_path):
         out = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
         assert out["choices"][0]["message"]["content"] and out["steering"] == [
             {"flow": "pos", "strength": 1.5, "gate": "off"}]
+        ids = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+        assert ids == ["smollm2-135m", "smollm2-135m+honesty", "smollm2-135m+pos", "smollm2-135m+warm",
+                       "smollm2-135m+honesty@-1"]
+        by_id = {"messages": MESSAGES, "model": "smollm2-135m+warm", **GREEDY}
+        out = httpx.post(f"{url}/v1/chat/completions", json=by_id, timeout=60).json()
+        assert out["steering"] == [{"flow": "pos", "strength": 3.0, "gate": "off"}]
     finally:
         proc.terminate()
         proc.wait(20)
@@ -288,6 +364,10 @@ def test_serve_command(tmp_path):
     bad = subprocess.run([cli_path(), "serve", "--flow", f"x={tmp_path / 'missing.gguf'}", "--port", str(port)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "flow file not found" in bad.stderr
+    for preset, needle in (("calm=nothing:2", "uses flow 'nothing'"), ("calm=honesty", "needs a strength")):
+        bad = subprocess.run([cli_path(), "serve", "--flow", "honesty.gguf", "--preset", preset],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and needle in bad.stderr, bad.stderr
 
 
 def test_engine_refuses_a_model_with_attached_flows(model_path):

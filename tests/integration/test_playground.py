@@ -1,0 +1,128 @@
+"""The playground page in a real headless Chromium, against `serve` on loopback with the real model:
+move a strength slider, send a prompt, both replies stream in and differ; nothing loads from
+anywhere but the server; a server error shows in the page.
+
+Needs Debian's `chromium` (.ci/run installs it) and the `playwright` package from the [dev] extra
+(it drives the system browser; no browser download)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the [dev] extra installs playwright")
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium on PATH (Debian: apt-get install chromium)")
+# set to a folder (e.g. docs) to keep the screenshot the README shows
+SCREENSHOT_DIR = os.environ.get("INNSTEER_SCREENSHOT_DIR")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    cli = Path(sys.executable).with_name("innsteer-local")
+    port = free_port()
+    proc = subprocess.Popen([str(cli if cli.exists() else "innsteer-local"), "serve", "--flow", "honesty.gguf",
+                             "--flow", "positivity.gguf", "--port", str(port), "--n-ctx", "1024", "--threads", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                httpx.get(f"{url}/v1/models", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline, "serve did not come up"
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=BROWSER, headless=True, args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        p = context.new_page()
+        p.requested = []  # every URL the page asked for
+        p.on("request", lambda r: p.requested.append(r.url))
+        p.console_errors = []
+        p.on("pageerror", lambda e: p.console_errors.append(str(e)))
+        p.goto(served + "/")
+        p.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        yield p
+        browser.close()
+
+
+def test_slider_prompt_and_two_streamed_replies(page, served, tmp_path):
+    honesty = page.locator("fieldset[data-flow=honesty]")
+    assert honesty.locator("input[type=checkbox]").is_checked()
+    slider = honesty.locator("input[type=range]")
+    start = float(slider.input_value())
+    slider.focus()
+    for _ in range(10):  # keyboard only: ten steps of 0.1 to the right
+        page.keyboard.press("ArrowRight")
+    moved = float(honesty.locator("input[type=number]").input_value())
+    assert moved == pytest.approx(start + 1.0, abs=1e-6)
+    assert f"honesty@{moved:g}" in page.locator("#model-id").inner_text()
+    assert f'"strength": {moved:g}' in page.locator("#snippet-python").inner_text().replace('":', '": ')
+
+    page.locator("#max-tokens").fill("40")
+    page.locator("#prompt").fill("I lost my friend's book. What should I tell her?")
+    page.locator("#prompt").focus()
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#pane-plain[data-state=done]", timeout=120_000)
+    page.wait_for_selector("#pane-steered[data-state=done]", timeout=120_000)
+    plain = page.locator("#pane-plain .text").inner_text().strip()
+    steered = page.locator("#pane-steered .text").inner_text().strip()
+    assert plain and steered and plain != steered
+    stats = page.locator("#pane-steered .stats").inner_text()
+    assert "rows steered" in stats and "rows steered / token\n1" in stats
+    assert "rows steered\n0" in page.locator("#pane-plain .stats").inner_text()
+
+    # the snippet reproduces the steered reply
+    body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "I lost my friend's book. What should "
+                                                                                "I tell her?"}],
+            "max_tokens": 40, "temperature": 0, "seed": 0, "steering": [{"flow": "honesty", "strength": moved,
+                                                                          "gate": "off"}]}
+    again = httpx.post(f"{served}/v1/chat/completions", json=body, timeout=120).json()
+    assert again["choices"][0]["message"]["content"].strip() == steered
+
+    shot = tmp_path / "playground.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if SCREENSHOT_DIR:
+        shutil.copy(shot, Path(SCREENSHOT_DIR) / "playground.png")
+    outside = [u for u in page.requested if not u.startswith(served)]
+    assert not outside, f"the page loaded from outside the server: {outside}"
+    assert not page.console_errors
+
+
+def test_server_errors_show_in_the_page(page):
+    page.locator("#max-tokens").fill("0")
+    page.locator("#send").click()
+    error = page.locator("#error")
+    error.wait_for(state="visible", timeout=30_000)
+    assert "400" in error.inner_text() and "max_tokens" in error.inner_text()
+    page.locator("#max-tokens").fill("40")
+    page.locator("#prompt").fill("   ")
+    page.locator("#send").click()
+    assert "Write a prompt first" in error.inner_text()
