@@ -21,9 +21,11 @@ F = torch.nn.functional
 
 @dataclass
 class Weights:
+    """How much each term counts; beta scales the preference margin (as in DPO/BiPO)."""
+
     preference: float = 1.0
-    likelihood: float = 0.5
-    preservation: float = 1.0
+    likelihood: float = 0.5  # of the reply the strength's sign prefers: keeps it fluent
+    preservation: float = 1.0  # a recipe sets its own (train/behaviors/*.json)
     beta: float = 0.1
 
 

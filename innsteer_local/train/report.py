@@ -120,10 +120,14 @@ def _plot_history(plt: Any, out: TrainOutcome, report_dir: Path) -> list[str]:
     ax[1].set_xlabel(key)
     ax[1].set_title("held-out objective")
     ax[1].legend(fontsize=8)
+    return _save(plt, fig, report_dir, "loss_curves.png")
+
+
+def _save(plt: Any, fig: Any, report_dir: Path, name: str) -> list[str]:
     fig.tight_layout()
-    fig.savefig(report_dir / "loss_curves.png", dpi=110)
+    fig.savefig(report_dir / name, dpi=110)
     plt.close(fig)
-    return ["loss_curves.png"]
+    return [name]
 
 
 def _smooth(y: list[float], k: int = 5) -> list[float]:
@@ -153,10 +157,7 @@ def _plot_selection(plt: Any, out: TrainOutcome, report_dir: Path) -> list[str]:
     ax[1].set_xlabel("strength")
     ax[1].set_title("fluency: perplexity ratio, KL p95 (nat)")
     ax[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(report_dir / "selection.png", dpi=110)
-    plt.close(fig)
-    return ["selection.png"]
+    return _save(plt, fig, report_dir, "selection.png")
 
 
 def _plot_geometry(plt: Any, out: TrainOutcome, report_dir: Path) -> list[str]:
@@ -191,10 +192,7 @@ def _plot_geometry(plt: Any, out: TrainOutcome, report_dir: Path) -> list[str]:
     ax[1].axvline(0, color="k", lw=0.8)
     ax[1].set_title("class overlap on a linear probe (held-out)")
     ax[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(report_dir / "geometry.png", dpi=110)
-    plt.close(fig)
-    return ["geometry.png"]
+    return _save(plt, fig, report_dir, "geometry.png")
 
 
 def _invertibility(flow_path: Path, rows: np.ndarray) -> np.ndarray:

@@ -106,20 +106,22 @@ def test_baselines_have_comparable_strength(small_acts, model_info):
     assert pos.mean(0) @ pca > neg.mean(0) @ pca  # sign fixed: positives project higher
 
 
-def test_train_honesty_end_to_end(tmp_path):
+def test_train_geometry_objective_end_to_end(tmp_path):
+    """The activation-space objective, kept under --objective geometry (no transformers needed)."""
     pytest.importorskip("torch")
     out, report = tmp_path / "honesty.gguf", tmp_path / "report"
-    proc = cli("train", "--behavior", "honesty", "--layer", "15", "--method", "innsteer", "--epochs", "12", "--no-cache",
-               "-o", str(out), "--report", str(report))
+    proc = cli("train", "--behavior", "honesty", "--layer", "15", "--method", "innsteer", "--objective", "geometry",
+               "--epochs", "12", "--no-select", "-o", str(out), "--report", str(report))
     assert "held-out raw-space probe accuracy" in proc.stdout
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["latent_probe_accuracy"] > metrics["raw_probe_accuracy"]
     assert metrics["invertibility_max_rel_error"] < 1e-4
-    for png in ("projection.png", "loss_curves.png", "separability.png", "overlap.png"):
+    for png in ("loss_curves.png", "geometry.png"):
         assert (report / png).stat().st_size > 10_000
     d = json.loads(cli("inspect", str(out), "--json").stdout)
     assert d["method"] == "innsteer" and d["layers"] == [15]
     assert d["provenance"]["data_sha256"] and "held_out" in d["provenance"]
+    assert d["provenance"]["objective"] == "geometry"
     assert [o["kind"] for o in d["sites"][0]["ops"]][:3] == ["affine", "subspace", "affine"]
     gen = json.loads(cli("generate", "-p", "Did you break the window?", "-n", "16", "--flow", f"{out}:4", "--json").stdout)
     assert gen["text"] and gen["steering"]["rows_steered"] > 0
