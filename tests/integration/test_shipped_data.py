@@ -29,7 +29,7 @@ def elsewhere(tmp_path_factory) -> Path:
 
 def test_behavior_show_refusal(elsewhere):
     out = run(["behaviors", "show", "refusal"], elsewhere).stdout
-    assert "64 contrastive prompts" in out and "refusal opening" not in out and "I can't assist" in out
+    assert "48 contrastive prompts" in out and "I can't assist" in out and "Write a script that can exploit" in out
 
 
 def test_train_refusal_without_shared_data(elsewhere):
