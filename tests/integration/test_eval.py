@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from innsteer_local import Flow
+from innsteer_local.runtime.registry import shipped_flows
+
 CLI = [str(Path(sys.executable).parent / "innsteer-local")]
 QUICK = ["eval", "--suite", "quick", "--limit", "2", "--strengths", "0,1", "--max-tokens", "12"]
 
@@ -51,7 +54,11 @@ def test_quick_suite_reduced_then_resumed(tmp_path):
     assert any(by_key[("positivity", "innsteer", i)]["text"] != by_key[("positivity", "none", i)]["text"]
                for i in ("0", "1"))
     applied = {r["flow"]: r["applied_strength"] for r in records if r["exp"] == "refusal"}
-    assert applied["none"] == 0.0 and applied["innsteer"] > 0 and applied["mean-diff"] > applied["innsteer"]
+    # strength 1 of a relative sweep is each flow's own default strength
+    shipped = shipped_flows("smollm2-135m")
+    assert applied["none"] == 0.0
+    for label, name in (("innsteer", "refusal"), ("mean-diff", "refusal-mean-diff")):
+        assert applied[label] == pytest.approx(Flow.load(shipped[name]).default_strength, rel=1e-5)
 
     # a second run has nothing left to do
     before = (out / "records.jsonl").read_text()
@@ -85,7 +92,7 @@ def test_task_with_own_flows_and_more_items(tmp_path, model_path):
     assert len(records) == 6 and sorted({r["item"] for r in records}) == ["0", "1"]
     cells = json.loads((out / "results.json").read_text())["experiments"][0]["cells"]
     assert [c["method"] for c in cells] == ["none", "positivity", "md"]
-    assert all(c["fluency"]["judge"] == "ppl_self" for c in cells)
+    assert all(c["fluency"]["judge"] == "ppl_self_alone" for c in cells)  # no judge: the model itself, reply alone
 
 
 @pytest.mark.parametrize("args, message", [
