@@ -160,6 +160,11 @@ def parse_steering(value: Any, flows: dict[str, "LoadedFlow"]) -> list[SteeringC
     return out
 
 
+def applied(steering: list[SteeringChoice]) -> list[dict[str, Any]]:
+    """Choices as responses and `/v1/models` show them."""
+    return [{"flow": c.flow, "strength": c.strength, "gate": c.gate} for c in steering]
+
+
 def _stop(body: dict[str, Any]) -> list[str]:
     v = body.get("stop")
     if v is None:
@@ -341,14 +346,14 @@ class Engine:
             raise RequestError(str(e), "model", status=404, code="model_not_found") from None
         return parse_steering([self._entry(t.flow, t.strength, t.gate) for t in terms], self.flows)
 
+    def model_entry(self, model_id: str) -> dict[str, Any]:
+        """One `/v1/models` object with the steering its id applies (404 for an unknown id)."""
+        return {"id": model_id, "object": "model", "created": self.created, "owned_by": "innsteer-local",
+                "steering": applied(self.model_steering(model_id))}
+
     def models(self) -> list[dict[str, Any]]:
         """The `/v1/models` entries: the base model, one per loaded flow and one per preset."""
-        out = []
-        for model_id in listed_ids(self.model_id, sorted(self.flows), self.presets):
-            steering = self.model_steering(model_id)
-            out.append({"id": model_id, "object": "model", "created": self.created, "owned_by": "innsteer-local",
-                        "steering": [{"flow": c.flow, "strength": c.strength, "gate": c.gate} for c in steering]})
-        return out
+        return [self.model_entry(m) for m in listed_ids(self.model_id, sorted(self.flows), self.presets)]
 
     def _counters(self) -> tuple[int, int]:
         stats = self.llm.steering_stats
@@ -463,9 +468,7 @@ def create_app(engine: Engine) -> Any:
 
     @app.get("/v1/models/{model_id:path}")
     def get_model(model_id: str) -> Any:
-        steering = engine.model_steering(model_id)
-        return {"id": model_id, "object": "model", "created": engine.created, "owned_by": "innsteer-local",
-                "steering": [{"flow": c.flow, "strength": c.strength, "gate": c.gate} for c in steering]}
+        return engine.model_entry(model_id)
 
     @app.get("/", include_in_schema=False)
     def playground() -> Any:
@@ -513,11 +516,11 @@ def create_app(engine: Engine) -> Any:
         else:
             prompt = completion_prompt(body)
             call = lambda: llm.create_completion(prompt, stream=stream, **params)  # noqa: E731
-        applied = [{"flow": c.flow, "strength": c.strength, "gate": c.gate} for c in steering]
+        shown = applied(steering)
 
         def label(obj: dict[str, Any]) -> dict[str, Any]:
             obj["model"] = model_id
-            obj["steering"] = applied
+            obj["steering"] = shown
             return obj
 
         if not stream:
