@@ -25,6 +25,9 @@ from .paths import installed
 
 _ERR_LEN = 512
 _F32P = ctypes.POINTER(ctypes.c_float)
+_I32P = ctypes.POINTER(ctypes.c_int32)
+# innsteer_split: how llama.cpp cuts a multi-sequence batch into ubatches
+SPLIT_SIMPLE, SPLIT_EQUAL = 0, 1
 
 
 class _FlowInfo(ctypes.Structure):
@@ -32,6 +35,10 @@ class _FlowInfo(ctypes.Structure):
                 ("model_name", ctypes.c_char_p), ("model_architecture", ctypes.c_char_p),
                 ("model_n_embd", ctypes.c_int), ("model_n_layer", ctypes.c_int), ("n_sites", ctypes.c_int),
                 ("default_strength", ctypes.c_float), ("provenance_json", ctypes.c_char_p)]
+
+
+class _SlotStats(ctypes.Structure):
+    _fields_ = [("tokens_evaluated", ctypes.c_uint64), ("rows_steered", ctypes.c_uint64), ("rows_rejected", ctypes.c_uint64)]
 
 
 class _SiteInfo(ctypes.Structure):
@@ -162,6 +169,14 @@ def lib() -> ctypes.CDLL:
             "innsteer_steerer_set_path": (c_int, [c_void_p, c_int, c_int, c_char_p, c_size_t]),
             "innsteer_steerer_device_name": (c_char_p, [c_void_p]),
             "innsteer_steerer_rows_on_device": (c_uint64, [c_void_p]),
+            "innsteer_slot_new": (c_int, [c_void_p, ctypes.POINTER(c_int)]),
+            "innsteer_slot_free": (c_int, [c_void_p, c_int]),
+            "innsteer_slot_put": (c_int, [c_void_p, c_int, c_int, c_float, c_int, c_char_p, c_size_t]),
+            "innsteer_slot_clear": (c_int, [c_void_p, c_int]),
+            "innsteer_slot_get_stats": (c_int, [c_void_p, c_int, ctypes.POINTER(_SlotStats)]),
+            "innsteer_steerer_batch_begin": (c_int, [c_void_p, c_int, _I32P, _I32P, ctypes.POINTER(ctypes.c_int8), c_int,
+                                                     c_int, c_char_p, c_size_t]),
+            "innsteer_steerer_batch_end": (None, [c_void_p]),
         }
         for name, (res, args) in sigs.items():
             fn = getattr(l, name)
@@ -370,6 +385,46 @@ class Steerer:
     @property
     def last_error(self) -> str:
         return (self._l.innsteer_steerer_last_error(self.ptr) or b"").decode(errors="replace")
+
+    # ---- many sequences in one batch (innsteer.h: slots) ----
+
+    def new_slot(self) -> int:
+        out = ctypes.c_int()
+        if self._l.innsteer_slot_new(self.ptr, ctypes.byref(out)) != OK:
+            raise InnsteerError("all steering slots are in use")
+        return out.value
+
+    def free_slot(self, slot: int) -> None:
+        self._check(self._l.innsteer_slot_free(self.ptr, slot), f"free slot {slot}")
+
+    def slot_put(self, slot: int, fid: int, strength: float, gate: str = "off") -> None:
+        """Flow fid at this strength and gate in the slot (strength 0 takes it out)."""
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        if self._l.innsteer_slot_put(self.ptr, slot, fid, ctypes.c_float(strength), gate_code(gate), err, _ERR_LEN) != OK:
+            raise ValueError(f"slot {slot}: {err.value.decode(errors='replace')}")
+
+    def slot_clear(self, slot: int) -> None:
+        self._check(self._l.innsteer_slot_clear(self.ptr, slot), f"clear slot {slot}")
+
+    def slot_stats(self, slot: int) -> dict[str, int]:
+        raw = _SlotStats()
+        self._check(self._l.innsteer_slot_get_stats(self.ptr, slot, ctypes.byref(raw)), f"stats of slot {slot}")
+        return {"tokens_evaluated": int(raw.tokens_evaluated), "rows_steered": int(raw.rows_steered),
+                "rows_rejected_nonfinite": int(raw.rows_rejected)}
+
+    def batch_begin(self, seq_ids: np.ndarray, slots: np.ndarray, outputs: np.ndarray, n_ubatch: int,
+                    split: int = SPLIT_SIMPLE) -> None:
+        """Which sequence and slot each token of the next llama_decode belongs to (int32 arrays;
+        outputs int8), and how llama.cpp will split the batch."""
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        st = self._l.innsteer_steerer_batch_begin(
+            self.ptr, int(seq_ids.shape[0]), seq_ids.ctypes.data_as(_I32P), slots.ctypes.data_as(_I32P),
+            outputs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)), int(n_ubatch), int(split), err, _ERR_LEN)
+        if st != OK:
+            raise InnsteerError(f"batch: {err.value.decode(errors='replace')}")
+
+    def batch_end(self) -> None:
+        self._l.innsteer_steerer_batch_end(self.ptr)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):

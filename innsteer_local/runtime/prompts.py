@@ -54,8 +54,35 @@ def text_example(llm: Any, prefix: str, completion: str) -> Example:
 
 
 def plain_prompt(prompt: str) -> str:
-    """How base models (no chat template) are asked: a plain User/Assistant transcript."""
+    """How base models (no chat template) are asked: a plain User/Assistant transcript. No space
+    after the colon: the reply's first token carries it (" Paris"), as it does in reply_example."""
     return f"User: {prompt}\nAssistant:"
+
+
+# where a base model's turn ends: it goes on to write the user's next line
+BASE_TURN_END = "\nUser:"
+
+
+def prompt_text(llm: Any, prompt: str, system: str = "", chat: bool = True) -> str:
+    """The one way every part of the project asks a model (chat, eval, training, selection,
+    serve): the chat template with an optional system message, or for base models the plain
+    transcript with the instruction before the prompt."""
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return render_chat(llm, messages)
+    return plain_prompt(f"{system} {prompt}" if system else prompt)
+
+
+def reply_stops(chat: bool) -> tuple[str, ...]:
+    """Stop strings that end a reply (a chat model ends its turn with an end-of-generation token)."""
+    return () if chat else (BASE_TURN_END,)
+
+
+def finish_reply(text: str, chat: bool) -> str:
+    """The one cut of a generated text into a reply: up to the end of the model's turn, stripped."""
+    if not chat:
+        text = text.split(BASE_TURN_END)[0]
+    return text.strip()
 
 
 def reply_example(llm: Any, prompt: str, reply: str, chat: bool) -> Example:

@@ -47,6 +47,40 @@ def _finite(strength: float) -> float:
     return value
 
 
+def path_from_environment(steerer: Steerer) -> None:
+    """INNSTEER_PATH (auto, host, device, cpu-graph) and INNSTEER_DEVICE_MIN_ROWS choose where the
+    flow is computed (docs/PERFORMANCE.md); unset means auto."""
+    path = os.environ.get("INNSTEER_PATH", "").strip()
+    rows = os.environ.get("INNSTEER_DEVICE_MIN_ROWS", "").strip()
+    if not path and not rows:
+        return
+    if path and path not in PATHS:
+        raise ValueError(f"INNSTEER_PATH must be one of {', '.join(PATHS)}, got {path!r}")
+    if rows and not (rows.isdigit() and int(rows) >= 1):
+        raise ValueError(f"INNSTEER_DEVICE_MIN_ROWS must be a positive integer, got {rows!r}")
+    steerer.set_path(path or "auto", int(rows) if rows else 32)
+
+
+def check_fits(path: Union[str, os.PathLike[str]], meta: FlowInfo, info: ModelInfo) -> None:
+    """Refuses a flow that cannot steer this model (width, layer); warns when it was trained for
+    another model."""
+    if meta.model.n_embd != info.n_embd:
+        raise FlowMismatchError(
+            f"{path}: flow n_embd {meta.model.n_embd} (trained for '{meta.model.name}') does not fit "
+            f"model '{info.name}' with n_embd {info.n_embd}")
+    for layer in meta.layers:
+        if layer >= info.n_layer:
+            raise FlowMismatchError(
+                f"{path}: flow layer {layer} is out of range for model '{info.name}' with {info.n_layer} "
+                f"layers (0..{info.n_layer - 1})")
+    if (meta.model.architecture and meta.model.architecture != info.architecture) or \
+            (meta.model.name and meta.model.name != info.name) or meta.model.n_layer != info.n_layer:
+        warnings.warn(
+            f"{path} was trained for '{meta.model.name}' ({meta.model.architecture}, {meta.model.n_layer} layers), "
+            f"not for this model '{info.name}' ({info.architecture}, {info.n_layer} layers); steering may not "
+            "mean the same here", UserWarning, stacklevel=4)
+
+
 class SteeredLlama(Llama):
     """A `llama_cpp.Llama` (same constructor) whose context steers with flows:
 
@@ -69,26 +103,13 @@ class SteeredLlama(Llama):
         self._steerer = Steerer(n_embd, n_layer, max_rows=max(1, int(self.context_params.n_ubatch)))
         # prompt batches: as many threads as llama.cpp uses for them (it waits while we run)
         self._steerer.set_threads(max(1, min(32, int(self.context_params.n_threads_batch))))
-        self._path_from_environment()
+        path_from_environment(self._steerer)
         self._stack.callback(self._steerer.close)  # runs after the context below is freed
         self._install_callback()
         self._attached: list[AttachedFlow] = []
         self._unverified_layers: set[int] = set()
         self._steer_version = 0
         self._kv_version = 0
-
-    def _path_from_environment(self) -> None:
-        """INNSTEER_PATH (auto, host, device, cpu-graph) and INNSTEER_DEVICE_MIN_ROWS choose where the
-        flow is computed (docs/PERFORMANCE.md); unset means auto."""
-        path = os.environ.get("INNSTEER_PATH", "").strip()
-        rows = os.environ.get("INNSTEER_DEVICE_MIN_ROWS", "").strip()
-        if not path and not rows:
-            return
-        if path and path not in PATHS:
-            raise ValueError(f"INNSTEER_PATH must be one of {', '.join(PATHS)}, got {path!r}")
-        if rows and not (rows.isdigit() and int(rows) >= 1):
-            raise ValueError(f"INNSTEER_DEVICE_MIN_ROWS must be a positive integer, got {rows!r}")
-        self._steerer.set_path(path or "auto", int(rows) if rows else 32)
 
     def _install_callback(self) -> None:
         # llama.cpp reads cb_eval when a context is created, and Llama.__init__ creates its
@@ -134,22 +155,7 @@ class SteeredLlama(Llama):
         return attached
 
     def _check_fits(self, path: Union[str, os.PathLike[str]], meta: FlowInfo) -> None:
-        info = self.model_info
-        if meta.model.n_embd != info.n_embd:
-            raise FlowMismatchError(
-                f"{path}: flow n_embd {meta.model.n_embd} (trained for '{meta.model.name}') does not fit "
-                f"model '{info.name}' with n_embd {info.n_embd}")
-        for layer in meta.layers:
-            if layer >= info.n_layer:
-                raise FlowMismatchError(
-                    f"{path}: flow layer {layer} is out of range for model '{info.name}' with {info.n_layer} "
-                    f"layers (0..{info.n_layer - 1})")
-        if (meta.model.architecture and meta.model.architecture != info.architecture) or \
-                (meta.model.name and meta.model.name != info.name) or meta.model.n_layer != info.n_layer:
-            warnings.warn(
-                f"{path} was trained for '{meta.model.name}' ({meta.model.architecture}, {meta.model.n_layer} layers), "
-                f"not for this model '{info.name}' ({info.architecture}, {info.n_layer} layers); steering may not "
-                "mean the same here", UserWarning, stacklevel=3)
+        check_fits(path, meta, self.model_info)
 
     @property
     def flows(self) -> list[AttachedFlow]:

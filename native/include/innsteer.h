@@ -181,6 +181,49 @@ INNSTEER_API uint64_t innsteer_steerer_rows_on_device(const innsteer_steerer *st
 /* The last error met inside the callback (empty if none), e.g. a tensor of the wrong width. */
 INNSTEER_API const char *innsteer_steerer_last_error(const innsteer_steerer *st);
 
+/* ---- many sequences in one batch, each with its own steering --------------------------------
+ *
+ * A slot is one sequence's steering: a list of (attached flow, strength, gate). Before each
+ * llama_decode of a multi-sequence batch, innsteer_steerer_batch_begin says which sequence and
+ * slot every token belongs to; the callback then steers each row with its own slot only, and
+ * rows of slot -1 (or of a slot without flows at a layer) are not touched. While a batch is
+ * begun, the attachments' own strengths, enabled flags and gates are not used (set_active still
+ * switches everything off). innsteer_steerer_batch_end returns to whole-batch steering.
+ *
+ * llama.cpp splits a batch into ubatches, and a graph's rows are one ubatch in its own order:
+ * `split` names the rule the context uses, INNSTEER_SPLIT_SIMPLE for a unified KV cache
+ * (kv_unified, or n_seq_max 1), INNSTEER_SPLIT_EQUAL for one KV stream per sequence. Memories
+ * that split otherwise (recurrent and hybrid models) are not supported. A layer seen more often
+ * than the split predicts, or with a row count that fits no ubatch, is not steered and sets
+ * last_error. No allocation happens per decode once the largest batch has been seen. */
+typedef enum { INNSTEER_SPLIT_SIMPLE = 0, INNSTEER_SPLIT_EQUAL = 1 } innsteer_split;
+
+#define INNSTEER_MAX_SLOTS 256
+#define INNSTEER_MAX_SLOT_FLOWS 8
+
+/* A free slot, empty and with zeroed counters. INNSTEER_ERR_NOMEM when all are in use. */
+INNSTEER_API innsteer_status innsteer_slot_new(innsteer_steerer *st, int *slot_out);
+INNSTEER_API innsteer_status innsteer_slot_free(innsteer_steerer *st, int slot);
+/* Sets the flow's strength and gate in the slot (added if absent; strength 0 removes it). O(1):
+ * a slot holds at most INNSTEER_MAX_SLOT_FLOWS flows; takes effect at the next layer visit. */
+INNSTEER_API innsteer_status innsteer_slot_put(innsteer_steerer *st, int slot, int flow_id, float strength,
+                                               innsteer_gate gate, char *err, size_t err_size);
+INNSTEER_API innsteer_status innsteer_slot_clear(innsteer_steerer *st, int slot);
+
+typedef struct {
+    uint64_t tokens_evaluated; /* tokens given to batches with this slot */
+    uint64_t rows_steered;     /* rows edited (one per token and flow site) */
+    uint64_t rows_rejected;    /* rows kept because steering made them non-finite */
+} innsteer_slot_stats;
+INNSTEER_API innsteer_status innsteer_slot_get_stats(const innsteer_steerer *st, int slot, innsteer_slot_stats *out);
+
+/* seq_ids and slots: one per token (slot -1: unsteered); outputs: one per token, or NULL for
+ * "the last token only"; n_ubatch: the context's n_ubatch. */
+INNSTEER_API innsteer_status innsteer_steerer_batch_begin(innsteer_steerer *st, int n_tokens, const int32_t *seq_ids,
+                                                          const int32_t *slots, const int8_t *outputs, int n_ubatch,
+                                                          innsteer_split split, char *err, size_t err_size);
+INNSTEER_API void innsteer_steerer_batch_end(innsteer_steerer *st);
+
 /* The llama.cpp scheduler callback (ggml_backend_sched_eval_callback); user_data is the steerer. */
 INNSTEER_API bool innsteer_eval_callback(struct ggml_tensor *t, bool ask, void *user_data);
 

@@ -448,8 +448,8 @@ static innsteer_status compute(flow_graph *g, graph_slot *sl, float strength, ch
 }
 
 innsteer_status flow_graph_steer_tensor(flow_graph *g, struct ggml_tensor *t, int64_t n_rows, float strength,
-                                        innsteer_gate gate, float *host_rows, uint64_t *steered, uint64_t *rejected,
-                                        char *err, size_t err_size) {
+                                        innsteer_gate gate, float *host_rows, uint8_t *bad, uint64_t *steered,
+                                        uint64_t *rejected, char *err, size_t err_size) {
     const ggml_api *G = g->backend->api;
     if (!flow_graph_supports(g, gate)) return set_error(err, err_size, INNSTEER_ERR_UNSUPPORTED, "gate mode %d not on the graph path", gate);
     graph_slot *sl;
@@ -464,9 +464,12 @@ innsteer_status flow_graph_steer_tensor(flow_graph *g, struct ggml_tensor *t, in
     /* the flags are n_rows floats: reading them is the only device-to-host transfer */
     float *flags = host_rows;
     G->ggml_backend_tensor_get(sl->flags, flags, 0, sizeof(float) * (size_t)n_rows);
-    int64_t bad = 0;
-    for (int64_t r = 0; r < n_rows; r++) bad += !isfinite(flags[r]);
-    if (bad == 0) {
+    int64_t n_bad = 0;
+    for (int64_t r = 0; r < n_rows; r++) {
+        n_bad += !isfinite(flags[r]);
+        if (bad) bad[r] = !isfinite(flags[r]);
+    }
+    if (n_bad == 0) {
         G->ggml_backend_tensor_copy(sl->out, t);
     } else {
         /* rare: write back the finite rows only, so the KV cache never sees NaN/Inf */
@@ -480,8 +483,8 @@ innsteer_status flow_graph_steer_tensor(flow_graph *g, struct ggml_tensor *t, in
         }
         free(bad_row);
     }
-    *steered += (uint64_t)(n_rows - bad);
-    *rejected += (uint64_t)bad;
+    *steered += (uint64_t)(n_rows - n_bad);
+    *rejected += (uint64_t)n_bad;
     return INNSTEER_OK;
 }
 

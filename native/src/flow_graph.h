@@ -6,6 +6,8 @@
 
 #include "flow.h"
 
+#include <stdint.h>
+
 struct ggml_tensor;
 
 typedef struct flow_graph flow_graph;
@@ -29,12 +31,12 @@ void flow_graph_free(flow_graph *g);
 bool flow_graph_supports(const flow_graph *g, innsteer_gate gate);
 
 /* Steers the rows of t (a contiguous f32 tensor of n_rows x n_embd, in any ggml buffer) in place
- * on g's backend. Rows whose result is not finite keep their values; host_rows (n_rows x n_embd
- * floats) is used only then, to write back the finite rows one by one. Returns when the result is
- * in t. */
+ * on g's backend. Rows whose result is not finite keep their values (and are marked in bad, n_rows
+ * flags, where given); host_rows (n_rows x n_embd floats) is used only then, to write back the
+ * finite rows one by one. Returns when the result is in t. */
 innsteer_status flow_graph_steer_tensor(flow_graph *g, struct ggml_tensor *t, int64_t n_rows, float strength,
-                                        innsteer_gate gate, float *host_rows, uint64_t *steered, uint64_t *rejected,
-                                        char *err, size_t err_size);
+                                        innsteer_gate gate, float *host_rows, uint8_t *bad, uint64_t *steered,
+                                        uint64_t *rejected, char *err, size_t err_size);
 
 /* The same graph on host rows (tests and tools): in and out are n_rows x n_embd floats. */
 innsteer_status flow_graph_steer_host(flow_graph *g, const float *in, float *out, int64_t n_rows, float strength,

@@ -1,6 +1,7 @@
 /* The llama.cpp eval callback: steers (and optionally captures) the rows of l_out-<layer>.
  * Attachments, settings and the callback's buffers are guarded by the steerer's lock; captured
  * rows live in capture.c, the worker threads in pool.c, the graph path in flow_graph.c. */
+#include "batch_map.h"
 #include "capture.h"
 #include "error.h"
 #include "flow.h"
@@ -31,6 +32,31 @@ typedef struct {
     flow_graph **graphs; /* per site: the graph path's weights on the device, made at first use */
 } attachment;
 
+/* One sequence's steering while a multi-sequence batch is begun (innsteer.h: slots). */
+typedef struct {
+    bool used;
+    int n;
+    int flow_id[INNSTEER_MAX_SLOT_FLOWS];
+    float strength[INNSTEER_MAX_SLOT_FLOWS];
+    innsteer_gate gate[INNSTEER_MAX_SLOT_FLOWS];
+    uint64_t tokens, steered, rejected;
+} slot;
+
+/* The begun batch: its ubatches and per-row buffers, grown only for a larger batch than before. */
+typedef struct {
+    bool on;
+    innsteer_split split;
+    batch_map map;
+    int *ub_seen;      /* per layer: ubatches whose l_out-<layer> was seen since the batch began */
+    size_t cap;        /* rows the buffers below hold */
+    int32_t *row_slot; /* per row of the tensor at hand */
+    float *row_strength;
+    int8_t *row_gate;
+    int32_t *pending, *picked; /* row indices: still to steer with a flow, steered together now */
+    uint8_t *bad;      /* per picked row: kept because steering made it non-finite */
+    float *gathered;   /* the picked rows, contiguous */
+} batch_state;
+
 struct innsteer_steerer {
     int n_embd, n_layer;
     pthread_mutex_t lock;
@@ -58,6 +84,8 @@ struct innsteer_steerer {
     bool backend_is_cpu;
     bool backend_failed;    /* no device: the host path from then on */
     atomic_uint_fast64_t rows_on_device;
+    slot slots[INNSTEER_MAX_SLOTS];
+    batch_state batch;
 };
 
 innsteer_steerer *innsteer_steerer_new(int n_embd, int n_layer, int max_rows) {
@@ -114,6 +142,15 @@ void innsteer_steerer_free(innsteer_steerer *st) {
     free(st->steered_at);
     free(st->visits);
     free(st->rows);
+    batch_map_free(&st->batch.map);
+    free(st->batch.ub_seen);
+    free(st->batch.row_slot);
+    free(st->batch.row_strength);
+    free(st->batch.row_gate);
+    free(st->batch.pending);
+    free(st->batch.picked);
+    free(st->batch.bad);
+    free(st->batch.gathered);
     free(st);
 }
 
@@ -188,6 +225,17 @@ innsteer_status innsteer_steerer_detach(innsteer_steerer *st, int id) {
     }
     innsteer_flow *flow = a->flow;
     for (int s = 0; s < flow->n_sites; s++) st->steered_at[flow->sites[s].layer]--;
+    for (int k = 0; k < INNSTEER_MAX_SLOTS; k++) {
+        slot *sl = &st->slots[k];
+        for (int e = 0; e < sl->n; e++) {
+            if (sl->flow_id[e] != id) continue;
+            sl->n--;
+            sl->flow_id[e] = sl->flow_id[sl->n];
+            sl->strength[e] = sl->strength[sl->n];
+            sl->gate[e] = sl->gate[sl->n];
+            break;
+        }
+    }
     free_graphs(a);
     free(a->graphs);
     int idx = (int)(a - st->att);
@@ -323,6 +371,158 @@ innsteer_status innsteer_steerer_set_path(innsteer_steerer *st, innsteer_path pa
 }
 const char *innsteer_steerer_last_error(const innsteer_steerer *st) { return st ? st->last_error : ""; }
 
+/* ---- slots and begun batches ---------------------------------------------------------------- */
+
+static bool slot_ok(const innsteer_steerer *st, int k) { return k >= 0 && k < INNSTEER_MAX_SLOTS && st->slots[k].used; }
+
+innsteer_status innsteer_slot_new(innsteer_steerer *st, int *slot_out) {
+    if (!st || !slot_out) return INNSTEER_ERR_ARG;
+    pthread_mutex_lock(&st->lock);
+    innsteer_status status = INNSTEER_ERR_NOMEM;
+    for (int k = 0; k < INNSTEER_MAX_SLOTS; k++) {
+        if (st->slots[k].used) continue;
+        st->slots[k] = (slot){.used = true};
+        *slot_out = k;
+        status = INNSTEER_OK;
+        break;
+    }
+    pthread_mutex_unlock(&st->lock);
+    return status;
+}
+
+innsteer_status innsteer_slot_free(innsteer_steerer *st, int k) {
+    if (!st) return INNSTEER_ERR_ARG;
+    pthread_mutex_lock(&st->lock);
+    bool ok = slot_ok(st, k);
+    if (ok) st->slots[k].used = false;
+    pthread_mutex_unlock(&st->lock);
+    return ok ? INNSTEER_OK : INNSTEER_ERR_ARG;
+}
+
+innsteer_status innsteer_slot_clear(innsteer_steerer *st, int k) {
+    if (!st) return INNSTEER_ERR_ARG;
+    pthread_mutex_lock(&st->lock);
+    bool ok = slot_ok(st, k);
+    if (ok) st->slots[k].n = 0;
+    pthread_mutex_unlock(&st->lock);
+    return ok ? INNSTEER_OK : INNSTEER_ERR_ARG;
+}
+
+innsteer_status innsteer_slot_put(innsteer_steerer *st, int k, int flow_id, float strength, innsteer_gate gate, char *err,
+                                  size_t err_size) {
+    if (!st) return set_error(err, err_size, INNSTEER_ERR_ARG, "steerer must not be NULL");
+    if (!isfinite(strength)) return set_error(err, err_size, INNSTEER_ERR_ARG, "strength %g is not finite", (double)strength);
+    if (gate < INNSTEER_GATE_OFF || gate > INNSTEER_GATE_TARGET) return set_error(err, err_size, INNSTEER_ERR_ARG, "unknown gate %d", (int)gate);
+    pthread_mutex_lock(&st->lock);
+    innsteer_status status = INNSTEER_OK;
+    attachment *a = find(st, flow_id);
+    if (!slot_ok(st, k)) {
+        status = set_error(err, err_size, INNSTEER_ERR_ARG, "slot %d is not in use", k);
+    } else if (!a) {
+        status = set_error(err, err_size, INNSTEER_ERR_ARG, "no attached flow has id %d", flow_id);
+    } else if (gate != INNSTEER_GATE_OFF && !innsteer_flow_has_gate(a->flow)) {
+        status = set_error(err, err_size, INNSTEER_ERR_ARG, "flow %d carries no gate parameters", flow_id);
+    } else {
+        slot *sl = &st->slots[k];
+        int e = 0;
+        while (e < sl->n && sl->flow_id[e] != flow_id) e++;
+        if (strength == 0.0f) {
+            if (e < sl->n) {
+                sl->n--;
+                sl->flow_id[e] = sl->flow_id[sl->n];
+                sl->strength[e] = sl->strength[sl->n];
+                sl->gate[e] = sl->gate[sl->n];
+            }
+        } else if (e == sl->n && sl->n == INNSTEER_MAX_SLOT_FLOWS) {
+            status = set_error(err, err_size, INNSTEER_ERR_ARG, "a slot holds at most %d flows", INNSTEER_MAX_SLOT_FLOWS);
+        } else {
+            if (e == sl->n) sl->n++;
+            sl->flow_id[e] = flow_id;
+            sl->strength[e] = strength;
+            sl->gate[e] = gate;
+        }
+    }
+    pthread_mutex_unlock(&st->lock);
+    return status;
+}
+
+innsteer_status innsteer_slot_get_stats(const innsteer_steerer *st, int k, innsteer_slot_stats *out) {
+    if (!st || !out) return INNSTEER_ERR_ARG;
+    innsteer_steerer *mut = (innsteer_steerer *)st; /* the lock only */
+    pthread_mutex_lock(&mut->lock);
+    bool ok = slot_ok(st, k);
+    if (ok) *out = (innsteer_slot_stats){st->slots[k].tokens, st->slots[k].steered, st->slots[k].rejected};
+    pthread_mutex_unlock(&mut->lock);
+    return ok ? INNSTEER_OK : INNSTEER_ERR_ARG;
+}
+
+static bool grow_batch_rows(innsteer_steerer *st, size_t n) {
+    batch_state *b = &st->batch;
+    if (n > st->rows_cap) {
+        float *grown = realloc(st->rows, sizeof(float) * n * (size_t)st->n_embd);
+        if (!grown) return false;
+        st->rows = grown;
+        st->rows_cap = n;
+    }
+    if (n <= b->cap) return true;
+    void **ints[] = {(void **)&b->row_slot, (void **)&b->pending, (void **)&b->picked, (void **)&b->row_strength};
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        void *grown = realloc(*ints[i], 4 * n);
+        if (!grown) return false;
+        *ints[i] = grown;
+    }
+    int8_t *gates = realloc(b->row_gate, n);
+    if (!gates) return false;
+    b->row_gate = gates;
+    uint8_t *bad = realloc(b->bad, n);
+    if (!bad) return false;
+    b->bad = bad;
+    float *gathered = realloc(b->gathered, sizeof(float) * n * (size_t)st->n_embd);
+    if (!gathered) return false;
+    b->gathered = gathered;
+    b->cap = n;
+    return true;
+}
+
+innsteer_status innsteer_steerer_batch_begin(innsteer_steerer *st, int n_tokens, const int32_t *seq_ids, const int32_t *slots,
+                                             const int8_t *outputs, int n_ubatch, innsteer_split split, char *err,
+                                             size_t err_size) {
+    if (!st) return set_error(err, err_size, INNSTEER_ERR_ARG, "steerer must not be NULL");
+    pthread_mutex_lock(&st->lock);
+    batch_state *b = &st->batch;
+    b->on = false;
+    innsteer_status status = batch_map_fill(&b->map, n_tokens, seq_ids, slots, outputs, n_ubatch, split, err, err_size);
+    for (int i = 0; status == INNSTEER_OK && i < n_tokens; i++) {
+        if (slots[i] != -1 && !slot_ok(st, slots[i])) {
+            status = set_error(err, err_size, INNSTEER_ERR_ARG, "token %d: slot %d is not in use (-1 means unsteered)", i, slots[i]);
+        }
+    }
+    if (status == INNSTEER_OK && !b->ub_seen && !(b->ub_seen = calloc((size_t)st->n_layer, sizeof *b->ub_seen))) {
+        status = set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
+    }
+    /* the last layer may hold the outputs only, never more rows than tokens */
+    if (status == INNSTEER_OK && !grow_batch_rows(st, (size_t)n_tokens)) {
+        status = set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory for a batch of %d tokens", n_tokens);
+    }
+    if (status == INNSTEER_OK) {
+        memset(b->ub_seen, 0, sizeof *b->ub_seen * (size_t)st->n_layer);
+        for (int i = 0; i < n_tokens; i++) {
+            if (slots[i] >= 0) st->slots[slots[i]].tokens++;
+        }
+        b->split = split;
+        b->on = true;
+    }
+    pthread_mutex_unlock(&st->lock);
+    return status;
+}
+
+void innsteer_steerer_batch_end(innsteer_steerer *st) {
+    if (!st) return;
+    pthread_mutex_lock(&st->lock);
+    st->batch.on = false;
+    pthread_mutex_unlock(&st->lock);
+}
+
 /* Parses "l_out-<il>"; returns -1 for any other name. */
 static int steered_layer_of(const char *name, int n_layer) {
     if (!name || strncmp(name, LAYER_PREFIX, sizeof LAYER_PREFIX - 1) != 0) return -1;
@@ -337,8 +537,8 @@ static int steered_layer_of(const char *name, int n_layer) {
 }
 
 /* ---- the active sites at a layer -----------------------------------------------------------
- * The one walk over attachments that the ask pass, the host path and the graph path share, so
- * they always agree on what steers a layer. Called under the steerer's lock. */
+ * One list that the ask pass, the host path and the graph path share, so they always agree on
+ * what steers a layer. Built under the steerer's lock. */
 
 typedef struct {
     attachment *a;
@@ -348,38 +548,71 @@ typedef struct {
 } active_site;
 
 typedef struct {
-    innsteer_steerer *st;
-    int layer;
-    int next; /* attachment index */
-} site_iter;
+    active_site s[MAX_ATTACHED];
+    int n;
+} site_list;
 
-static site_iter active_sites(innsteer_steerer *st, int layer) { return (site_iter){st, layer, 0}; }
+/* The attachment's site at this layer, or -1 (flows hold at most one site per layer). */
+static int site_at(const attachment *a, int layer) {
+    for (int s = 0; s < a->flow->n_sites; s++) {
+        if (a->flow->sites[s].layer == layer) return s;
+    }
+    return -1;
+}
 
-/* Enabled attachments with a nonzero strength whose flow has a site at the layer, in attach
- * order; flows hold at most one site per layer. */
-static bool next_active_site(site_iter *it, active_site *out) {
-    while (it->next < it->st->n_att) {
-        attachment *a = &it->st->att[it->next++];
+/* Whole-batch steering: enabled attachments with a nonzero strength and a site at the layer, in
+ * attach order. */
+static void global_sites(innsteer_steerer *st, int layer, site_list *out) {
+    out->n = 0;
+    for (int i = 0; i < st->n_att; i++) {
+        attachment *a = &st->att[i];
         float strength = atomic_load(&a->strength);
-        innsteer_gate gate = (innsteer_gate)atomic_load(&a->gate);
-        if (!atomic_load(&a->enabled) || strength == 0.0f) continue;
-        for (int s = 0; s < a->flow->n_sites; s++) {
-            if (a->flow->sites[s].layer != it->layer) continue;
-            *out = (active_site){a, s, strength, gate};
-            return true;
+        int site = site_at(a, layer);
+        if (!atomic_load(&a->enabled) || strength == 0.0f || site < 0) continue;
+        out->s[out->n++] = (active_site){a, site, strength, (innsteer_gate)atomic_load(&a->gate)};
+    }
+}
+
+/* The strength and gate a slot gives an attachment (0 when absent or for slot -1). */
+static float slot_strength(const innsteer_steerer *st, int k, int flow_id, innsteer_gate *gate) {
+    *gate = INNSTEER_GATE_OFF;
+    if (k < 0) return 0.0f;
+    const slot *sl = &st->slots[k];
+    for (int e = 0; e < sl->n; e++) {
+        if (sl->flow_id[e] == flow_id) {
+            *gate = sl->gate[e];
+            return sl->strength[e];
+        }
+    }
+    return 0.0f;
+}
+
+static bool steers_layer(innsteer_steerer *st, int layer) { return atomic_load(&st->active) && st->steered_at[layer]; }
+
+/* A begun batch wants a layer when a token's slot has a flow with a site there. */
+static bool batch_wants_layer(innsteer_steerer *st, int layer) {
+    const batch_map *m = &st->batch.map;
+    for (int i = 0; i < st->n_att; i++) {
+        attachment *a = &st->att[i];
+        if (site_at(a, layer) < 0) continue;
+        int last = -2;
+        for (int t = 0; t < m->n_tokens; t++) {
+            if (m->slot[t] == last) continue; /* runs of one sequence's tokens */
+            last = m->slot[t];
+            innsteer_gate gate;
+            if (slot_strength(st, last, a->id, &gate) != 0.0f) return true;
         }
     }
     return false;
 }
 
-static bool steers_layer(innsteer_steerer *st, int layer) { return atomic_load(&st->active) && st->steered_at[layer]; }
-
 static bool wants_layer(innsteer_steerer *st, int layer) {
     if (capture_set_enabled(st->captures, layer, false) || capture_set_enabled(st->captures, layer, true)) return true;
     if (!steers_layer(st, layer)) return false;
-    site_iter it = active_sites(st, layer);
-    active_site as;
-    return next_active_site(&it, &as);
+    if (st->batch.on) return batch_wants_layer(st, layer);
+    site_list sites;
+    global_sites(st, layer, &sites);
+    return sites.n > 0;
 }
 
 /* ---- the host path ------------------------------------------------------------------------ */
@@ -392,9 +625,10 @@ static bool all_finite(const float *v, int n) {
 }
 
 /* Steers rows [lo, hi) in place with worker t's buffers; a row whose result is not finite keeps
- * its original values (the KV cache must never see NaN/Inf). */
+ * its original values (the KV cache must never see NaN/Inf) and, where bad is given, is marked
+ * there. */
 static void steer_range(innsteer_steerer *st, int t, const flow_site *site, float strength, innsteer_gate gate,
-                        float *rows, int64_t lo, int64_t hi, uint64_t *steered, uint64_t *rejected) {
+                        float *rows, int64_t lo, int64_t hi, uint8_t *bad, uint64_t *steered, uint64_t *rejected) {
     int n_embd = st->n_embd;
     float *out = st->work[t], *scratch = out + (size_t)FLOW_BLOCK * n_embd;
     for (int64_t r = lo; r < hi; r += FLOW_BLOCK) {
@@ -403,12 +637,14 @@ static void steer_range(innsteer_steerer *st, int t, const flow_site *site, floa
         flow_site_steer_rows(site, n_embd, strength, gate, block, out, n, scratch);
         for (int j = 0; j < n; j++) {
             const float *o = out + (size_t)j * n_embd;
-            if (all_finite(o, n_embd)) {
+            bool ok = all_finite(o, n_embd);
+            if (ok) {
                 memcpy(block + (size_t)j * n_embd, o, sizeof(float) * (size_t)n_embd);
                 (*steered)++;
             } else {
                 (*rejected)++;
             }
+            if (bad) bad[r + j] = !ok;
         }
     }
 }
@@ -421,6 +657,7 @@ typedef struct {
     innsteer_gate gate;
     float *rows;
     int64_t n_rows;
+    uint8_t *bad;
     uint64_t steered[POOL_MAX_THREADS], rejected[POOL_MAX_THREADS];
 } steer_job;
 
@@ -431,13 +668,13 @@ static void steer_part(void *arg, int part, int n_parts) {
     int64_t lo = blocks * part / n_parts * FLOW_BLOCK, hi = blocks * (part + 1) / n_parts * FLOW_BLOCK;
     if (hi > j->n_rows) hi = j->n_rows;
     j->steered[part] = j->rejected[part] = 0;
-    if (lo < hi) steer_range(j->st, part, j->site, j->strength, j->gate, j->rows, lo, hi, &j->steered[part], &j->rejected[part]);
+    if (lo < hi) steer_range(j->st, part, j->site, j->strength, j->gate, j->rows, lo, hi, j->bad, &j->steered[part], &j->rejected[part]);
 }
 
 /* One site over all rows: across the pool for prompt batches, inline for decode. */
 static void steer_site(innsteer_steerer *st, const flow_site *site, float strength, innsteer_gate gate, float *rows,
-                       int64_t n_rows, uint64_t *steered, uint64_t *rejected) {
-    steer_job job = {.st = st, .site = site, .strength = strength, .gate = gate, .rows = rows, .n_rows = n_rows};
+                       int64_t n_rows, uint8_t *bad, uint64_t *steered, uint64_t *rejected) {
+    steer_job job = {.st = st, .site = site, .strength = strength, .gate = gate, .rows = rows, .n_rows = n_rows, .bad = bad};
     int parts = n_rows >= PARALLEL_MIN_ROWS ? st->n_threads : 1;
     if (parts < 2 || !pool_run(&st->workers, parts, steer_part, &job)) {
         parts = 1;
@@ -449,18 +686,88 @@ static void steer_site(innsteer_steerer *st, const flow_site *site, float streng
     }
 }
 
-/* Steers rows in place with every active site at this layer, in attach order. */
-static bool steer_rows(innsteer_steerer *st, int layer, float *rows, int64_t n_rows) {
-    bool changed = false;
+/* Steers rows in place with every site of the list, in order. */
+static bool steer_rows(innsteer_steerer *st, const site_list *sites, float *rows, int64_t n_rows) {
     uint64_t steered = 0, rejected = 0;
-    site_iter it = active_sites(st, layer);
-    for (active_site as; next_active_site(&it, &as);) {
-        steer_site(st, &as.a->flow->sites[as.site], as.strength, as.gate, rows, n_rows, &steered, &rejected);
-        changed = true;
+    for (int i = 0; i < sites->n; i++) {
+        const active_site *as = &sites->s[i];
+        steer_site(st, &as->a->flow->sites[as->site], as->strength, as->gate, rows, n_rows, NULL, &steered, &rejected);
+    }
+    atomic_fetch_add(&st->rows_steered, steered);
+    atomic_fetch_add(&st->rows_rejected, rejected);
+    return sites->n > 0;
+}
+
+/* A begun batch on host rows: for each attachment with a site here (attach order), the rows whose
+ * slots give it the same strength and gate are gathered, steered together and put back; each
+ * row's counts go to its own slot. Rows no slot steers are never written. */
+static bool steer_rows_by_slot(innsteer_steerer *st, int layer, float *rows, int64_t n_rows) {
+    batch_state *b = &st->batch;
+    size_t row_bytes = sizeof(float) * (size_t)st->n_embd;
+    uint64_t steered = 0, rejected = 0;
+    bool changed = false;
+    for (int i = 0; i < st->n_att; i++) {
+        attachment *a = &st->att[i];
+        int site = site_at(a, layer);
+        if (site < 0) continue;
+        int64_t n_pending = 0;
+        for (int64_t r = 0; r < n_rows; r++) {
+            innsteer_gate gate;
+            float strength = slot_strength(st, b->row_slot[r], a->id, &gate);
+            if (strength == 0.0f) continue;
+            b->row_strength[r] = strength;
+            b->row_gate[r] = (int8_t)gate;
+            b->pending[n_pending++] = (int32_t)r;
+        }
+        while (n_pending > 0) {
+            float strength = b->row_strength[b->pending[0]];
+            innsteer_gate gate = (innsteer_gate)b->row_gate[b->pending[0]];
+            int64_t n_picked = 0, n_left = 0;
+            for (int64_t j = 0; j < n_pending; j++) {
+                int32_t r = b->pending[j];
+                if (b->row_strength[r] == strength && b->row_gate[r] == (int8_t)gate) {
+                    memcpy(b->gathered + (size_t)n_picked * st->n_embd, rows + (size_t)r * st->n_embd, row_bytes);
+                    b->picked[n_picked++] = r;
+                } else {
+                    b->pending[n_left++] = r;
+                }
+            }
+            n_pending = n_left;
+            steer_site(st, &a->flow->sites[site], strength, gate, b->gathered, n_picked, b->bad, &steered, &rejected);
+            for (int64_t j = 0; j < n_picked; j++) {
+                int32_t r = b->picked[j];
+                slot *sl = &st->slots[b->row_slot[r]];
+                if (b->bad[j]) {
+                    sl->rejected++;
+                    continue;
+                }
+                memcpy(rows + (size_t)r * st->n_embd, b->gathered + (size_t)j * st->n_embd, row_bytes);
+                sl->steered++;
+            }
+            changed = true;
+        }
     }
     atomic_fetch_add(&st->rows_steered, steered);
     atomic_fetch_add(&st->rows_rejected, rejected);
     return changed;
+}
+
+/* When every row of the tensor gets the same steering from its slot (one sequence's prompt, or
+ * sequences that share a setting), the batch can take the whole-tensor graph path. */
+static bool uniform_slot_sites(innsteer_steerer *st, int layer, int64_t n_rows, site_list *out) {
+    out->n = 0;
+    for (int i = 0; i < st->n_att; i++) {
+        attachment *a = &st->att[i];
+        int site = site_at(a, layer);
+        if (site < 0) continue;
+        innsteer_gate gate, g;
+        float strength = slot_strength(st, st->batch.row_slot[0], a->id, &gate);
+        for (int64_t r = 1; r < n_rows; r++) {
+            if (slot_strength(st, st->batch.row_slot[r], a->id, &g) != strength || g != gate) return false;
+        }
+        if (strength != 0.0f) out->s[out->n++] = (active_site){a, site, strength, gate};
+    }
+    return true;
 }
 
 /* ---- the graph path ----------------------------------------------------------------------- */
@@ -483,32 +790,49 @@ static bool graph_backend_ready(innsteer_steerer *st) {
     return true;
 }
 
-/* Every active site at this layer on the graph path, in attach order; a site the graph cannot
- * take (a gate it does not compute, an error) takes the host round trip instead. */
-static void steer_tensor_graph(innsteer_steerer *st, const ggml_api *G, int layer, struct ggml_tensor *t, int64_t n_rows) {
+/* Every site of the list on the graph path, in order; a site the graph cannot take (a gate it
+ * does not compute, an error) takes the host round trip instead. by_slot: a begun batch, whose
+ * rows count for their own slots. */
+static void steer_tensor_graph(innsteer_steerer *st, const ggml_api *G, int layer, struct ggml_tensor *t, int64_t n_rows,
+                               const site_list *sites, bool by_slot) {
     uint64_t steered = 0, rejected = 0, on_device = 0;
     size_t bytes = sizeof(float) * (size_t)n_rows * (size_t)st->n_embd;
-    site_iter it = active_sites(st, layer);
-    for (active_site as; next_active_site(&it, &as);) {
-        const flow_site *site = &as.a->flow->sites[as.site];
-        flow_graph **graph = &as.a->graphs[as.site];
+    uint8_t *bad = by_slot ? st->batch.bad : NULL;
+    for (int i = 0; i < sites->n; i++) {
+        const active_site *as = &sites->s[i];
+        const flow_site *site = &as->a->flow->sites[as->site];
+        flow_graph **graph = &as->a->graphs[as->site];
         char err[200] = "";
         innsteer_status status = INNSTEER_OK;
+        uint64_t before = steered;
+        bool done = false;
         if (!*graph) status = flow_graph_new(site, st->n_embd, st->backend, graph, err, sizeof err);
-        if (status == INNSTEER_OK && flow_graph_supports(*graph, as.gate)) {
-            uint64_t before = steered;
-            status = flow_graph_steer_tensor(*graph, t, n_rows, as.strength, as.gate, st->rows, &steered, &rejected, err, sizeof err);
+        if (status == INNSTEER_OK && flow_graph_supports(*graph, as->gate)) {
+            status = flow_graph_steer_tensor(*graph, t, n_rows, as->strength, as->gate, st->rows, bad, &steered, &rejected,
+                                             err, sizeof err);
             if (status == INNSTEER_OK) {
                 on_device += steered - before;
-                continue;
+                done = true;
             }
         }
-        if (err[0]) {
-            set_error(st->last_error, sizeof st->last_error, status, "graph path (layer %d): %s; used the host path", layer, err);
+        if (!done) {
+            if (err[0]) {
+                set_error(st->last_error, sizeof st->last_error, status, "graph path (layer %d): %s; used the host path", layer, err);
+            }
+            G->ggml_backend_tensor_get(t, st->rows, 0, bytes);
+            steer_site(st, site, as->strength, as->gate, st->rows, n_rows, bad, &steered, &rejected);
+            G->ggml_backend_tensor_set(t, st->rows, 0, bytes);
         }
-        G->ggml_backend_tensor_get(t, st->rows, 0, bytes);
-        steer_site(st, site, as.strength, as.gate, st->rows, n_rows, &steered, &rejected);
-        G->ggml_backend_tensor_set(t, st->rows, 0, bytes);
+        if (by_slot) {
+            for (int64_t r = 0; r < n_rows; r++) {
+                slot *sl = &st->slots[st->batch.row_slot[r]];
+                if (bad[r]) {
+                    sl->rejected++;
+                } else {
+                    sl->steered++;
+                }
+            }
+        }
     }
     atomic_fetch_add(&st->rows_steered, steered);
     atomic_fetch_add(&st->rows_rejected, rejected);
@@ -519,6 +843,31 @@ static void steer_tensor_graph(innsteer_steerer *st, const ggml_api *G, int laye
 
 static void capture_rows(innsteer_steerer *st, int layer, bool post, const float *rows, int64_t n_rows) {
     capture_set_append(st->captures, layer, post, rows, n_rows, st->last_error, sizeof st->last_error);
+}
+
+/* For a begun batch: each row's slot, from the ubatch this tensor belongs to. */
+static bool map_rows_to_slots(innsteer_steerer *st, int layer, int64_t n_rows) {
+    batch_state *b = &st->batch;
+    int u = b->ub_seen[layer] - 1;
+    const int32_t *idx = batch_map_rows(&b->map, u, n_rows);
+    if (!idx) {
+        const batch_map *m = &b->map;
+        if (u >= m->n_ubatches) {
+            set_error(st->last_error, sizeof st->last_error, INNSTEER_ERR_MISMATCH,
+                      "l_out-%d was computed %d times for a batch that the %s split cuts into %d ubatches: llama.cpp split "
+                      "it another way; not steered", layer, u + 1, b->split == INNSTEER_SPLIT_SIMPLE ? "simple" : "equal",
+                      m->n_ubatches);
+        } else {
+            set_error(st->last_error, sizeof st->last_error, INNSTEER_ERR_MISMATCH,
+                      "l_out-%d has %lld rows in ubatch %d, which holds %d tokens and %d outputs under the %s split: "
+                      "llama.cpp split this batch another way; not steered", layer, (long long)n_rows, u,
+                      m->ub_start[u + 1] - m->ub_start[u], m->ub_out[u + 1] - m->ub_out[u],
+                      b->split == INNSTEER_SPLIT_SIMPLE ? "simple" : "equal");
+        }
+        return false;
+    }
+    for (int64_t r = 0; r < n_rows; r++) b->row_slot[r] = b->map.slot[idx[r]];
+    return true;
 }
 
 static void handle_tensor(innsteer_steerer *st, const ggml_api *G, struct ggml_tensor *t, int layer) {
@@ -542,14 +891,25 @@ static void handle_tensor(innsteer_steerer *st, const ggml_api *G, struct ggml_t
     }
     size_t bytes = sizeof(float) * (size_t)n;
     bool pre = capture_set_enabled(st->captures, layer, false), post = capture_set_enabled(st->captures, layer, true);
-    bool steer = steers_layer(st, layer);
-    if (steer && n_rows >= st->device_min_rows && graph_backend_ready(st)) {
+    bool by_slot = st->batch.on;
+    bool steer = steers_layer(st, layer) && (!by_slot || map_rows_to_slots(st, layer, n_rows));
+    site_list sites = {.n = 0};
+    bool whole = false; /* the same steering for every row: the graph path may take it */
+    if (steer) {
+        if (by_slot) {
+            whole = uniform_slot_sites(st, layer, n_rows, &sites);
+        } else {
+            global_sites(st, layer, &sites);
+            whole = true;
+        }
+    }
+    if (whole && sites.n > 0 && n_rows >= st->device_min_rows && graph_backend_ready(st)) {
         /* the activations stay where they are; captures (a tool path) read them to the host */
         if (pre) {
             G->ggml_backend_tensor_get(t, st->rows, 0, bytes);
             capture_rows(st, layer, false, st->rows, n_rows);
         }
-        steer_tensor_graph(st, G, layer, t, n_rows);
+        steer_tensor_graph(st, G, layer, t, n_rows, &sites, by_slot);
         if (post) {
             G->ggml_backend_tensor_get(t, st->rows, 0, bytes);
             capture_rows(st, layer, true, st->rows, n_rows);
@@ -558,7 +918,9 @@ static void handle_tensor(innsteer_steerer *st, const ggml_api *G, struct ggml_t
     }
     G->ggml_backend_tensor_get(t, st->rows, 0, bytes);
     if (pre) capture_rows(st, layer, false, st->rows, n_rows);
-    if (steer && steer_rows(st, layer, st->rows, n_rows)) G->ggml_backend_tensor_set(t, st->rows, 0, bytes);
+    bool changed = false;
+    if (steer) changed = by_slot ? steer_rows_by_slot(st, layer, st->rows, n_rows) : steer_rows(st, &sites, st->rows, n_rows);
+    if (changed) G->ggml_backend_tensor_set(t, st->rows, 0, bytes);
     if (post) capture_rows(st, layer, true, st->rows, n_rows);
 }
 
@@ -576,8 +938,9 @@ bool innsteer_eval_callback(struct ggml_tensor *t, bool ask, void *user_data) {
             set_error(st->last_error, sizeof st->last_error, INNSTEER_ERR_UNSUPPORTED, "%s; not steered", err);
         } else if (ask) {
             /* asked about every node once per graph: count here, so a model whose graph lacks
-             * l_out-<layer> shows zero visits */
+             * l_out-<layer> shows zero visits, and a begun batch knows which ubatch this is */
             atomic_fetch_add(&st->visits[layer], 1);
+            if (st->batch.on) st->batch.ub_seen[layer]++;
             ours = wants_layer(st, layer);
         } else if (wants_layer(st, layer)) {
             handle_tensor(st, G, t, layer);
