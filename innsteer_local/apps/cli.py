@@ -483,11 +483,16 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
                    "repeatable")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option("--n-ctx", type=click.IntRange(64), default=4096, show_default=True)
+@click.option("--n-ctx", type=click.IntRange(64), default=4096, show_default=True,
+              help="tokens each request's sequence may hold (prompt and reply)")
+@click.option("--parallel", "-np", type=click.IntRange(1, 256), default=None,
+              help="requests decoded together in one batch, each with its own steering [default: 8 on CPU, 16 with a GPU]")
+@click.option("--queue", type=click.IntRange(0), default=None,
+              help="requests that may wait for a free sequence before the server answers 503 [default: 4 x --parallel]")
 @click.option("--seed", "-s", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
 def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...], host: str, port: int, n_ctx: int,
-          seed: int, threads: Optional[int]) -> None:
+          parallel: Optional[int], queue: Optional[int], seed: int, threads: Optional[int]) -> None:
     """OpenAI-compatible server with a playground page at /; each request picks its own steering,
     by a `steering` field or by a model id such as smollm2-135m+honesty@2 (docs/EMBEDDING.md):
 
@@ -515,7 +520,7 @@ def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...]
                                      f"{', '.join(sorted(names)) or 'none'} (add --flow {p.flow}.gguf)",
                                      param_hint="--preset")
     llm = load_steered(model, (), None, n_ctx, seed, threads)
-    run_server(llm, specs, host, port, presets=parsed)
+    run_server(llm, specs, host, port, presets=parsed, parallel=parallel, queue=queue)
 
 
 @cli.command()

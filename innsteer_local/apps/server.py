@@ -9,12 +9,14 @@ applies to that request only; an empty list is unsteered. Without the field, the
 the steering (`smollm2-135m+honesty@2`, grammar in model_ids.py), so any OpenAI-compatible chat
 app can steer by picking a model.
 
-Isolation: one SteeredLlama serves every request, and a lock serialises generation. Each request
-takes the lock, sets exactly its own steering (every loaded flow it does not name is disabled),
-generates, and releases the lock; a stream holds it until its last chunk. Two requests therefore
-never run under each other's steering. SteeredLlama drops the KV cache whenever steering changed
-since it was filled, so a request never reuses a prompt prefix computed under other steering; a
-request with the same steering as the previous one keeps the prefix cache.
+Concurrency: requests are sequences of one batched engine (runtime/engine.py): up to --parallel
+of them are decoded together in every llama_decode (continuous batching: a request joins and leaves
+between steps), and each sequence's rows are steered by that request's flows only, in the same
+batch as requests with other steering or none. Requests beyond --parallel wait in a bounded queue
+(503 when it is full). The event loop never waits on generation; a client that disconnects,
+streaming or not, frees its sequence at the next step. Every request's KV cells are its own and
+start empty, so no prompt prefix computed under other steering is ever reused. Each response
+carries `steering_stats` counted for its own sequence alone.
 
 FastAPI and uvicorn are imported only here (the `[serve]` extra).
 """
@@ -27,15 +29,17 @@ import math
 import re
 import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ..choices import GATES
 from ..errors import FlowFormatError, FlowMismatchError, InnsteerError
 from ..runtime import registry
 from ..runtime.flowspec import FlowSpec, format_flow_spec
+from ..runtime.prompts import render_chat
 from .model_ids import Preset, UnknownModel, listed_ids, parse_model_id
 
 ROLES = {"system", "user", "assistant", "developer"}
@@ -187,13 +191,20 @@ def sampling_params(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be true or false", "stream")
     seed = _integer(body, "seed", -(2 ** 63), None)
+    ignore_eos = body.get("ignore_eos", False)  # llama-server's extension: benchmarks want exact lengths
+    if not isinstance(ignore_eos, bool):
+        raise RequestError("'ignore_eos' must be true or false", "ignore_eos")
     return {
+        "ignore_eos": ignore_eos,
         "max_tokens": max_tokens,
         "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
         "top_p": _number(body, "top_p", 0.0, 1.0, 1.0),
         "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0, 0.0),
         "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0, 0.0),
         "repeat_penalty": _number(body, "repeat_penalty", 0.0, 10.0, 1.0),
+        # llama-cpp-python's defaults, which the server used before it batched requests
+        "top_k": _integer(body, "top_k", 0, 40),
+        "min_p": _number(body, "min_p", 0.0, 1.0, 0.05),
         "seed": None if seed is None else seed & 0xFFFFFFFF,
         "stop": _stop(body),
         "stream": stream,
@@ -244,23 +255,23 @@ def completion_prompt(body: dict[str, Any]) -> str:
 
 @dataclass
 class LoadedFlow:
-    """A flow attached once at load; requests switch it on and off."""
+    """A flow attached once at load; each request's sequence gets the flows it names."""
 
     name: str
-    attached: Any  # AttachedFlow
+    flow: Any  # runtime.engine.EngineFlow
     strength: float  # used when a request names the flow without a strength
     gate: str = "off"  # likewise for the gate
 
     @property
     def has_gate(self) -> bool:
-        return self.attached.flow.has_gate
+        return self.flow.info.has_gate
 
     def describe(self) -> dict[str, Any]:
-        f = self.attached.flow
+        f = self.flow.info
         return {
             "name": self.name,
             "object": "steering.flow",
-            "path": self.attached.path,
+            "path": self.flow.path,
             "layers": f.layers,
             "default_strength": self.strength,
             "method": f.method,
@@ -276,22 +287,30 @@ class LoadedFlow:
 
 
 class Engine:
-    """Serialises requests on one SteeredLlama and applies each request's steering."""
+    """The server's state: loaded flows and presets over one batched generation engine."""
 
-    def __init__(self, llm: Any, model_id: str):
-        if llm.flows:  # they would steer every request, whatever it asks for
+    def __init__(self, llm: Any, model_id: str, parallel: int = 4, queue: Optional[int] = None,
+                 n_ctx: Optional[int] = None):
+        from ..runtime.engine import Engine as BatchEngine
+
+        if getattr(llm, "flows", None):  # they would steer every request, whatever it asks for
             raise ValueError("Engine needs a SteeredLlama without attached flows; load flows with load_flow")
         self.llm = llm
         self.model_id = model_id
         self.flows: dict[str, LoadedFlow] = {}
         self.presets: dict[str, Preset] = {}
         self.created = int(time.time())
-        self._lock = threading.Lock()
-        llm.enable()  # the master switch stays on; flows are switched one by one
+        self.batch = BatchEngine(llm, n_parallel=parallel, n_ctx=n_ctx)
+        self.queue_limit = 4 * parallel if queue is None else queue
+        self._lock = threading.Lock()  # flows and presets
+        self.batch.start()
+
+    def close(self) -> None:
+        self.batch.close()
 
     def load_flow(self, name: str, path: str, strength: Optional[float] = None,
                   gate: str = "off") -> tuple[LoadedFlow, list[str]]:
-        """Attaches a flow (disabled until a request names it). Returns it and any warnings."""
+        """Attaches a flow that requests can name. Returns it and any warnings."""
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise RequestError("flow name must be 1-64 characters of letters, digits, '.', '_', '-' "
                                f"starting with a letter or digit, got {json.dumps(name)[:80]}", "name")
@@ -302,16 +321,16 @@ class Engine:
                 resolved = registry.resolve_flow(path, getattr(self.llm, "model_key", None))
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    attached = self.llm.add_flow(resolved, strength=strength)
+                    flow = self.batch.add_flow(resolved)
             except (FlowFormatError, FlowMismatchError) as e:
                 raise RequestError(str(e), "path") from None
-            self.llm.disable(attached)
-            if gate != "off" and not attached.flow.has_gate:
-                self.llm.remove_flow(attached)
+            if gate != "off" and not flow.info.has_gate:
+                self.batch.remove_flow(flow)
                 raise RequestError(f"flow '{name}' carries no gate parameters, so gate '{gate}' is not available",
                                    "gate")
+            value = flow.info.default_strength if strength is None else strength
             # 7 significant digits: the float32 default reads back as e.g. 0.23000000417232513
-            loaded = LoadedFlow(name=name, attached=attached, strength=float(f"{attached.strength:.7g}"), gate=gate)
+            loaded = LoadedFlow(name=name, flow=flow, strength=float(f"{value:.7g}"), gate=gate)
             self.flows[name] = loaded
             return loaded, [str(w.message) for w in caught]
 
@@ -355,75 +374,39 @@ class Engine:
         """The `/v1/models` entries: the base model, one per loaded flow and one per preset."""
         return [self.model_entry(m) for m in listed_ids(self.model_id, sorted(self.flows), self.presets)]
 
-    def _counters(self) -> tuple[int, int]:
-        stats = self.llm.steering_stats
-        return stats["rows_steered"], stats["rows_rejected_nonfinite"]
+    def job(self, steering: list[SteeringChoice], tokens: list[int], params: dict[str, Any], chat: bool,
+            on_text: Optional[Callable[[Any, str], None]] = None) -> Any:
+        """A generation job for the batched engine with exactly this request's steering."""
+        from ..runtime.engine import Job, Sampling, Steer
 
-    def _stats(self, before: tuple[int, int]) -> dict[str, Any]:
-        """What the runtime counted during one request: residual rows the flows edited (one per
-        evaluated token and flow site), rows refused as non-finite, tokens evaluated (the KV cache
-        starts empty for every request)."""
-        steered, rejected = (a - b for a, b in zip(self._counters(), before))
-        tokens = int(self.llm.n_tokens)
-        return {"rows_steered": steered, "rows_rejected_nonfinite": rejected, "tokens_evaluated": tokens,
-                "rows_steered_per_token": round(steered / tokens, 3) if tokens else None}
+        sampling = Sampling(max_tokens=params["max_tokens"], temperature=params["temperature"], top_p=params["top_p"],
+                            top_k=params["top_k"], min_p=params["min_p"], repeat_penalty=params["repeat_penalty"],
+                            presence_penalty=params["presence_penalty"], frequency_penalty=params["frequency_penalty"],
+                            seed=params["seed"], stop=tuple(params["stop"]), ignore_eos=params["ignore_eos"])
+        steer = [Steer(self.flows[c.flow].flow, c.strength, c.gate) for c in steering]
+        return Job(tokens, sampling, steer, on_text=on_text, chat=chat)
 
-    def _apply(self, steering: list[SteeringChoice]) -> None:
-        """Sets exactly this steering and forgets the previous request's KV cache: a prompt whose
-        prefix was cached is computed in other batch shapes, and llama.cpp's quantized matmuls
-        round differently there, so a reused prefix can change a greedy reply. Every request is
-        computed from scratch, the same whatever came before it."""
-        self.llm.reset()
-        want = {c.flow: c for c in steering}
-        for name, lf in self.flows.items():
-            a = lf.attached
-            c = want.get(name)
-            if c is None:
-                if a.enabled:
-                    self.llm.disable(a)
-                continue
-            if a.gate != c.gate:
-                self.llm.set_gate(c.gate, a)
-            if a.strength != c.strength:
-                self.llm.set_strength(c.strength, a)
-            if not a.enabled:
-                self.llm.enable(a)
-
-    def run(self, steering: list[SteeringChoice], call: Callable[[], Any]) -> Any:
-        """call() under this request's steering, with the model to itself; a completion result
-        gets the request's `steering_stats`."""
-        with self._lock:
-            self._apply(steering)
-            before = self._counters()
-            result = call()
-            if isinstance(result, dict):
-                result["steering_stats"] = self._stats(before)
-            return result
-
-    def stream(self, steering: list[SteeringChoice], call: Callable[[], Iterator[Any]],
-               emit: Callable[[str, Any], None], cancelled: threading.Event) -> None:
-        """Runs in a worker thread: holds the lock for the whole stream, emits ('chunk', c) per
-        chunk, then ('end', None) or ('error', exc). Stops early once `cancelled` is set. The
-        chunk that finishes the reply carries the request's `steering_stats`."""
+    def submit(self, job: Any) -> None:
+        """Queues a job, or answers 503 when the queue is full (the client may retry)."""
+        load = self.batch.load
+        if load["waiting"] >= self.queue_limit:
+            raise RequestError(f"the server is busy: {load['running']} requests are running and {load['waiting']} "
+                               f"waiting (queue limit {self.queue_limit}); retry later", status=503,
+                               kind="server_error", code="server_busy")
         try:
-            with self._lock:
-                self._apply(steering)
-                before = self._counters()
-                chunks = call()
-                try:
-                    for chunk in chunks:
-                        if cancelled.is_set():
-                            break
-                        if (chunk.get("choices") or [{}])[0].get("finish_reason") is not None:
-                            chunk["steering_stats"] = self._stats(before)
-                        emit("chunk", chunk)
-                finally:
-                    close = getattr(chunks, "close", None)
-                    if close:
-                        close()
-            emit("end", None)
-        except BaseException as e:  # delivered to the request; the server keeps running
-            emit("error", e)
+            self.batch.submit(job)
+        except ValueError as e:  # e.g. a prompt longer than a sequence's context
+            raise RequestError(str(e)) from None
+
+
+def request_stats(job: Any) -> dict[str, Any]:
+    """What the runtime counted for this request's sequence alone: residual rows the flows edited
+    (one per evaluated token and flow site), rows refused as non-finite, tokens evaluated."""
+    stats = dict(job.stats)
+    tokens = stats.get("tokens_evaluated", 0)
+    return {"rows_steered": stats.get("rows_steered", 0),
+            "rows_rejected_nonfinite": stats.get("rows_rejected_nonfinite", 0), "tokens_evaluated": tokens,
+            "rows_steered_per_token": round(stats.get("rows_steered", 0) / tokens, 3) if tokens else None}
 
 
 # ---- the HTTP layer -------------------------------------------------------------------------
@@ -440,6 +423,31 @@ def _generation_error(e: Exception) -> RequestError:
     if isinstance(e, (ValueError, InnsteerError)):
         return RequestError(str(e))
     return RequestError(f"generation failed: {type(e).__name__}: {e}", status=500, kind="server_error")
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _until_done_or_gone(request: Any, events: "asyncio.Queue") -> None:
+    """Waits for the job's end, or returns early when the client disconnects."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    done = asyncio.ensure_future(_drain_until_done(events))
+    left = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({done, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (done, left):
+            task.cancel()
+
+
+async def _drain_until_done(events: "asyncio.Queue") -> None:
+    while (await events.get())[0] != "done":
+        pass
 
 
 def create_app(engine: Engine) -> Any:
@@ -463,11 +471,11 @@ def create_app(engine: Engine) -> Any:
                                        "param": None, "code": None}}, status_code=e.status_code)
 
     @app.get("/v1/models")
-    def list_models() -> Any:
+    async def list_models() -> Any:
         return {"object": "list", "data": engine.models()}
 
     @app.get("/v1/models/{model_id:path}")
-    def get_model(model_id: str) -> Any:
+    async def get_model(model_id: str) -> Any:
         return engine.model_entry(model_id)
 
     @app.get("/", include_in_schema=False)
@@ -482,7 +490,7 @@ def create_app(engine: Engine) -> Any:
         return FileResponse(PLAYGROUND / name, media_type=kind)
 
     @app.get("/v1/steering")
-    def list_flows() -> Any:
+    async def list_flows() -> Any:
         return {"object": "list", "data": [lf.describe() for lf in list(engine.flows.values())]}
 
     @app.post("/v1/steering")
@@ -509,66 +517,76 @@ def create_app(engine: Engine) -> Any:
         steering = model_steering if explicit is None else parse_steering(explicit, engine.flows)
         model_id = body.get("model") or engine.model_id
         stream = params.pop("stream")
-        llm = engine.llm
-        if chat:
-            messages = chat_messages(body)
-            call = lambda: llm.create_chat_completion(messages=messages, stream=stream, **params)  # noqa: E731
-        else:
-            prompt = completion_prompt(body)
-            call = lambda: llm.create_completion(prompt, stream=stream, **params)  # noqa: E731
+        text = render_chat(engine.llm, chat_messages(body)) if chat else completion_prompt(body)
+        tokens = await run_in_threadpool(engine.batch.tokenize, text, True)
         shown = applied(steering)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4()}"
+        created = int(time.time())
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
 
-        def label(obj: dict[str, Any]) -> dict[str, Any]:
-            obj["model"] = model_id
-            obj["steering"] = shown
-            return obj
+        def on_text(job: Any, piece: str) -> None:  # the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, ("text", piece))
+
+        job = engine.job(steering, tokens, params, chat, on_text=on_text if stream else None)
+        job.on_done(lambda j: loop.call_soon_threadsafe(events.put_nowait, ("done", None)))
+        engine.submit(job)
+
+        def envelope(choice: dict[str, Any], chunk: bool) -> dict[str, Any]:
+            kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+            return {"id": ident, "object": kind, "created": created, "model": model_id, "choices": [choice],
+                    "steering": shown}
+
+        def usage() -> dict[str, int]:
+            return {"prompt_tokens": len(tokens), "completion_tokens": len(job.tokens),
+                    "total_tokens": len(tokens) + len(job.tokens)}
+
+        def failure() -> Optional[RequestError]:
+            if job.finish_reason == "error":
+                return _generation_error(job.error) if not isinstance(job.error, RequestError) else job.error
+            return None
 
         if not stream:
             try:
-                result = await run_in_threadpool(engine.run, steering, call)
-            except RequestError:
-                raise
-            except Exception as e:
-                raise _generation_error(e) from None
-            return label(result)
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(kind: str, item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
-
-        threading.Thread(target=engine.stream, args=(steering, call, emit, cancelled), daemon=True,
-                         name="innsteer-stream").start()
-        try:
-            first = await queue.get()
-        except BaseException:  # the client left while the request waited for the model
-            cancelled.set()
-            raise
-        if first[0] == "error":  # nothing sent yet: answer with a proper status
-            cancelled.set()
-            e = first[1]
-            raise e if isinstance(e, RequestError) else _generation_error(e)
-
-        async def events() -> Any:
-            item = first
-            try:
-                while True:
-                    kind, value = item
-                    if kind == "chunk":
-                        yield f"data: {json.dumps(label(value), ensure_ascii=False)}\n\n"
-                    elif kind == "error":
-                        yield f"data: {json.dumps(_generation_error(value).body())}\n\n"
-                        break
-                    else:
-                        yield "data: [DONE]\n\n"
-                        break
-                    item = await queue.get()
+                await _until_done_or_gone(request, events)
             finally:
-                cancelled.set()  # a client that went away stops the generation and frees the lock
+                if not job.done:
+                    job.cancel()  # the client left: free the sequence at the next step
+            err = failure()
+            if err is not None:
+                raise err
+            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": job.finish_reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": job.text}
+            else:
+                choice["text"] = job.text
+            return {**envelope(choice, False), "usage": usage(), "steering_stats": request_stats(job)}
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        async def sse() -> Any:
+            try:
+                if chat:
+                    yield _sse(envelope({"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                         "finish_reason": None}, True))
+                while True:
+                    kind, piece = await events.get()
+                    if kind == "text":
+                        delta = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+                        yield _sse(envelope({**delta, "logprobs": None, "finish_reason": None}, True))
+                        continue
+                    err = failure()
+                    if err is not None:
+                        yield _sse(err.body())
+                        break
+                    last = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
+                    yield _sse({**envelope({**last, "logprobs": None, "finish_reason": job.finish_reason}, True),
+                                "usage": usage(), "steering_stats": request_stats(job)})
+                    yield "data: [DONE]\n\n"
+                    break
+            finally:
+                if not job.done:
+                    job.cancel()  # the client left mid-stream
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")
@@ -586,13 +604,22 @@ def model_id_for(llm: Any) -> str:
     return getattr(llm, "model_key", None) or Path(llm.model_path).stem
 
 
+def default_parallel() -> int:
+    """Sequences decoded together by default: on a few CPU cores the aggregate gain flattens out
+    near 8 (docs/PERFORMANCE.md); a GPU build keeps gaining, so it gets more."""
+    import llama_cpp
+
+    gpu = bool(getattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)())
+    return 16 if gpu else 8
+
+
 def serve(llm: Any, flows: list[FlowSpec], host: str, port: int, log_level: str = "info",
-          presets: Sequence[Preset] = ()) -> None:
+          presets: Sequence[Preset] = (), parallel: Optional[int] = None, queue: Optional[int] = None) -> None:
     """Loads the flows and presets, then serves until interrupted."""
     _require_fastapi()
     import uvicorn
 
-    engine = Engine(llm, model_id_for(llm))
+    engine = Engine(llm, model_id_for(llm), parallel=parallel or default_parallel(), queue=queue)
     for spec in flows:
         try:
             _, warned = engine.load_flow(spec.name, spec.path, spec.strength, spec.gate or "off")
@@ -606,5 +633,9 @@ def serve(llm: Any, flows: list[FlowSpec], host: str, port: int, log_level: str 
         except RequestError as e:
             raise InnsteerError(f"--preset {preset.name}: {e.message}") from None
     shown = host if ":" not in host else f"[{host}]"
-    print(f"playground: http://{shown}:{port}/   models: " + ", ".join(m["id"] for m in engine.models()), flush=True)
-    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
+    print(f"playground: http://{shown}:{port}/   {engine.batch.n_parallel} sequences at once, "
+          f"{engine.batch.n_ctx_seq} tokens each   models: " + ", ".join(m["id"] for m in engine.models()), flush=True)
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()

@@ -50,6 +50,7 @@ class Sampling:
     penalty_last_n: int = 64  # llama-cpp-python's default window
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: exactly max_tokens tokens
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class _Running:
         self.n_past = 0
         self.last = -1
         self.emitted = 0
+        self.data = b""  # the reply's bytes so far
         self.stops = tuple(job.sampling.stop)
 
 
@@ -215,10 +217,12 @@ class Engine:
         self.unified = bool(unified) or n_parallel == 1
         self.split = SPLIT_SIMPLE if self.unified else SPLIT_EQUAL
         self.n_ctx_total = int(llama_cpp.llama_n_ctx(self._ctx.ctx))
-        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx.ctx))
+        # a unified cache lets any sequence take every cell; each still gets the n_ctx asked for
+        self.n_ctx_seq = min(per_seq, int(llama_cpp.llama_n_ctx_seq(self._ctx.ctx)))
         self.n_ubatch = int(llama_cpp.llama_n_ubatch(self._ctx.ctx))
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._vocab = model.vocab
+        self._model = model
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._waiting: deque[Job] = deque()
@@ -303,8 +307,14 @@ class Engine:
     # ---- jobs -----------------------------------------------------------------------------
 
     def tokenize(self, text: str, chat: Optional[bool] = None) -> list[int]:
+        """Tokens of a prompt; special tokens are parsed for chat prompts (templates write them),
+        and no second BOS is added where the template wrote one."""
         chat = self.chat if chat is None else chat
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=chat)
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=chat)
+        bos = self.llm.token_bos()
+        if chat and len(tokens) > 1 and tokens[0] == tokens[1] == bos:
+            tokens = tokens[1:]
+        return tokens
 
     def reply(self, prompt: str, *, system: str = "", opening: str = "", sampling: Sampling = Sampling(),
               steering: Iterable[Steer] = (), chat: Optional[bool] = None,
@@ -336,7 +346,7 @@ class Engine:
         n = len(job.prompt_tokens)
         if n == 0:
             raise ValueError("a job needs at least one token")
-        room = self.n_ctx_seq if not self.unified else min(self.n_ctx_seq, self.n_ctx_total)
+        room = self.n_ctx_seq
         if n > room or (not job.scoring and n >= room and job.sampling.max_tokens > 0):
             raise ValueError(f"Requested tokens ({n}) exceed context window of {room}")
         for s in job.steering:
@@ -383,7 +393,12 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # never let one bad step stop every future request
+                with self._lock:
+                    for r in list(self._running):
+                        self._finish(r, "error", e)
 
     def stop(self) -> None:
         if self._thread is None:
@@ -589,12 +604,15 @@ class Engine:
 
     def _accept(self, r: _Running, tok: int) -> None:
         job = r.job
-        if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+        if llama_cpp.llama_vocab_is_eog(self._vocab, tok) and not job.sampling.ignore_eos:
             self._finish(r, "stop")
             return
         job.tokens.append(tok)
         r.last = tok
-        text = _valid_utf8(self.llm.detokenize(job.tokens))
+        # llama-cpp-python's detokenize is the concatenation of the pieces (after a leading BOS):
+        # one piece a step instead of the whole reply again
+        r.data += self.llm.detokenize(job.tokens) if len(job.tokens) == 1 else self._model.detokenize([tok])
+        text = _valid_utf8(r.data)
         for s in r.stops:
             at = text.find(s)
             if at >= 0:
@@ -608,15 +626,15 @@ class Engine:
         safe = len(text) - _held_back(text, r.stops)
         if job.on_text and safe > r.emitted:
             piece, r.emitted = text[r.emitted:safe], safe
-            job.on_text(job, piece)
+            _call(job.on_text, job, piece)
 
     def _finish(self, r: _Running, reason: str, error: Optional[BaseException] = None) -> None:
         job = r.job
         if reason in ("stop", "length") and job.tokens:
-            job.text = _final_text(self.llm.detokenize(job.tokens), r.stops) if reason == "length" else job.text
+            job.text = _final_text(r.data, r.stops) if reason == "length" else job.text
         if job.on_text and len(job.text) > r.emitted and reason in ("stop", "length"):
             piece, r.emitted = job.text[r.emitted:], len(job.text)
-            job.on_text(job, piece)
+            _call(job.on_text, job, piece)
         job.stats = self._steerer.slot_stats(r.slot)
         llama_cpp.llama_memory_seq_rm(self._mem, r.seq, -1, -1)
         self._steerer.free_slot(r.slot)
@@ -634,10 +652,15 @@ class Engine:
         job.error = error
         job._done.set()
         for fn in job._on_done:
-            try:
-                fn(job)
-            except Exception:  # a listener's failure must not stop the engine
-                pass
+            _call(fn, job)
+
+
+def _call(fn: Callable[..., None], *args: Any) -> None:
+    """A listener's failure (e.g. a client whose event loop has closed) must not stop the engine."""
+    try:
+        fn(*args)
+    except Exception:
+        pass
 
 
 class _Cancelled(Exception):

@@ -8,6 +8,7 @@ Needs Debian's `chromium` (.ci/run installs it) and the `playwright` package fro
 from __future__ import annotations
 
 import os
+import json
 import shutil
 import socket
 import subprocess
@@ -64,6 +65,8 @@ def page(served):
         p = context.new_page()
         p.requested = []  # every URL the page asked for
         p.on("request", lambda r: p.requested.append(r.url))
+        p.bodies = []  # the JSON bodies it posted
+        p.on("request", lambda r: p.bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
         p.console_errors = []
         p.on("pageerror", lambda e: p.console_errors.append(str(e)))
         p.goto(served + "/")
@@ -98,13 +101,17 @@ def test_slider_prompt_and_two_streamed_replies(page, served, tmp_path):
     assert "rows steered" in stats and "rows steered / token\n1" in stats
     assert "rows steered\n0" in page.locator("#pane-plain .stats").inner_text()
 
-    # the snippet reproduces the steered reply
+    # the page sent the slider's steering, and the snippet is that request; sent alone it steers
+    # the same way (its text may part from the batched one: llama.cpp is not batch-invariant)
     body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "I lost my friend's book. What should "
                                                                                 "I tell her?"}],
             "max_tokens": 40, "temperature": 0, "seed": 0, "steering": [{"flow": "honesty", "strength": moved,
                                                                           "gate": "off"}]}
+    sent = [b for b in page.bodies if b.get("steering")]
+    assert len(sent) == 1 and {k: sent[0][k] for k in body} == body
     again = httpx.post(f"{served}/v1/chat/completions", json=body, timeout=120).json()
-    assert again["choices"][0]["message"]["content"].strip() == steered
+    assert again["steering_stats"]["rows_steered_per_token"] == 1.0
+    print("steered reply alone identical to the batched one:", again["choices"][0]["message"]["content"].strip() == steered)
 
     shot = tmp_path / "playground.png"
     page.screenshot(path=str(shot), full_page=True)

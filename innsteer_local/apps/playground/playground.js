@@ -200,15 +200,14 @@ async function send() {
   $("#send").disabled = true;
   $("#stop").disabled = false;
   try {
-    // one after the other: the server runs one request at a time anyway, and this keeps each
-    // pane's timing its own
+    // both at once: the server decodes them in the same batch, each with its own steering
     for (const pane of [$("#pane-plain"), $("#pane-steered")]) {
       pane.dataset.state = "waiting";
       pane.querySelector(".text").textContent = "";
       pane.querySelector(".stats").replaceChildren();
     }
-    await streamInto($("#pane-plain"), [], state.controller.signal);
-    if (!state.controller.signal.aborted) await streamInto($("#pane-steered"), choices, state.controller.signal);
+    await Promise.all([streamInto($("#pane-plain"), [], state.controller.signal),
+                       streamInto($("#pane-steered"), choices, state.controller.signal)]);
   } finally {
     state.controller = null;
     $("#send").disabled = false;
@@ -257,7 +256,7 @@ async function init() {
     return;
   }
   $("#model-line").textContent = `model ${state.base} · ${state.flows.length} flow(s) loaded · ` +
-    "steered and unsteered replies are generated one after the other on the same model";
+    "steered and unsteered replies are generated side by side, in one batch on the same model";
   const box = $("#flows");
   state.flows.forEach((f, i) => box.append(flowControl(f, i)));
   $("#no-flows").hidden = state.flows.length > 0;
