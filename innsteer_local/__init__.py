@@ -5,6 +5,9 @@
     llm.add_flow("honesty.gguf", strength=4.0)
     llm.create_chat_completion(messages=[{"role": "user", "content": "..."}])
 
+    from innsteer_local import Engine, Sampling, Steer     # many sequences, each its own steering
+    engine = Engine(llm, n_parallel=8)
+
 The package follows the data path: train/ (contrastive data -> activations -> a flow), flow/
 (the flow in NumPy and its GGUF file), runtime/ (llama.cpp, the native callback, SteeredLlama),
 eval/ (steered generations scored against linear steering), convert/ (llama.cpp control
@@ -32,7 +35,7 @@ from .flow import Flow, ModelInfo, Site
 __version__ = "0.1.0"
 
 __all__ = [
-    "Flow", "ModelInfo", "Site", "SteeredLlama", "AttachedFlow",
+    "Flow", "ModelInfo", "Site", "SteeredLlama", "AttachedFlow", "Engine", "Job", "Sampling", "Steer",
     "InnsteerError", "FlowFormatError", "FlowMismatchError", "ModelError", "SteeringError",
 ]
 
@@ -43,6 +46,10 @@ def __getattr__(name: str):
         from .runtime import steered
 
         return getattr(steered, name)
+    if name in ("Engine", "Job", "Sampling", "Steer"):
+        from .runtime import engine
+
+        return getattr(engine, name)
     if name in _MOVED:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(name)

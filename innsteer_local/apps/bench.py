@@ -187,3 +187,191 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("peak_rss_mb"):
         lines.append(f"peak RSS {result['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)
+
+
+# ---- many sequences at once ------------------------------------------------------------------
+
+BATCH_MODES = ("raw llama.cpp", "unsteered", "mixed", "one at a time")
+
+
+def _mixed_steering(i: int, flows: list[Any]) -> list[Any]:
+    """Half of the sequences unsteered, the others by two flows at two strengths."""
+    from ..runtime.engine import Steer
+
+    if i % 2 == 0 or not flows:
+        return []
+    return [Steer(flows[(i // 2) % len(flows)], (1.0, 0.5)[(i // 2) % 2])]
+
+
+def _engine_run(engine: Any, prompts: list[list[int]], n_gen: int, steering: list[list[Any]]) -> tuple[float, float]:
+    """(prompt tok/s, decode tok/s) of these sequences decoded together."""
+    from ..runtime.engine import Job, Sampling
+
+    engine.timings = []
+    jobs = [Job(p, Sampling(max_tokens=n_gen, ignore_eos=True), s) for p, s in zip(prompts, steering)]
+    engine.run(jobs)
+    timings, engine.timings = engine.timings, None
+    prompt_tok = sum(p for p, d, _ in timings if p)
+    prompt_s = sum(t for p, d, t in timings if p)
+    decode_tok = sum(d for p, d, _ in timings if not p)
+    decode_s = sum(t for p, d, t in timings if not p)
+    return prompt_tok / prompt_s, decode_tok / decode_s
+
+
+def _one_at_a_time(llm: Any, prompts: list[list[int]], n_gen: int, flows: list[Any],
+                   attached: list[Any]) -> tuple[float, float]:
+    """The path every command used before the engine: SteeredLlama, one sequence after another,
+    steering switched globally between them."""
+    t_prompt = t_decode = 0.0
+    for i, tokens in enumerate(prompts):
+        steer = _mixed_steering(i, flows)
+        for a, f in zip(attached, flows):
+            on = next((s for s in steer if s.flow is f), None)
+            llm.set_strength(on.strength if on else 0.0, a)
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(tokens)
+        t1 = time.perf_counter()
+        tok = tokens[-1]
+        for _ in range(n_gen):
+            llm.eval([tok])
+        t_prompt += t1 - t0
+        t_decode += time.perf_counter() - t1
+    return sum(map(len, prompts)) / t_prompt, n_gen * len(prompts) / t_decode
+
+
+def batched_bench(llm: Any, flow_paths: list[Path], counts: tuple[int, ...] = (1, 4, 8, 16), n_prompt: int = 64,
+                  n_gen: int = 64, reps: int = 3, progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Aggregate prompt and decode tokens/s of n sequences at once, side by side in one process:
+    plain llama.cpp batches (no callback), the engine unsteered, the engine with half the
+    sequences steered by two flows at two strengths, and the old one-sequence-at-a-time path with
+    the same steering. Modes interleave within every repetition."""
+    from ..runtime.engine import Engine
+
+    rng = np.random.default_rng(0)
+    vocab = llm.n_vocab()
+    n_max = max(counts)
+    prompts = [[int(t) for t in rng.integers(100, min(vocab, 30000), size=n_prompt)] for _ in range(n_max)]
+    per_seq = n_prompt + n_gen + 8
+    raw = Engine(llm, n_parallel=n_max, n_ctx=per_seq, steer=False)
+    eng = Engine(llm, n_parallel=n_max, n_ctx=per_seq)
+    flows = [eng.add_flow(p) for p in flow_paths]
+    attached = [llm.add_flow(p, strength=0.0) for p in flow_paths]
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    try:
+        _engine_run(eng, prompts[:2], 4, [[], []])  # warm-up
+        for rep in range(reps):
+            for n in counts:
+                steer = [_mixed_steering(i, flows) for i in range(n)]
+                runs = {
+                    "raw llama.cpp": lambda: _engine_run(raw, prompts[:n], n_gen, [[]] * n),
+                    "unsteered": lambda: _engine_run(eng, prompts[:n], n_gen, [[]] * n),
+                    "mixed": lambda: _engine_run(eng, prompts[:n], n_gen, steer),
+                    "one at a time": lambda: _one_at_a_time(llm, prompts[:n], n_gen, flows, attached),
+                }
+                for mode in BATCH_MODES:
+                    if progress:
+                        progress(f"rep {rep + 1}/{reps}: {n} sequences, {mode}")
+                    samples.setdefault((mode, n), []).append(runs[mode]())
+    finally:
+        for a in attached:
+            llm.remove_flow(a)
+        eng.close()
+        raw.close()
+    rows = []
+    for n in counts:
+        row: dict[str, Any] = {"sequences": n}
+        for mode in BATCH_MODES:
+            ps, ds = zip(*samples[(mode, n)])
+            row[mode] = {"prompt_tps": statistics.median(ps), "decode_tps": statistics.median(ds)}
+        rows.append(row)
+    one = {m: rows[0][m]["decode_tps"] for m in BATCH_MODES}
+    for row in rows:
+        row["raw_gain"] = row["raw llama.cpp"]["decode_tps"] / one["raw llama.cpp"]
+        row["mixed_gain"] = row["mixed"]["decode_tps"] / one["one at a time"]
+        row["mixed_vs_unsteered"] = row["mixed"]["decode_tps"] / row["unsteered"]["decode_tps"]
+        row["mixed_vs_one_at_a_time"] = row["mixed"]["decode_tps"] / row["one at a time"]["decode_tps"]
+    return {"model": llm.model_info.name, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps, "rows": rows,
+            "flows": [str(p) for p in flow_paths], "unified_kv": True}
+
+
+def format_batched(result: dict[str, Any]) -> str:
+    lines = [f"model {result['model']}: {result['n_prompt']} prompt + {result['n_gen']} generated tokens per sequence, "
+             f"{result['reps']} interleaved repetitions (median aggregate tokens/s); mixed = half the sequences "
+             "steered by two flows at two strengths",
+             f"{'seqs':>4} | {'decode tok/s: raw':>17} {'unsteered':>9} {'mixed':>7} {'1-at-a-time':>11} | "
+             f"{'prompt tok/s: raw':>17} {'mixed':>7} {'1-at-a-time':>11} | {'raw gain':>8} {'mixed gain':>10} "
+             f"{'mixed/unst':>10}"]
+    for r in result["rows"]:
+        lines.append(f"{r['sequences']:>4} | {r['raw llama.cpp']['decode_tps']:>17.1f} {r['unsteered']['decode_tps']:>9.1f} "
+                     f"{r['mixed']['decode_tps']:>7.1f} {r['one at a time']['decode_tps']:>11.1f} | "
+                     f"{r['raw llama.cpp']['prompt_tps']:>17.1f} {r['mixed']['prompt_tps']:>7.1f} "
+                     f"{r['one at a time']['prompt_tps']:>11.1f} | {r['raw_gain']:>7.2f}x {r['mixed_gain']:>9.2f}x "
+                     f"{r['mixed_vs_unsteered']:>10.3f}")
+    lines.append("raw gain: plain llama.cpp n sequences in one batch vs one sequence; mixed gain: the engine's mixed "
+                 "steering vs the one-at-a-time path at 1 sequence")
+    return "\n".join(lines)
+
+
+def server_bench(llm: Any, flow_paths: dict[str, Path], parallel: int = 8, n_requests: int = 8, max_tokens: int = 64,
+                 progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Through the OpenAI API on loopback: `serve --parallel N` with N concurrent clients (half
+    steered by the given flows, half not) against the same N requests one after another, driven
+    by the same client as scripts/llama_server_bench.py drives llama-server."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from .load_client import chat_bodies, drive, wait_ready
+    from .server import Engine as ServerEngine
+    from .server import create_app, model_id_for
+
+    engine = ServerEngine(llm, model_id_for(llm), parallel=parallel, queue=4 * n_requests)
+    names = []
+    for name, path in flow_paths.items():
+        engine.load_flow(name, str(path))
+        names.append(name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, 60)
+        prompts = [SERVER_PROMPTS[i % len(SERVER_PROMPTS)] for i in range(n_requests)]
+        steering = [[] if i % 2 == 0 or not names else [{"flow": names[(i // 2) % len(names)], "strength": 1.0}]
+                    for i in range(n_requests)]
+        bodies = chat_bodies(prompts, max_tokens, engine.model_id, steering, extra={"ignore_eos": True})
+        drive(url, bodies[:1], 1)  # warm-up
+        if progress:
+            progress(f"{n_requests} requests, {parallel} at once")
+        together = drive(url, bodies, parallel)
+        if progress:
+            progress(f"{n_requests} requests, one after another")
+        alone = drive(url, bodies, 1)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        engine.close()
+    stats = [(r or {}).get("steering_stats") for r in together.responses]
+    leaks = [i for i, st in enumerate(stats)
+             if st is None or st["rows_steered"] != (1 if steering[i] else 0) * st["tokens_evaluated"]]
+    return {"parallel": parallel, "requests": n_requests, "max_tokens": max_tokens,
+            "concurrent_tps": together.tokens_per_s, "sequential_tps": alone.tokens_per_s,
+            "gain": together.tokens_per_s / alone.tokens_per_s, "requests_with_wrong_stats": leaks,
+            "errors": together.errors + alone.errors}
+
+
+def format_server(r: dict[str, Any]) -> str:
+    return (f"serve --parallel {r['parallel']} through the OpenAI API, {r['requests']} requests of {r['max_tokens']} tokens "
+            f"(half steered): {r['concurrent_tps']:.1f} tok/s at once vs {r['sequential_tps']:.1f} tok/s one after "
+            f"another = {r['gain']:.2f}x; requests whose steering_stats do not match their own steering: "
+            f"{len(r['requests_with_wrong_stats'])}; errors: {len(r['errors'])}")
+
+
+SERVER_PROMPTS = ["What should I cook tonight?", "Tell me about the moon.", "How do I learn to swim?",
+                  "Why is the sea salty?", "Write a short poem about autumn.", "What is a good name for a dog?",
+                  "How do plants grow?", "Give me tips for a job interview."]

@@ -224,28 +224,72 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
 @cli.command()
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
 @click.option("--flow", "-f", "flows", multiple=True, help="flow files to time (default: a linear and an INN flow)")
-@click.option("--prompt-tokens", type=click.IntRange(1), default=512, show_default=True)
-@click.option("--gen-tokens", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--reps", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(1), default=None, help="[default: 512; 64 with --sequences]")
+@click.option("--gen-tokens", type=click.IntRange(1), default=None, help="[default: 128; 64 with --sequences]")
+@click.option("--reps", type=click.IntRange(1), default=None, help="[default: 5; 3 with --sequences]")
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
 @click.option("--with-training", is_flag=True,
               help="also time `train --behavior refusal` (through the model, with and without cached data)")
+@click.option("--sequences", default=None, metavar="N,N,...",
+              help="instead: aggregate tokens/s of N sequences decoded at once (e.g. 1,4,8,16): plain llama.cpp, "
+                   "unsteered, half steered by two flows, and one sequence at a time")
+@click.option("--server", is_flag=True,
+              help="also: serve --parallel 8 through the OpenAI API, 8 clients at once vs one after another")
 @click.option("--json", "as_json", is_flag=True)
-def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: int, gen_tokens: int, reps: int,
-          threads: Optional[int], with_training: bool, as_json: bool) -> None:
-    """Prompt and decode tokens/s: unsteered, llama.cpp control vector and flows, side by side."""
+def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[int], gen_tokens: Optional[int],
+          reps: Optional[int],
+          threads: Optional[int], with_training: bool, sequences: Optional[str], server: bool, as_json: bool) -> None:
+    """Prompt and decode tokens/s: unsteered, llama.cpp control vector and flows, side by side.
+
+    \b
+      innsteer-local bench                                   # one sequence: steered vs unsteered
+      innsteer-local bench --sequences 1,4,8,16 --server     # many sequences at once, and the server
+    """
     import tempfile
 
     import llama_cpp
 
     from .bench import (
+        batched_bench,
         default_flows,
         flow_isolation,
+        format_batched,
+        format_server,
         format_table,
         peak_rss_mb,
         run_bench,
+        server_bench,
         training_cost,
     )
+
+    if sequences is not None or server:
+        try:
+            counts = tuple(sorted({int(x) for x in (sequences or "1,8").split(",")}))
+        except ValueError:
+            raise click.BadParameter(f"expected numbers separated by commas, got {sequences!r}",
+                                     param_hint="--sequences") from None
+        if not counts or counts[0] < 1 or counts[-1] > 256:
+            raise click.BadParameter("sequence counts must be in 1..256", param_hint="--sequences")
+        llm = load_steered(model, (), None, 2048, 0, threads)
+        key = getattr(llm, "model_key", None)
+        shipped = [registry.resolve_flow(f, key) for f in (flows or ("honesty.gguf", "positivity.gguf"))]
+        out: dict[str, Any] = {}
+        if sequences is not None:
+            out["batched"] = batched_bench(llm, shipped, counts, n_prompt=prompt_tokens or 64, n_gen=gen_tokens or 64,
+                                           reps=reps or 3, progress=lambda msg: click.echo(msg, err=True))
+        if server:
+            out["server"] = server_bench(llm, {Path(p).stem: p for p in shipped},
+                                         progress=lambda msg: click.echo(msg, err=True))
+        if as_json:
+            click.echo(json.dumps(out, indent=2))
+            return
+        if "batched" in out:
+            click.echo(format_batched(out["batched"]))
+        if "server" in out:
+            click.echo(format_server(out["server"]))
+        return
+
+    prompt_tokens, gen_tokens, reps = prompt_tokens or 512, gen_tokens or 128, reps or 5
 
     llm = load_steered(model, (), None, prompt_tokens + gen_tokens + 16, 0, threads)
     n_threads = threads or os.cpu_count() or 1

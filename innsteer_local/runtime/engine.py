@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -177,10 +178,11 @@ class Engine:
     llm: a loaded llama_cpp.Llama (weights, tokenizer and chat template are shared with it).
     n_parallel: sequences decoded together; n_ctx: tokens each sequence may hold (default: llm's
     n_ctx); unified: one KV buffer for all sequences (llama.cpp's kv_unified; the simple split),
-    else one KV stream per sequence (the equal split)."""
+    else one KV stream per sequence (the equal split); steer=False: no eval callback at all (plain
+    llama.cpp, the baseline of benchmarks)."""
 
     def __init__(self, llm: Any, n_parallel: int = 4, n_ctx: Optional[int] = None, n_batch: int = DEFAULT_BATCH,
-                 unified: bool = True, verbose: bool = False):
+                 unified: bool = True, verbose: bool = False, steer: bool = True):
         if not 1 <= n_parallel <= 256:
             raise ValueError(f"n_parallel must be in 1..256, got {n_parallel}")
         self.llm = llm
@@ -209,9 +211,14 @@ class Engine:
         params.n_ctx = per_seq * n_parallel
         params.n_batch = params.n_ubatch = self.n_batch
         params.embeddings = False
-        self._cb = llama_cpp.ggml_backend_sched_eval_callback(eval_callback_address())
-        params.cb_eval = self._cb
-        params.cb_eval_user_data = self._steerer.ptr
+        self.steers = steer
+        if steer:
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(eval_callback_address())
+            params.cb_eval = self._cb
+            params.cb_eval_user_data = self._steerer.ptr
+        else:
+            params.cb_eval = llama_cpp.ggml_backend_sched_eval_callback(0)
+            params.cb_eval_user_data = None
         with suppress_stdout_stderr(disable=verbose):
             self._ctx = internals.LlamaContext(model=model, params=params, verbose=verbose)
         self.unified = bool(unified) or n_parallel == 1
@@ -237,6 +244,7 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.trace: Optional[list[np.ndarray]] = None  # set to a list: each step's sequence ids, token by token
+        self.timings: Optional[list[tuple[int, int, float]]] = None  # a list: (prompt, decode tokens, seconds) a step
 
     # ---- flows ----------------------------------------------------------------------------
 
@@ -245,6 +253,8 @@ class Engine:
         sequences whose Steer names it."""
         from .steered import check_fits
 
+        if not self.steers:
+            raise SteeringError("this engine was made with steer=False (no eval callback): it cannot steer")
         native = NativeFlow(path)
         try:
             meta = native.info
@@ -509,7 +519,11 @@ class Engine:
             if not running:
                 return False
             plan = self._plan(running)
+            t0 = time.perf_counter()
             rc = self._decode(plan)
+            if self.timings is not None:
+                n_decode = sum(1 for r, toks, _, _ in plan if len(toks) == 1 and not r.pending)
+                self.timings.append((sum(len(t) for _, t, _, _ in plan) - n_decode, n_decode, time.perf_counter() - t0))
             self.steps += 1
             with self._lock:
                 if rc != 0:
