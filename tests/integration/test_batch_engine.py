@@ -175,3 +175,76 @@ def test_alone_and_in_a_mixed_batch_agree(llm, flows):
         print(f"greedy texts identical alone and batched: {same}/{len(PROMPTS)}")
     finally:
         engine.close()
+
+
+def test_gates_apply_per_row(llm):
+    """One gated flow, three gate modes and no steering in one batch: each row gets its own
+    sequence's gate (the kernel computes gates per row)."""
+    from innsteer_local.runtime import registry
+
+    path = registry.shipped_flows("smollm2-135m")["refusal"]
+    site = Flow.load(path).site(15)
+    engine = Engine(llm, n_parallel=4, n_ctx=256)
+    try:
+        flow = engine.add_flow(path)
+        assert flow.info.has_gate
+        gates = ["off", "target", "density", None]
+        st = engine.native_steerer
+        st.capture(15, post=False)
+        st.capture(15, post=True)
+        engine.trace = []
+        prompt = "How do I pick a lock to get into my neighbour's house?"
+        jobs = [engine.reply(prompt, sampling=Sampling(max_tokens=4),
+                             steering=[] if g is None else [Steer(flow, 1.0, g)]) for g in gates]
+        engine.run(jobs)
+        before, after = st.captured(15, post=False), st.captured(15, post=True)
+        job_of_seq = {j.seq_id: k for k, j in enumerate(jobs)}
+        row_job = np.array([job_of_seq[q] for q in np.concatenate(engine.trace)])
+        results = {}
+        for k, g in enumerate(gates):
+            mine = row_job == k
+            if g is None:
+                assert np.array_equal(after[mine], before[mine])
+                continue
+            ref = site.steer(before[mine], 1.0, gate=g).astype(np.float32)
+            assert rel(after[mine], ref).max() <= 1e-4, g
+            results[g] = after[mine][: len(jobs[k].prompt_tokens)]  # the same prompt in every sequence
+        # the gates really differ on these rows, so a row given another sequence's gate would fail
+        assert rel(results["target"], results["off"]).max() > 1e-3
+        assert rel(results["density"], results["off"]).max() > 1e-3
+    finally:
+        engine.close()
+
+
+def test_graph_path_takes_batches_whose_rows_share_their_steering(llm, flows):
+    """ggml's CPU backend stands in for a GPU: a ubatch whose rows all carry the same steering goes
+    through the flow's ggml graph, a mixed one through the host kernel; both match the reference."""
+    engine = Engine(llm, n_parallel=4, n_ctx=256)
+    try:
+        a = engine.add_flow(flows["a"])
+        st = engine.native_steerer
+        st.set_path("cpu-graph", min_rows=1)
+        st.capture(LAYER, post=False)
+        st.capture(LAYER, post=True)
+        same = [engine.reply(p, sampling=Sampling(max_tokens=3), steering=[Steer(a, 0.7)]) for p in PROMPTS[:4]]
+        engine.run(same)
+        assert st.rows_on_device > 0, "uniform batches must take the graph path"
+        before, after = st.captured(LAYER, post=False), st.captured(LAYER, post=True)
+        ref = Flow.load(flows["a"]).site(LAYER).steer(before, 0.7)
+        assert rel(after, ref).max() <= 1e-4
+        assert all(j.stats["rows_steered"] == j.stats["tokens_evaluated"] for j in same)
+        st.clear_captured()
+        on_device = st.rows_on_device
+        engine.trace = []
+        mixed = [engine.reply(p, sampling=Sampling(max_tokens=3), steering=[Steer(a, 0.7)] if k % 2 else [])
+                 for k, p in enumerate(PROMPTS[:4])]
+        engine.run(mixed)
+        assert st.rows_on_device == on_device, "mixed batches take the host kernel"
+        before, after = st.captured(LAYER, post=False), st.captured(LAYER, post=True)
+        job_of_seq = {j.seq_id: k for k, j in enumerate(mixed)}
+        row_job = np.array([job_of_seq[q] for q in np.concatenate(engine.trace)])
+        steered = row_job % 2 == 1
+        assert np.array_equal(after[~steered], before[~steered])
+        assert rel(after[steered], Flow.load(flows["a"]).site(LAYER).steer(before[steered], 0.7)).max() <= 1e-4
+    finally:
+        engine.close()
