@@ -169,7 +169,6 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
                          prune=not no_prune)
         runner = Runner(str(model_path), str(judge_path) if judge_path else None, out_dir, cfg, progress, threads)
         cfg.chat = bool(runner.llm.metadata.get("tokenizer.chat_template"))
-        runner.self_scorer.chat = cfg.chat
         runner_meta["chat"] = cfg.chat
         check_config(out_dir, runner_meta)
         for spec in (s for e in experiments for s in e.flows):

@@ -1,27 +1,41 @@
 """`innsteer-local eval`: steering methods side by side over strength sweeps, with fluency.
 
-Every answer is one line of DIR/records.jsonl, written as soon as it exists, so a killed run
-continues where it stopped (records.py); summary.py turns records into scores and report.py
-into report.md, results.json and plots, rebuilt at the end of every run.
+Every answer is one line of DIR/records.jsonl, written as soon as it and the answers planned
+before it exist, so a killed run continues where it stopped (records.py); summary.py turns
+records into scores and report.py into report.md, results.json and plots, rebuilt at the end of
+every run.
+
+Everything runs on the batched engine (runtime/engine.py): each answer is one sequence that
+carries its own steering, so the settings of a sweep run side by side. A sweep goes outward in
+waves: the unsteered cell together with every flow's smallest strength, then every flow's next
+strength, and so on; after each wave a cell that has degenerated stops its flow's larger
+strengths of the same sign (the pruning decisions are those of a cell-by-cell sweep, since a
+cell only ever waits for smaller strengths of its own flow and sign, and for the unsteered cell).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..runtime.engine import EngineFlow, Job, Sampling, Steer
 from ..runtime.flowspec import FlowSpec
-from ..runtime.prompts import Example, plain_prompt, render_chat, reply_example
+from ..runtime.jobs import BATCH_PARALLEL, Driver, alone_score, fit, open_engine, perplexity, reply_score
+from ..runtime.prompts import reply_example
 from . import metrics
 from .experiment import Experiment, label_of, sweep_cells
 from .records import Records
 from .summary import cell_fluency
 from .tasks import Item, Task
+
+JUDGE_CTX = 512  # tokens per judged text (prompt + reply)
+# sampling when --temperature > 0 (greedy ignores it)
+TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
 
 
 @dataclass
@@ -32,6 +46,7 @@ class EvalConfig:
     probe_prompts: int = 8  # neutral prompts generated to measure fluency for likelihood tasks
     prune: bool = True  # stop a sweep direction once a cell has degenerated
     chat: bool = True  # chat template (instruct models) or plain completions (base models)
+    parallel: int = BATCH_PARALLEL  # sequences decoded together
 
 
 class Progress:
@@ -43,76 +58,51 @@ class Progress:
     def message(self, text: str) -> None: ...
 
 
-# ---- the models ----------------------------------------------------------------------------------
+def sampling_for(cfg: EvalConfig, item: Item) -> Sampling:
+    """How an answer is generated: greedy, or sampled with the item's own seed (hash_id)."""
+    seed = cfg.seed + (hash_id(item.id) if cfg.temperature > 0 else 0)
+    return Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P,
+                    repeat_penalty=1.0, seed=seed)
 
 
-class Scorer:
-    """Log-likelihoods of text under a plain (unsteered) llama.cpp model."""
-
-    def __init__(self, model_path: str, n_ctx: int, chat: bool, threads: Optional[int] = None):
-        from llama_cpp import Llama
-        from llama_cpp._utils import suppress_stdout_stderr
-
-        with suppress_stdout_stderr(disable=False):  # llama.cpp logs some notices even when not verbose
-            self.llm = Llama(model_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
-                             n_threads=threads, n_threads_batch=threads)
-        self.chat = chat
-
-    def reply_perplexity(self, prompt: str, reply: str) -> float:
-        """Perplexity of the reply after the prompt (also charges a reply for leaving the subject)."""
-        if not reply.strip():
-            return math.nan
-        return metrics.perplexity(example_logprobs(self.llm, reply_example(self.llm, prompt, reply, self.chat)))
-
-    def text_perplexity(self, text: str) -> float:
-        """Perplexity of the text alone, as plain text: how fluent it reads, whatever it answers."""
-        tokens = self.llm.tokenize(text.strip().encode("utf-8"), add_bos=True, special=False)
-        if len(tokens) < 2:
-            return math.nan
-        return metrics.perplexity(example_logprobs(self.llm, Example(tokens=tokens, start=1)))
-
-    def close(self) -> None:
-        self.llm.close()
+def answer_job(engine: Any, item: Item, cfg: EvalConfig, steering: list[Steer]) -> Job:
+    """The engine job that writes one answer (prompts.prompt_text, cut by job.reply)."""
+    return engine.reply(item.prompt, sampling=sampling_for(cfg, item), steering=steering, chat=cfg.chat)
 
 
-def example_logprobs(llm: Any, ex: Example) -> np.ndarray:
-    """log p of each completion token of the example, from one llama.cpp pass with all logits."""
-    tokens, start = ex.tokens, ex.start
-    if len(tokens) > llm.n_ctx():  # keep the end: the completion is what is scored
-        drop = len(tokens) - llm.n_ctx()
-        tokens, start = tokens[drop:], max(1, start - drop)
-    llm.reset()
-    llm.eval(tokens)
-    return metrics.token_logprobs(np.asarray(llm.scores[: len(tokens)]), tokens, start)
+def waves(cells: list[tuple[Optional[FlowSpec], float]]) -> list[list[tuple[Optional[FlowSpec], float]]]:
+    """The cells of a sweep (sweep_cells order) in the waves they run in: the unsteered cell with
+    the smallest strength of every flow, then each larger strength (both signs) of every flow."""
+    base = [c for c in cells if c[0] is None]
+    steered = [c for c in cells if c[0] is not None]
+    sizes = sorted({abs(s) for _, s in steered})
+    out = [[c for c in steered if abs(c[1]) == m] for m in sizes] or [[]]
+    out[0] = base + out[0]
+    return out
 
 
-def generate_reply(llm: Any, prompt: str, cfg: EvalConfig, seed: int) -> tuple[str, int]:
-    """(reply text, generated tokens) from the steered model, stopping at end of turn."""
-    import llama_cpp
+@dataclass
+class _Pending:
+    """One record being computed: written once its jobs are done (and the ones before it)."""
 
-    text = render_chat(llm, [{"role": "user", "content": prompt}]) if cfg.chat else plain_prompt(prompt)
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=cfg.chat)
-    llm.set_seed(seed)
-    out: list[int] = []
-    vocab = llm._model.vocab
-    for tok in llm.generate(tokens, temp=cfg.temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
-                            reset=True):
-        if llama_cpp.llama_vocab_is_eog(vocab, tok):
-            break
-        out.append(int(tok))
-        if len(out) >= cfg.max_tokens:
-            break
-    reply = llm.detokenize(out).decode("utf-8", errors="replace")
-    if not cfg.chat:  # a base model continues the transcript: keep its first turn only
-        reply = reply.split("\nUser:")[0]
-    return reply.strip(), len(out)
+    row: dict[str, Any]
+    left: int = 0
+    started: bool = False
+    finish: Optional[Callable[["_Pending"], None]] = None
+    values: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.left == 0
 
 
 # ---- the runner --------------------------------------------------------------------------------------
 
 
 class Runner:
-    """Loads the steered model, the unsteered scorer and the judge once, then runs experiments."""
+    """Loads the steered model and the judge once, with one engine each, then runs experiments.
+    The unsteered scoring (the model's own perplexity of a reply) runs on the steered model's
+    engine, as sequences without steering."""
 
     def __init__(self, model_path: str, judge_path: Optional[str], out_dir: Path, cfg: EvalConfig,
                  progress: Optional[Progress] = None, threads: Optional[int] = None, n_ctx: int = 1024):
@@ -124,72 +114,112 @@ class Runner:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         n = threads or os.cpu_count() or 1
-        self.llm = SteeredLlama(model_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=cfg.seed,
-                                n_threads=n, n_threads_batch=n)
-        self.self_scorer = Scorer(model_path, n_ctx, cfg.chat, n)
-        # the judge reads plain text: it is often a base model of another family
-        self.judge = Scorer(judge_path, 512, False, n) if judge_path else None
+        self.llm = SteeredLlama(model_path, n_ctx=n_ctx, verbose=False, seed=cfg.seed, n_threads=n, n_threads_batch=n)
+        self.engine = open_engine(self.llm, n_ctx, cfg.parallel)
+        self.judge_llm: Any = None
+        self.judge: Any = None
+        if judge_path:  # the judge reads plain text: it is often a base model of another family
+            from llama_cpp import Llama
+            from llama_cpp._utils import suppress_stdout_stderr
+
+            with suppress_stdout_stderr(disable=False):  # llama.cpp logs some notices even when not verbose
+                self.judge_llm = Llama(judge_path, n_ctx=JUDGE_CTX, verbose=False, seed=0, n_threads=n,
+                                       n_threads_batch=n)
+            self.judge = open_engine(self.judge_llm, JUDGE_CTX, cfg.parallel)
         self.records = Records(out_dir / "records.jsonl")
         self.progress = progress or Progress()
-        self._attached: dict[str, Any] = {}
+        self._flows: dict[str, EngineFlow] = {}
 
     def close(self) -> None:
         self.records.close()
-        self.self_scorer.close()
-        if self.judge:
-            self.judge.close()
-        self.llm.close()
-
-    def check_flow(self, spec: FlowSpec) -> None:
-        """Loads a flow now, so a wrong file or model fails before any answer is computed."""
-        self._steer(spec, 0.0)
-        self._steer(None, 0.0)
+        for x in (self.judge, self.judge_llm, self.engine, self.llm):
+            if x is not None:
+                x.close()
 
     # -- steering --
-    def _steer(self, flow: Optional[FlowSpec], strength: float, relative: bool = False) -> float:
-        """Exactly this flow at this strength, every other flow off; returns the strength applied."""
-        if flow is not None and flow.path not in self._attached:
-            self._attached[flow.path] = self.llm.add_flow(flow.path, strength=0.0)
-        applied = 0.0
-        for path, att in self._attached.items():
-            if flow is not None and path == flow.path:
-                unit = flow.strength if flow.strength is not None else att.flow.default_strength
-                applied = strength * unit if relative else strength
-                self.llm.set_gate(flow.gate or "off", att)
-                self.llm.set_strength(applied, att)
-                self.llm.enable(att)
-            else:
-                self.llm.disable(att)
-        return applied
+    def _flow(self, spec: FlowSpec) -> EngineFlow:
+        if spec.path not in self._flows:
+            self._flows[spec.path] = self.engine.add_flow(spec.path)
+        return self._flows[spec.path]
+
+    def check_flow(self, spec: FlowSpec) -> None:
+        """Loads a flow now, so a wrong file, model or gate fails before any answer is computed."""
+        flow = self._flow(spec)
+        gate = spec.gate or "off"
+        if gate != "off" and not flow.info.has_gate:
+            raise ValueError(f"{spec.path} carries no gate parameters, so gate '{gate}' is not available "
+                             "(train it with this version, or use gate 'off')")
+
+    def steering(self, flow: Optional[FlowSpec], strength: float, relative: bool = False) -> tuple[list[Steer], float]:
+        """The steering of one setting (this flow at this strength; each sequence carries its own,
+        so every other flow is off) and the strength applied: with relative strengths a multiple of
+        the spec's :STRENGTH, else of the flow's own default strength."""
+        if flow is None:
+            return [], 0.0
+        self.check_flow(flow)
+        ef = self._flows[flow.path]
+        unit = flow.strength if flow.strength is not None else ef.info.default_strength
+        applied = strength * unit if relative else strength
+        return [Steer(ef, applied, flow.gate or "off")], applied
 
     # -- one answer --
-    def _generation_record(self, item: Item, scorer: Optional[Callable[[str], float]]) -> dict[str, Any]:
-        seed = self.cfg.seed + (hash_id(item.id) if self.cfg.temperature > 0 else 0)
-        reply, n_tok = generate_reply(self.llm, item.prompt, self.cfg, seed)
-        row: dict[str, Any] = {"text": reply, "n_tokens": n_tok,
-                               "distinct2": metrics.distinct_n(reply, 2),
-                               "repeat4": metrics.repeated_ngram_share(reply, 4),
-                               "ppl_self": self.self_scorer.reply_perplexity(item.prompt, reply),
-                               "ppl_self_alone": self.self_scorer.text_perplexity(reply)}
+    def _generation(self, driver: Driver, p: _Pending, item: Item, steering: list[Steer],
+                    scorer: Optional[Callable[[str], float]]) -> None:
+        cfg, row = self.cfg, p.row
+        row.update(text="", n_tokens=0, distinct2=0.0, repeat4=0.0, ppl_self=math.nan, ppl_self_alone=math.nan)
         if self.judge:
-            row["ppl_judge"] = self.judge.reply_perplexity(item.prompt, reply)
-            row["ppl_judge_alone"] = self.judge.text_perplexity(reply)
+            row.update(ppl_judge=math.nan, ppl_judge_alone=math.nan)
         if scorer is not None:
-            row["score"] = scorer(reply)
-        return row
+            row["score"] = math.nan
 
-    def _loglik_record(self, task: Task, item: Item) -> dict[str, Any]:
-        def ll(answer: str) -> float:
-            return float(example_logprobs(self.llm, reply_example(self.llm, item.prompt, answer, self.cfg.chat)).sum())
+        def written(job: Job) -> None:
+            reply = job.reply
+            row.update(text=reply, n_tokens=len(job.tokens), distinct2=metrics.distinct_n(reply, 2),
+                       repeat4=metrics.repeated_ngram_share(reply, 4))
+            jobs = {"ppl_self": (self.engine, reply_score(self.engine, item.prompt, reply, cfg.chat)),
+                    "ppl_self_alone": (self.engine, alone_score(self.engine, reply))}
+            if self.judge:
+                jobs["ppl_judge"] = (self.judge, reply_score(self.judge, item.prompt, reply, False))
+                jobs["ppl_judge_alone"] = (self.judge, alone_score(self.judge, reply))
+            if scorer is not None:
+                row["score"] = scorer(reply)
+            for key, (engine, sj) in jobs.items():
+                if sj is not None:
+                    p.left += 1
+                    driver.submit(engine, sj, lambda j, key=key: self._scored(p, key, perplexity(j)))
+            p.left -= 1
 
-        if task.id.startswith("ab:"):
-            lm, lo = ll(item.extra["match"]), ll(item.extra["other"])
-            return {"p_match": metrics.ab_matching_probability(lm, lo)}
-        answers = sorted(set(item.extra["mc1"]) | set(item.extra["mc2"]))
-        lls = {a: ll(a) for a in answers}
-        m1, m2 = item.extra["mc1"], item.extra["mc2"]
-        return {"mc1": metrics.mc1([lls[a] for a in m1], [m1[a] for a in m1]),
-                "mc2": metrics.mc2([lls[a] for a in m2], [m2[a] for a in m2])}
+        p.left, p.started = 1, True
+        driver.submit(self.engine, answer_job(self.engine, item, cfg, steering), written)
+
+    @staticmethod
+    def _scored(p: _Pending, key: str, value: float) -> None:
+        p.row[key] = value
+        p.left -= 1
+
+    def _loglik(self, driver: Driver, p: _Pending, task: Task, item: Item, steering: list[Steer]) -> None:
+        ab = task.id.startswith("ab:")
+        answers = unique([item.extra["match"], item.extra["other"]] if ab
+                         else sorted(set(item.extra["mc1"]) | set(item.extra["mc2"])))
+        p.row.update({"p_match": math.nan} if ab else {"mc1": math.nan, "mc2": math.nan})
+        lls: dict[str, float] = {}
+
+        def scored(answer: str, job: Job) -> None:
+            lls[answer] = float(np.sum(np.asarray(job.logprobs, np.float64)))
+            p.left -= 1
+            if p.left:
+                return
+            if ab:
+                p.row["p_match"] = metrics.ab_matching_probability(lls[item.extra["match"]], lls[item.extra["other"]])
+                return
+            m1, m2 = item.extra["mc1"], item.extra["mc2"]
+            p.row.update(mc1=metrics.mc1([lls[a] for a in m1], [m1[a] for a in m1]),
+                         mc2=metrics.mc2([lls[a] for a in m2], [m2[a] for a in m2]))
+
+        p.left, p.started = len(answers), True
+        for a in answers:
+            ex = fit(reply_example(self.llm, item.prompt, a, self.cfg.chat), self.engine.n_ctx_seq)
+            driver.submit(self.engine, self.engine.score(ex, steering), lambda j, a=a: scored(a, j))
 
     # -- experiments --
     def run(self, exp: Experiment) -> None:
@@ -199,38 +229,74 @@ class Runner:
         items = task.limited(exp.limit)
         scorer = make_scorer(task.scorer, task.description, task.topic_words) if task.kind == "generate" else None
         probe = probe_items(self.cfg.probe_prompts) if task.kind == "loglik" else []
+        groups = ((exp.name, items), (exp.name + "/fluency", probe))
         cells = sweep_cells(exp.flows, exp.strengths)
         total = sum(1 for f, s in cells for it in items + probe if not self.records.has(
             exp.name if it in items else exp.name + "/fluency", label_of(f), s, it.id))
         self.progress.start(f"{exp.name}", total)
         pruned: set[tuple[str, int]] = set()
-        for flow, s in cells:
-            label = label_of(flow)
-            if (label, int(np.sign(s))) in pruned:
-                continue
-            applied = self._steer(flow, s, exp.relative)
-            for group, its in ((exp.name, items), (exp.name + "/fluency", probe)):
-                for it in its:
-                    if self.records.has(group, label, s, it.id):
-                        continue
-                    t0 = time.perf_counter()
-                    if group == exp.name and task.kind == "loglik":
-                        row = self._loglik_record(task, it)
-                    else:
-                        row = self._generation_record(it, scorer if group == exp.name else None)
-                    row.update(exp=group, flow=label, strength=s, applied_strength=applied, item=it.id, group=it.group,
-                               seconds=round(time.perf_counter() - t0, 3))
-                    self.records.add(row)
-                    self.progress.advance()
-            if s != 0 and self.cfg.prune:
+        for wave in waves(cells):
+            todo = [(f, s) for f, s in wave if (label_of(f), int(np.sign(s))) not in pruned]
+            self._run_cells(exp, task, todo, groups, scorer)
+            for flow, s in todo:
+                if s == 0 or not self.cfg.prune:
+                    continue
+                label = label_of(flow)
                 fl = cell_fluency(self.records, exp, label, s)
                 if fl.get("degenerate"):
                     pruned.add((label, int(np.sign(s))))
                     self.progress.message(f"{exp.name}: {label} degenerate at strength {s:g} "
                                           f"(judge ppl x{fl['ppl_ratio']:.2f}, distinct-2 x{fl['distinct_ratio']:.2f}); "
                                           "larger strengths of this sign skipped")
-        self._steer(None, 0.0)
         self.progress.finish()
+
+    def _run_cells(self, exp: Experiment, task: Task, cells: list[tuple[Optional[FlowSpec], float]],
+                   groups: tuple[tuple[str, list[Item]], ...], scorer: Optional[Callable[[str], float]]) -> None:
+        """Every missing answer of these cells as one batch; records are written in cell, group and
+        item order as they complete (each with its share of the wall time)."""
+        driver = Driver(self.engine, *([self.judge] if self.judge else []))
+        plan: list[_Pending] = []
+        for flow, s in cells:
+            label = label_of(flow)
+            steering, applied = self.steering(flow, s, exp.relative)
+            for group, its in groups:
+                for it in its:
+                    if self.records.has(group, label, s, it.id):
+                        continue
+                    p = _Pending(row={})
+                    plan.append(p)
+                    if group == exp.name and task.kind == "loglik":
+                        self._loglik(driver, p, task, it, steering)
+                    else:
+                        self._generation(driver, p, it, steering, scorer if group == exp.name else None)
+                    p.row.update(exp=group, flow=label, strength=s, applied_strength=applied, item=it.id,
+                                 group=it.group)
+        if not plan:
+            return
+        written = 0
+        clock = time.perf_counter()
+
+        def flush(_: Any = None) -> None:
+            nonlocal written, clock
+            n = written
+            while n < len(plan) and plan[n].ready:
+                n += 1
+            if n == written:
+                return
+            now = time.perf_counter()
+            share = (now - clock) / (n - written)
+            for p in plan[written:n]:
+                p.row["seconds"] = round(share, 3)
+                self.records.add(p.row)
+                self.progress.advance()
+            written, clock = n, now
+
+        driver.run(after=flush)
+        flush()
+
+
+def unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
 
 
 def hash_id(text: str) -> int:

@@ -1,5 +1,7 @@
 """Selection of the shipped checkpoint and default strength by generation (train/select.py does
-the measuring): each candidate at strength 1, then the best candidate over a strength sweep."""
+the measuring): each candidate at strength 1, then the best candidate over a strength sweep. Each
+sequence carries its own steering (Steer), so no setting is written as 'this flow on, the others
+off'."""
 
 from __future__ import annotations
 
@@ -65,7 +67,9 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
 
     Each candidate is generated at strength 1 (the trained operating point); the best one then
     walks out from 1 (0.75 and 0.5 when 1 is not fluent or not better than nothing; 1.5, then 2,
-    while the last step was fluent and better): a few settings instead of a full grid."""
+    while the last step was fluent and better): a few settings instead of a full grid. Each stage
+    is one batch on one engine over llm (the unsteered model and every candidate at 1; then both
+    strengths of the walk, of which the second is kept only where the walk reaches it)."""
     prompts, neutral = _prompts(out, recipe, cfg.select_prompts)
     if not prompts:
         progress.message("no prompts to select on (pairs without prompts): keeping strength 1")
@@ -74,52 +78,47 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
     chat = bool(llm.metadata.get("tokenizer.chat_template"))
     candidates = out.candidates or [(0, out.flow)]
     progress.phase(f"choosing by generation ({name} score)", 1 + len(candidates) + 2)
-    judge = select.Judge(llm.model_path, scorer, chat, cfg.select_tokens,
-                         threads=int(llm.context_params.n_threads) or None)
+    judge = select.Judge(llm, scorer, chat, cfg.select_tokens)
     done = 0
     settings: list[select.Setting] = []
     with tempfile.TemporaryDirectory(prefix="innsteer-select-") as tmp:
-        attached = []
-        for i, (_, flow) in enumerate(candidates):
-            path = Path(tmp) / f"candidate-{i}.gguf"
-            flow.save(path)
-            attached.append(judge.llm.add_flow(path, strength=0.0))
-
-        def steering(index: int) -> Callable[[float], None]:
-            def steer(strength: float) -> None:
-                for j, a in enumerate(attached):
-                    judge.llm.set_strength(strength if j == index else 0.0, a)
-            return steer
-
-        def raw(index: int, strength: float) -> dict[str, Any]:
-            nonlocal done
-            out_raw = judge.run(prompts, neutral, steering(max(index, 0)), strength)
-            done += 1
-            progress.update(done)
-            return out_raw
-
         try:
-            base_raw = raw(-1, 0.0)
+            flows = []
+            for i, (_, flow) in enumerate(candidates):
+                path = Path(tmp) / f"candidate-{i}.gguf"
+                flow.save(path)
+                flows.append(judge.add_candidate(path))
+
+            def measure(stage: list[tuple[int, float]]) -> list[dict[str, Any]]:
+                """One stage's settings (candidate index, -1 for none; strength) side by side."""
+                nonlocal done
+                raws = judge.run(prompts, neutral, [(flows[i] if i >= 0 else None, a) for i, a in stage])
+                done += len(stage)
+                progress.update(done)
+                return raws
+
+            # stage 1: the unsteered model and every candidate at its operating point
+            first_raws = measure([(-1, 0.0)] + [(i, 1.0) for i in range(len(candidates))])
+            base_raw = first_raws[0]
             baseline = select.summarise(base_raw, base_raw, -1, 0.0)
-
-            def measure(index: int, strength: float) -> select.Setting:
-                return select.summarise(raw(index, strength), base_raw, index, strength)
-
-            settings = [measure(i, 1.0) for i in range(len(candidates))]
+            settings = [select.summarise(r, base_raw, i, 1.0) for i, r in enumerate(first_raws[1:])]
             first = select.best(settings, baseline)
             pick = first.candidate if first.candidate >= 0 else len(candidates) - 1
             at_one = next(s for s in settings if s.candidate == pick)
-            if at_one.fluent and at_one.score > baseline.score:
-                for strength in (1.5, 2.0):
-                    settings.append(measure(pick, strength))
-                    if not (settings[-1].fluent and settings[-1].score > at_one.score):
+            # stage 2: the walk out from 1. Both of its strengths run side by side; the second counts
+            # only where walking one step at a time would have gone on to it
+            up = at_one.fluent and at_one.score > baseline.score
+            walk = (1.5, 2.0) if up else (0.75, 0.5)
+            walked = [select.summarise(r, base_raw, pick, a)
+                      for a, r in zip(walk, measure([(pick, a) for a in walk]))]
+            for s in walked:
+                settings.append(s)
+                if up:
+                    if not (s.fluent and s.score > at_one.score):
                         break
-                    at_one = settings[-1]
-            else:
-                for strength in (0.75, 0.5):
-                    settings.append(measure(pick, strength))
-                    if settings[-1].fluent and settings[-1].score > baseline.score:
-                        break
+                    at_one = s
+                elif s.fluent and s.score > baseline.score:
+                    break
         finally:
             judge.close()
     chosen = select.best([s for s in settings if s.candidate == pick], baseline)

@@ -1,6 +1,7 @@
 """The model's own replies, generated through llama.cpp (the runtime that later steers), to use as
-training contexts: unsteered replies, replies that continue a given opening, and replies under a
-flow being trained. Greedy decoding, so the same settings give the same text; cached on disk."""
+training contexts: unsteered replies and replies that continue a given opening, written together
+on the batched engine (runtime/engine.py) with the one prompt rule and the one cut of a reply
+(runtime/prompts.py). Greedy decoding, so the same settings give the same text; cached on disk."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from ..runtime.prompts import plain_prompt, render_chat
+from ..runtime.prompts import prompt_text
 
 REPEAT_PENALTY = 1.1  # llama-cpp-python's and `innsteer-local chat`'s default
+# the rule a cached reply was written under: bump it when prompting, cutting or decoding changes
+# (2: the one prompt rule of prompts.prompt_text, no space after a base model's "Assistant:"; the
+# engine's greedy decoding with the repetition penalty over generated tokens)
+REPLY_RULE = 2
+ROLLOUT_CTX = 512  # tokens per sequence (prompt + reply) unless a request needs more
 
 
 @dataclass(frozen=True)
@@ -29,31 +35,21 @@ class Request:
 
 
 def asked(llm: Any, req: Request, chat: bool) -> str:
-    """The text the model is given, up to where its reply starts."""
-    if chat:
-        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
-            {"role": "user", "content": req.prompt}]
-        return render_chat(llm, messages)
-    return plain_prompt(f"{req.system} {req.prompt}" if req.system else req.prompt) + " "
+    """The text the model is given, up to where its reply starts (the forced opening excluded)."""
+    return prompt_text(llm, req.prompt, req.system, chat)
 
 
-def generate(llm: Any, req: Request, chat: bool) -> str:
-    """The model's greedy reply (with its forced opening, if any), cut at the end of its turn."""
-    import llama_cpp
+def sampling(req: Request) -> Any:
+    """Greedy with the chat default's mild repetition penalty: plain greedy replies of a small
+    model often loop, which is not the text a user sees."""
+    from ..runtime.engine import Sampling
 
-    tokens = llm.tokenize((asked(llm, req, chat) + req.opening).encode("utf-8"), add_bos=True, special=chat)
-    vocab = llm._model.vocab
-    out: list[int] = []
-    # greedy with the chat default's mild repetition penalty: plain greedy replies of a small model
-    # often loop, which is not the text a user sees
-    for tok in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=REPEAT_PENALTY, reset=True):
-        if llama_cpp.llama_vocab_is_eog(vocab, tok) or len(out) >= req.max_tokens:
-            break
-        out.append(int(tok))
-    reply = req.opening + llm.detokenize(out).decode("utf-8", errors="replace")
-    if not chat:  # a base model continues the transcript: keep its own turn only
-        reply = reply.split("\nUser:")[0]
-    return reply.strip()
+    return Sampling(max_tokens=req.max_tokens, temperature=0.0, repeat_penalty=REPEAT_PENALTY)
+
+
+def reply_job(engine: Any, req: Request, chat: bool) -> Any:
+    """The engine job that writes one training reply (prompts.prompt_text, cut by job.reply)."""
+    return engine.reply(req.prompt, system=req.system, opening=req.opening, sampling=sampling(req), chat=chat)
 
 
 class ReplyCache:
@@ -66,7 +62,7 @@ class ReplyCache:
         if cache_dir is None:
             return
         st = Path(model_path).stat()
-        key = json.dumps([str(Path(model_path).resolve()), st.st_size, st.st_mtime_ns, steering])
+        key = json.dumps([str(Path(model_path).resolve()), st.st_size, st.st_mtime_ns, steering, REPLY_RULE])
         self.path = Path(cache_dir) / f"replies-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
         if self.path.exists():
             try:
@@ -76,7 +72,7 @@ class ReplyCache:
 
     @staticmethod
     def key(req: Request) -> str:
-        return json.dumps([req.prompt, req.system, req.opening, req.max_tokens, REPEAT_PENALTY])
+        return json.dumps([req.prompt, req.system, req.opening, req.max_tokens, REPEAT_PENALTY, REPLY_RULE])
 
     def save(self) -> None:
         if self.path is None:
@@ -89,18 +85,30 @@ class ReplyCache:
 
 def replies(llm: Any, requests: Sequence[Request], chat: bool, cache: Optional[ReplyCache] = None,
             progress: Optional[Callable[[int, int], None]] = None) -> list[str]:
-    """Replies to every request, in order (from the cache where it has them)."""
+    """Replies to every request, in order (from the cache where it has them; the rest generated
+    together on one engine over llm, each cut as eval cuts a reply: job.reply)."""
+    from ..runtime.jobs import open_engine
+
     cache = cache or ReplyCache(None, "")
-    out = []
-    for i, req in enumerate(requests):
-        k = ReplyCache.key(req)
-        if k not in cache.replies:
-            cache.replies[k] = generate(llm, req, chat)
-        out.append(cache.replies[k])
-        if progress:
-            progress(i + 1, len(requests))
-    cache.save()
-    return out
+    todo = unique(k for k in map(ReplyCache.key, requests) if k not in cache.replies)
+    if todo:
+        by_key = {ReplyCache.key(r): r for r in requests}
+        # room for the longest prompt and its reply (at least ROLLOUT_CTX, at most the model's context)
+        longest = max(len(llm.tokenize((asked(llm, r, chat) + " " + r.opening).encode("utf-8"), add_bos=True,
+                                       special=chat)) + r.max_tokens for r in (by_key[k] for k in todo))
+        engine = open_engine(llm, min(llm.n_ctx(), max(ROLLOUT_CTX, longest + 8)), n_jobs=len(todo))
+        try:
+            jobs = [reply_job(engine, by_key[k], chat) for k in todo]
+            cached = len(requests) - len(todo)
+            engine.run(jobs, progress=(lambda d, t: progress(cached + d, len(requests))) if progress else None)
+        finally:
+            engine.close()
+        for k, job in zip(todo, jobs):
+            cache.replies[k] = job.reply
+        cache.save()
+    elif progress:
+        progress(len(requests), len(requests))
+    return [cache.replies[ReplyCache.key(r)] for r in requests]
 
 
 def unique(items: Iterable[str]) -> list[str]:

@@ -1,5 +1,6 @@
 """Choosing what to ship by what the steered model writes: each candidate flow (a checkpoint of
-training) generates greedy replies to held-out prompts through llama.cpp at a few strengths;
+training) generates greedy replies to held-out prompts through llama.cpp at a few strengths
+(all settings of a stage side by side on the batched engine, asked and cut as eval does);
 behaviour is scored with the eval harness's scorers, fluency with its metrics (the unsteered
 model's perplexity of the reply alone, distinct-2, repeated 4-grams) and the per-token KL of the
 steered to the unsteered model along the steered reply (iso-KL: the 95th percentile should stay
@@ -14,7 +15,6 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..eval import metrics
-from ..runtime.prompts import plain_prompt, render_chat
 
 # the eval harness's matched fluency (eval/summary.py); and a guard on the per-token KL along the
 # steered reply: iso-KL calibration puts ordinary steering near 1 nat at the 95th percentile, but a
@@ -52,76 +52,93 @@ class Setting:
         return {k: v for k, v in vars(self).items() if k != "replies"} | {"score": self.score, "fluent": self.fluent}
 
 
-def reply(llm: Any, prompt: str, chat: bool, max_tokens: int) -> tuple[list[int], list[int]]:
-    """(prompt tokens, reply tokens) of the greedy reply under the current steering. llm keeps all
-    logits, so afterwards llm.scores holds the steered logits at every reply position."""
-    import llama_cpp
-
-    text = render_chat(llm, [{"role": "user", "content": prompt}]) if chat else plain_prompt(prompt) + " "
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=chat)
-    out: list[int] = []
-    vocab = llm._model.vocab
-    for tok in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        if llama_cpp.llama_vocab_is_eog(vocab, tok) or len(out) >= max_tokens:
-            break
-        out.append(int(tok))
-    return tokens, out
+JUDGE_CTX = 1024  # tokens per sequence: a held-out prompt and its reply
 
 
-def _logp(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float32)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+def reply_job(engine: Any, prompt: str, chat: bool, max_tokens: int, steering: Sequence[Any] = ()) -> Any:
+    """The engine job that writes one held-out reply: greedy, asked and cut as eval asks and cuts
+    (prompts.prompt_text, job.reply)."""
+    from ..runtime.engine import Sampling
+
+    return engine.reply(prompt, sampling=Sampling(max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0),
+                        steering=steering, chat=chat)
 
 
 class Judge:
-    """Generation, scoring and fluency for selection, on a steered llama.cpp model of its own that
-    keeps every position's logits (the KL along a reply needs them)."""
+    """Generation, scoring and fluency for selection, on an engine over the model being trained
+    (its weights are shared; each sequence carries its own candidate and strength)."""
 
-    def __init__(self, model_path: str, scorer: Callable[[str], float], chat: bool, max_tokens: int = 64,
-                 threads: Optional[int] = None):
-        import os
+    def __init__(self, llm: Any, scorer: Callable[[str], float], chat: bool, max_tokens: int = 64):
+        from ..runtime.jobs import open_engine
 
-        from ..runtime.steered import SteeredLlama
-
-        n = threads or os.cpu_count() or 1
-        self.llm = SteeredLlama(model_path, n_ctx=1024, logits_all=True, verbose=False, seed=0, n_threads=n,
-                                n_threads_batch=n)
+        self.engine = open_engine(llm, min(JUDGE_CTX, llm.n_ctx()))
         self.scorer, self.chat, self.max_tokens = scorer, chat, max_tokens
 
-    def close(self) -> None:
-        self.llm.close()
+    def add_candidate(self, path: Any) -> Any:
+        """Attaches a candidate flow file; name the result in run()'s settings."""
+        return self.engine.add_flow(path)
 
-    def run(self, prompts: Sequence[str], neutral_prompts: Sequence[str], steer: Callable[[float], None],
-            strength: float) -> dict[str, Any]:
-        """Replies and raw measurements at one strength (steer(a) sets the steering to strength a)."""
-        llm = self.llm
-        out: dict[str, Any] = {"texts": [], "scores": [], "neutral_scores": [], "ppl": [], "d2": [], "rep": [], "kl": []}
-        for group, ps in (("scores", prompts), ("neutral_scores", neutral_prompts)):
-            for p in ps:
-                steer(strength)
-                ptoks, rtoks = reply(llm, p, self.chat, self.max_tokens)
-                text = llm.detokenize(rtoks).decode("utf-8", errors="replace").strip()
-                out["texts"].append(text)
-                out[group].append(self.scorer(text))
-                out["d2"].append(metrics.distinct_n(text, 2))
-                out["rep"].append(metrics.repeated_ngram_share(text, 4))
-                if not rtoks:
-                    continue
-                steer(0.0)
-                if strength != 0.0:  # the steered logits came with the generation; the unsteered ones now
-                    steered = _logp(llm.scores[len(ptoks) - 1: len(ptoks) + len(rtoks) - 1])
-                    llm.reset()
-                    llm.eval(ptoks + rtoks)
-                    base = _logp(llm.scores[len(ptoks) - 1: len(ptoks) + len(rtoks) - 1])
-                    out["kl"] += list((np.exp(steered) * (steered - base)).sum(-1))
-                alone = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) if text else []
-                if len(alone) > 1:
-                    llm.reset()
-                    llm.eval(alone)
-                    out["ppl"].append(metrics.perplexity(metrics.token_logprobs(np.asarray(llm.scores[: len(alone)]),
-                                                                                 alone, 1)))
-        steer(0.0)
+    def close(self) -> None:
+        self.engine.close()
+
+    def run(self, prompts: Sequence[str], neutral_prompts: Sequence[str],
+            settings: Sequence[tuple[Optional[Any], float]]) -> list[dict[str, Any]]:
+        """Replies and raw measurements of each setting (a candidate flow, or None, at a strength),
+        all settings side by side: every reply is generated, then scored the moment it is written:
+        behaviour, distinct-2, repeated 4-grams, the unsteered model's perplexity of the reply
+        alone, and the KL(steered || unsteered) of every reply token (two teacher-forced passes
+        over prompt + reply, one with the setting's steering and one without)."""
+        from ..runtime.engine import Steer
+        from ..runtime.jobs import Driver, alone_score, kl_rows, perplexity, reply_score
+
+        engine, driver = self.engine, Driver(self.engine)
+        slots: list[list[dict[str, Any]]] = []
+
+        def written(job: Any, prompt: str, slot: dict[str, Any], steering: list[Any]) -> None:
+            text = slot["text"] = job.reply
+            if not text:
+                return
+            alone = alone_score(engine, text)
+            if alone is not None:
+                driver.submit(engine, alone, lambda j: slot.update(ppl=perplexity(j)))
+            if steering:  # the steered and the unsteered distributions along the reply
+                pair = [reply_score(engine, prompt, text, self.chat, steering, keep_dists=True),
+                        reply_score(engine, prompt, text, self.chat, (), keep_dists=True)]
+
+                def both(_: Any) -> None:
+                    if all(j.done for j in pair):
+                        slot["kl"] = kl_rows(pair[0].dists, pair[1].dists)
+                        for j in pair:
+                            j.dists = []
+
+                for j in pair:
+                    driver.submit(engine, j, both)
+
+        for flow, strength in settings:
+            steering = [Steer(flow, float(strength))] if flow is not None and strength != 0.0 else []
+            per: list[dict[str, Any]] = []
+            for group, ps in (("scores", prompts), ("neutral_scores", neutral_prompts)):
+                for p in ps:
+                    slot: dict[str, Any] = {"group": group, "text": "", "ppl": None, "kl": []}
+                    per.append(slot)
+                    driver.submit(engine, reply_job(engine, p, self.chat, self.max_tokens, steering),
+                                  lambda j, p=p, slot=slot, steering=steering: written(j, p, slot, steering))
+            slots.append(per)
+        driver.run()
+        out = []
+        for per in slots:
+            raw: dict[str, Any] = {"texts": [], "scores": [], "neutral_scores": [], "ppl": [], "d2": [], "rep": [],
+                                   "kl": []}
+            for slot in per:
+                text = slot["text"]
+                raw["texts"].append(text)
+                raw[slot["group"]].append(self.scorer(text))
+                raw["d2"].append(metrics.distinct_n(text, 2))
+                raw["rep"].append(metrics.repeated_ngram_share(text, 4))
+                raw["kl"] += slot["kl"]
+                if slot["ppl"] is not None and math.isfinite(slot["ppl"]):
+                    raw["ppl"].append(slot["ppl"])
+            out.append(raw)
         return out
 
 

@@ -89,8 +89,17 @@ def test_identity_innsteer_equals_mean_diff_logits(small_acts, model_info, steer
     effect = np.abs(md_logits - base).mean()
     assert effect > 0.05
     # llama.cpp quantizes activations (Q8) for the Q4_1 weights: a 1e-6 change in a row can flip a
-    # rounding, so the logits agree closely rather than bit for bit
-    assert np.abs(inn_logits - md_logits).mean() <= 0.1 * effect
+    # rounding, and a flip early in the prompt carries on through attention, so the logits agree
+    # closely rather than bit for bit. How closely is measured, not assumed: the same mean-diff
+    # flow at a strength 1e-6 away moves its rows by as much as the identity ops do.
+    steered.remove_flow(steered.flows[-1])
+    h = steered.add_flow(md_path, strength=3.0 * (1 + 1e-6))
+    nudged_logits = logits_of(steered, tokens)
+    noise = np.abs(nudged_logits - md_logits).mean()
+    diff = np.abs(inn_logits - md_logits).mean()
+    print(f"identity INN vs mean-diff: {diff:.4f}; rounding floor {noise:.4f}; steering effect {effect:.4f}")
+    assert diff <= max(0.1 * effect, 3 * noise)
+    assert diff <= 0.5 * effect
     assert (inn_logits.argmax(1) == md_logits.argmax(1)).all()
 
 

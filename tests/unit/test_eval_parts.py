@@ -49,3 +49,18 @@ def test_records_ignore_a_cut_line(tmp_path):
     r.add({"exp": "e", "flow": "f", "strength": 1, "item": "1", "v": 2})
     r.close()
     assert len(Records(p).rows) == 2
+
+
+def test_sweep_waves_keep_each_flows_outward_order():
+    """Cells run in waves (the unsteered cell with every flow's smallest strength, then the next
+    strength of every flow): a cell's wave comes after the waves of the smaller strengths of its
+    own flow and sign, which is all that pruning looks at."""
+    from innsteer_local.eval.runner import waves
+
+    a, b = FlowSpec(path="a.gguf", name="a"), FlowSpec(path="b.gguf", name="b")
+    cells = sweep_cells([a, b], [0, 2, -1, 0.5, 1])
+    got = [[(f.name if f else "none", s) for f, s in w] for w in waves(cells)]
+    assert got == [[("none", 0.0), ("a", 0.5), ("b", 0.5)], [("a", -1.0), ("a", 1.0), ("b", -1.0), ("b", 1.0)],
+                   [("a", 2.0), ("b", 2.0)]]
+    assert sum(len(w) for w in waves(cells)) == len(cells)
+    assert waves(sweep_cells([], [0.0])) == [[(None, 0.0)]]
