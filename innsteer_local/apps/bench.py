@@ -292,7 +292,7 @@ def batched_bench(llm: Any, flow_paths: list[Path], counts: tuple[int, ...] = (1
         row["mixed_vs_unsteered"] = row["mixed"]["decode_tps"] / row["unsteered"]["decode_tps"]
         row["mixed_vs_one_at_a_time"] = row["mixed"]["decode_tps"] / row["one at a time"]["decode_tps"]
     return {"model": llm.model_info.name, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps, "rows": rows,
-            "flows": [str(p) for p in flow_paths], "unified_kv": True}
+            "flows": [str(p) for p in flow_paths], "unified_kv": eng.unified}
 
 
 def format_batched(result: dict[str, Any]) -> str:

@@ -302,7 +302,7 @@ class Engine:
         self.created = int(time.time())
         # one KV stream per request: each attends over its own cells exactly as it would alone, so
         # a request's reply rarely depends on what else shares the batch (and on CPU it is faster)
-        self.batch = BatchEngine(llm, n_parallel=parallel, n_ctx=n_ctx, unified=False)
+        self.batch = BatchEngine(llm, n_parallel=parallel, n_ctx=n_ctx)
         self.queue_limit = 4 * parallel if queue is None else queue
         self._lock = threading.Lock()  # flows and presets
         self.batch.start()

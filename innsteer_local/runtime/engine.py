@@ -177,12 +177,13 @@ class Engine:
 
     llm: a loaded llama_cpp.Llama (weights, tokenizer and chat template are shared with it).
     n_parallel: sequences decoded together; n_ctx: tokens each sequence may hold (default: llm's
-    n_ctx); unified: one KV buffer for all sequences (llama.cpp's kv_unified; the simple split),
-    else one KV stream per sequence (the equal split); steer=False: no eval callback at all (plain
-    llama.cpp, the baseline of benchmarks)."""
+    n_ctx); unified=False (the default, as in llama-server): one KV stream per sequence (the equal
+    split), so each sequence attends over its own cells exactly as it would alone; unified=True: one
+    KV buffer for all (llama.cpp's kv_unified; the simple split); steer=False: no eval callback at
+    all (plain llama.cpp, the baseline of benchmarks)."""
 
     def __init__(self, llm: Any, n_parallel: int = 4, n_ctx: Optional[int] = None, n_batch: int = DEFAULT_BATCH,
-                 unified: bool = True, verbose: bool = False, steer: bool = True):
+                 unified: bool = False, verbose: bool = False, steer: bool = True):
         if not 1 <= n_parallel <= 256:
             raise ValueError(f"n_parallel must be in 1..256, got {n_parallel}")
         self.llm = llm
