@@ -184,7 +184,7 @@ def test_gates_apply_per_row(llm):
 
     path = registry.shipped_flows("smollm2-135m")["refusal"]
     site = Flow.load(path).site(15)
-    engine = Engine(llm, n_parallel=4, n_ctx=256)
+    engine = Engine(llm, n_parallel=4, n_ctx=256, unified=True)  # the simple split: rows in batch order
     try:
         flow = engine.add_flow(path)
         assert flow.info.has_gate
@@ -219,7 +219,7 @@ def test_gates_apply_per_row(llm):
 def test_graph_path_takes_batches_whose_rows_share_their_steering(llm, flows):
     """ggml's CPU backend stands in for a GPU: a ubatch whose rows all carry the same steering goes
     through the flow's ggml graph, a mixed one through the host kernel; both match the reference."""
-    engine = Engine(llm, n_parallel=4, n_ctx=256)
+    engine = Engine(llm, n_parallel=4, n_ctx=256, unified=True)  # the simple split: rows in batch order
     try:
         a = engine.add_flow(flows["a"])
         st = engine.native_steerer
