@@ -29,7 +29,6 @@ from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 
 from ..errors import InnsteerError, SteeringError
-from ..flow import ModelInfo
 from .native import SPLIT_EQUAL, SPLIT_SIMPLE, FlowInfo, NativeFlow, Steerer, eval_callback_address
 from .prompts import Example, finish_reply, prompt_text, reply_stops
 
@@ -188,10 +187,10 @@ class Engine:
             raise ValueError(f"n_parallel must be in 1..256, got {n_parallel}")
         self.llm = llm
         self.n_parallel = n_parallel
+        from .steered import model_info_of, new_steerer
+
         model = llm._model
-        self.model_info = ModelInfo(name=str(llm.metadata.get("general.name", "")),
-                                    architecture=str(llm.metadata.get("general.architecture", "")),
-                                    n_embd=int(model.n_embd()), n_layer=int(llama_cpp.llama_model_n_layer(model.model)))
+        self.model_info = model_info_of(llm)
         if n_parallel > 1 and (llama_cpp.llama_model_is_recurrent(model.model) or llama_cpp.llama_model_is_hybrid(model.model)):
             raise SteeringError(
                 f"architecture '{self.model_info.architecture}' keeps recurrent state, which llama.cpp splits per "
@@ -199,12 +198,7 @@ class Engine:
         self.chat = bool(llm.metadata.get("tokenizer.chat_template"))
         per_seq = int(n_ctx or llm.n_ctx())
         self.n_batch = int(n_batch)
-        self._steerer = Steerer(self.model_info.n_embd, self.model_info.n_layer, max_rows=self.n_batch)
-        threads_batch = int(llm.context_params.n_threads_batch) or 1
-        self._steerer.set_threads(max(1, min(32, threads_batch)))
-        from .steered import path_from_environment
-
-        path_from_environment(self._steerer)
+        self._steerer = new_steerer(self.model_info, llm.context_params, self.n_batch)
         params = llama_cpp.llama_context_params()
         ctypes.memmove(ctypes.byref(params), ctypes.byref(llm.context_params), ctypes.sizeof(params))
         params.n_seq_max = n_parallel
@@ -291,16 +285,13 @@ class Engine:
         if not need:
             return
         bos = int(self.llm.token_bos()) if self.llm.token_bos() >= 0 else 0
-        probe = Job([bos], Sampling(max_tokens=0), score_from=None)
-        probe._probe = True  # type: ignore[attr-defined]
-        self.run([probe])
+        self.run([Job([bos], Sampling(max_tokens=0))])
         missing = [l for l in need if self._steerer.layer_visits(l) == 0]
         if missing:
+            from .steered import missing_layers_error
+
             self.remove_flow(flow)
-            raise SteeringError(
-                f"model architecture '{self.model_info.architecture}' never computed tensor "
-                f"{', '.join(f'l_out-{l}' for l in missing)}: this architecture has no per-layer output "
-                "that innsteer can steer, so the flow would silently do nothing")
+            raise missing_layers_error(self.model_info.architecture, missing)
 
     def set_strength(self, job: Job, flow: EngineFlow, strength: float, gate: Optional[str] = None) -> None:
         """Changes one sequence's strength of a flow; takes effect at the next layer it reaches."""
@@ -645,8 +636,9 @@ class Engine:
 
     def _finish(self, r: _Running, reason: str, error: Optional[BaseException] = None) -> None:
         job = r.job
-        if reason in ("stop", "length") and job.tokens:
-            job.text = _final_text(r.data, r.stops) if reason == "length" else job.text
+        if reason == "length" and job.tokens:
+            # every step already looked for the stop strings: only a trailing partial character is new
+            job.text = r.data.decode("utf-8", errors="replace")
         if job.on_text and len(job.text) > r.emitted and reason in ("stop", "length"):
             piece, r.emitted = job.text[r.emitted:], len(job.text)
             _call(job.on_text, job, piece)
@@ -680,12 +672,3 @@ def _call(fn: Callable[..., None], *args: Any) -> None:
 
 class _Cancelled(Exception):
     """A job that was cancelled (not an error of the engine)."""
-
-
-def _final_text(data: bytes, stops: Sequence[str]) -> str:
-    text = data.decode("utf-8", errors="replace")
-    for s in stops:
-        at = text.find(s)
-        if at >= 0:
-            text = text[:at]
-    return text

@@ -47,6 +47,30 @@ def _finite(strength: float) -> float:
     return value
 
 
+def model_info_of(llm: Llama) -> ModelInfo:
+    """What a loaded model says about itself (a flow is checked against it)."""
+    return ModelInfo(name=str(llm.metadata.get("general.name", Path(llm.model_path).stem)),
+                     architecture=str(llm.metadata.get("general.architecture", "")),
+                     n_embd=int(llm._model.n_embd()), n_layer=int(llama_cpp.llama_model_n_layer(llm._model.model)))
+
+
+def new_steerer(info: ModelInfo, context_params: Any, max_rows: int) -> Steerer:
+    """The native state behind one context's eval callback."""
+    steerer = Steerer(info.n_embd, info.n_layer, max_rows=max(1, max_rows))
+    # prompt batches: as many threads as llama.cpp uses for them (it waits while we run)
+    steerer.set_threads(max(1, min(32, int(context_params.n_threads_batch))))
+    path_from_environment(steerer)
+    return steerer
+
+
+def missing_layers_error(architecture: str, missing: Sequence[int]) -> SteeringError:
+    """A flow whose layers the graph never computes would silently do nothing."""
+    return SteeringError(
+        f"model architecture '{architecture}' never computed tensor "
+        f"{', '.join(f'l_out-{l}' for l in missing)}: this architecture has no per-layer output "
+        "that innsteer can steer, so the flow would silently do nothing")
+
+
 def path_from_environment(steerer: Steerer) -> None:
     """INNSTEER_PATH (auto, host, device, cpu-graph) and INNSTEER_DEVICE_MIN_ROWS choose where the
     flow is computed (docs/PERFORMANCE.md); unset means auto."""
@@ -92,18 +116,8 @@ class SteeredLlama(Llama):
 
     def __init__(self, model_path: str, *args: Any, **kwargs: Any):
         super().__init__(model_path, *args, **kwargs)
-        n_embd = int(self._model.n_embd())
-        n_layer = int(llama_cpp.llama_model_n_layer(self._model.model))
-        self.model_info = ModelInfo(
-            name=str(self.metadata.get("general.name", Path(model_path).stem)),
-            architecture=str(self.metadata.get("general.architecture", "")),
-            n_embd=n_embd,
-            n_layer=n_layer,
-        )
-        self._steerer = Steerer(n_embd, n_layer, max_rows=max(1, int(self.context_params.n_ubatch)))
-        # prompt batches: as many threads as llama.cpp uses for them (it waits while we run)
-        self._steerer.set_threads(max(1, min(32, int(self.context_params.n_threads_batch))))
-        path_from_environment(self._steerer)
+        self.model_info = model_info_of(self)
+        self._steerer = new_steerer(self.model_info, self.context_params, int(self.context_params.n_ubatch))
         self._stack.callback(self._steerer.close)  # runs after the context below is freed
         self._install_callback()
         self._attached: list[AttachedFlow] = []
@@ -242,7 +256,4 @@ class SteeredLlama(Llama):
         missing = sorted(l for l in self._unverified_layers if self._steerer.layer_visits(l) == 0)
         self._unverified_layers.clear()
         if missing:
-            raise SteeringError(
-                f"model architecture '{self.model_info.architecture}' never computed tensor "
-                f"{', '.join(f'l_out-{l}' for l in missing)}: this architecture has no per-layer output "
-                "that innsteer can steer, so the flow would silently do nothing")
+            raise missing_layers_error(self.model_info.architecture, missing)
