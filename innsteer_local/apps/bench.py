@@ -318,43 +318,29 @@ def server_bench(llm: Any, flow_paths: dict[str, Path], parallel: int = 8, n_req
     """Through the OpenAI API on loopback: `serve --parallel N` with N concurrent clients (half
     steered by the given flows, half not) against the same N requests one after another, driven
     by the same client as scripts/llama_server_bench.py drives llama-server."""
-    import socket
-    import threading
-
-    import uvicorn
-
-    from .load_client import chat_bodies, drive, wait_ready
+    from .load_client import chat_bodies, drive
     from .server import Engine as ServerEngine
-    from .server import create_app, model_id_for
+    from .server import model_id_for, serving
 
     engine = ServerEngine(llm, model_id_for(llm), parallel=parallel, queue=4 * n_requests)
     names = []
     for name, path in flow_paths.items():
         engine.load_flow(name, str(path))
         names.append(name)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, 60)
-        prompts = [SERVER_PROMPTS[i % len(SERVER_PROMPTS)] for i in range(n_requests)]
-        steering = [[] if i % 2 == 0 or not names else [{"flow": names[(i // 2) % len(names)], "strength": 1.0}]
-                    for i in range(n_requests)]
-        bodies = chat_bodies(prompts, max_tokens, engine.model_id, steering, extra={"ignore_eos": True})
-        drive(url, bodies[:1], 1)  # warm-up
-        if progress:
-            progress(f"{n_requests} requests, {parallel} at once")
-        together = drive(url, bodies, parallel)
-        if progress:
-            progress(f"{n_requests} requests, one after another")
-        alone = drive(url, bodies, 1)
+        with serving(engine, timeout=60) as url:
+            prompts = [SERVER_PROMPTS[i % len(SERVER_PROMPTS)] for i in range(n_requests)]
+            steering = [[] if i % 2 == 0 or not names else [{"flow": names[(i // 2) % len(names)], "strength": 1.0}]
+                        for i in range(n_requests)]
+            bodies = chat_bodies(prompts, max_tokens, engine.model_id, steering, extra={"ignore_eos": True})
+            drive(url, bodies[:1], 1)  # warm-up
+            if progress:
+                progress(f"{n_requests} requests, {parallel} at once")
+            together = drive(url, bodies, parallel)
+            if progress:
+                progress(f"{n_requests} requests, one after another")
+            alone = drive(url, bodies, 1)
     finally:
-        srv.should_exit = True
-        thread.join(10)
         engine.close()
     stats = [(r or {}).get("steering_stats") for r in together.responses]
     leaks = [i for i, st in enumerate(stats)

@@ -24,6 +24,7 @@ FastAPI and uvicorn are imported only here (the `[serve]` extra).
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request)
 # at run time, and Request is imported inside create_app
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -33,7 +34,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..choices import GATES
 from ..errors import FlowFormatError, FlowMismatchError, InnsteerError
@@ -604,6 +605,32 @@ def create_app(engine: Engine) -> Any:
 
 def model_id_for(llm: Any) -> str:
     return getattr(llm, "model_key", None) or Path(llm.model_path).stem
+
+
+@contextlib.contextmanager
+def serving(engine: Engine, timeout: float = 30) -> Iterator[str]:
+    """The app on a free loopback port, on a thread of this process (benchmarks and tests); yields
+    its base URL and stops the server afterwards (the engine stays the caller's)."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="innsteer-serving")
+    thread.start()
+    deadline = time.time() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise InnsteerError(f"the server did not start on 127.0.0.1:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def default_parallel() -> int:

@@ -6,7 +6,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +35,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    from innsteer_local.apps.server import Engine, create_app
+    from innsteer_local.apps.server import Engine, serving
     from innsteer_local.runtime.steered import SteeredLlama
 
     llm = SteeredLlama(str(model_path), n_ctx=1024, seed=0, n_threads=1, n_threads_batch=1, verbose=False)
@@ -45,17 +44,9 @@ def server(model_path):
     engine.load_flow("honesty", str(SHIPPED["honesty"]))
     engine.load_flow("positivity", "positivity.gguf", strength=2.0)  # shipped name, own default
     engine.add_preset(parse_preset("honest2=honesty:2"))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(10)
+    with serving(engine) as url:
+        yield url, engine
+    engine.close()
     llm.close()
 
 

@@ -24,7 +24,7 @@ QUESTIONS = ["I broke my friend's phone. What should I tell her?", "How do I mak
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    from innsteer_local.apps.server import Engine, create_app
+    from innsteer_local.apps.server import Engine, serving
     from innsteer_local.runtime.steered import SteeredLlama
 
     # one thread: llama.cpp's workers spin while they wait, and the test's own clients need a core
@@ -33,21 +33,8 @@ def server(model_path):
     engine = Engine(llm, "smollm2-135m", parallel=8, queue=16)
     engine.load_flow("honesty", str(SHIPPED["honesty"]))
     engine.load_flow("positivity", "positivity.gguf", strength=2.0)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(10)
+    with serving(engine) as url:
+        yield url, engine
     engine.close()
     llm.close()
 
@@ -55,6 +42,18 @@ def server(model_path):
 def steering_of(i: int) -> list[dict]:
     """Half unsteered; the other half by two flows at different strengths."""
     return [[], [{"flow": "honesty", "strength": 1.5}], [], [{"flow": "positivity", "strength": 1.0}]][i % 4]
+
+
+def stream_until(url: str, i: int, stop: threading.Event, steering: list[dict] | None = None) -> None:
+    """A long streamed generation that reads until `stop` is set (or the reply ends)."""
+    body = {"messages": [{"role": "user", "content": QUESTIONS[i % 8]}], "max_tokens": 300, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    if steering is not None:
+        body["steering"] = steering
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        for _ in r.iter_lines():
+            if stop.is_set():
+                break
 
 
 def wait_idle(engine, timeout: float = 60) -> None:
@@ -128,16 +127,8 @@ def test_models_answer_fast_while_sixteen_generations_run(server):
     url, engine = server
     wait_idle(engine)
     stop = threading.Event()
-
-    def generate(i: int) -> None:
-        body = {"messages": [{"role": "user", "content": QUESTIONS[i % 8]}], "max_tokens": 300, "temperature": 0,
-                "stream": True, "steering": steering_of(i), "ignore_eos": True}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    break
-
-    threads = [threading.Thread(target=generate, args=(i,), daemon=True) for i in range(16)]
+    threads = [threading.Thread(target=stream_until, args=(url, i, stop, steering_of(i)), daemon=True)
+               for i in range(16)]
     for t in threads:
         t.start()
     try:
@@ -167,16 +158,7 @@ def test_a_full_queue_answers_503(server):
     url, engine = server
     wait_idle(engine)
     stop = threading.Event()
-
-    def hold(i: int) -> None:
-        body = {"messages": [{"role": "user", "content": QUESTIONS[i % 8]}], "max_tokens": 300, "temperature": 0,
-                "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    break
-
-    threads = [threading.Thread(target=hold, args=(i,), daemon=True) for i in range(8 + 16)]
+    threads = [threading.Thread(target=stream_until, args=(url, i, stop), daemon=True) for i in range(8 + 16)]
     for t in threads:
         t.start()
     try:
