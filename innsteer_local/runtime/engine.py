@@ -171,6 +171,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return (x - math.log(float(np.exp(x).sum()))).astype(np.float32)
 
 
+def _token_logprob(x: np.ndarray, token: int) -> float:
+    """log softmax(x)[token] without materialising the whole distribution in float64 (a judge
+    with a 262k vocabulary scores every reply token: this was most of an evaluation's time)."""
+    m = float(x.max())
+    return float(x[token]) - m - math.log(float(np.exp(x - m).sum(dtype=np.float64)))
+
+
 class Engine:
     """Many sequences on one llama.cpp context, each steered by its own flows.
 
@@ -591,10 +598,13 @@ class Engine:
             for k in range(len(toks)):
                 if outs[k] and job.scoring:
                     row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, i), shape=(self.n_vocab,))
-                    lp = _log_softmax(row)
-                    job.logprobs.append(float(lp[job.prompt_tokens[pos0 + k + 1]]))
+                    target = job.prompt_tokens[pos0 + k + 1]
                     if job.keep_dists:
+                        lp = _log_softmax(row)
+                        job.logprobs.append(float(lp[target]))
                         job.dists.append(lp)
+                    else:
+                        job.logprobs.append(_token_logprob(row, target))
                 i += 1
             r.n_past = pos0 + len(toks)
             if r.pending:
