@@ -92,10 +92,14 @@ def eval_flow(value: str, model_key: Optional[str], relative: bool) -> FlowSpec:
               help="how open: generations are scored")
 @click.option("--description", default="", help="behaviour description for --scorer similarity")
 @click.option("--topic-words", default="", help="comma-separated words for --scorer topic")
+@click.option("--instruction", default=None,
+              help="ask for the behaviour in words too: adds the prompting baseline (the instruction as a system "
+                   "message; a line before the prompt for base models) and every flow steering on top of it "
+                   "[default: the task file's \"instruction\", if any; suites: each task's own]")
 @click.option("--strengths", default=None, help="comma-separated sweep [default: 0,1,2,3,4; suites: see docs/RESULTS.md]")
 @click.option("--relative", is_flag=True, help="strengths are multiples of each flow's default strength (suites: always)")
-@click.option("--suite", type=click.Choice(["quick", "full"]), default=None,
-              help="preset experiments (see docs/RESULTS.md); full trains every method (needs torch)")
+@click.option("--suite", type=click.Choice(["quick", "full", "pairs"]), default=None,
+              help="preset experiments (see docs/RESULTS.md); full and pairs train every method (need torch)")
 @click.option("--only", default=None, help="comma-separated experiment names of the suite to run")
 @click.option("--layer", type=int, default=None, help="layer the suite trains at [default: 15 for 30 layers, else half]")
 @click.option("--judge", default=None,
@@ -111,7 +115,8 @@ def eval_flow(value: str, model_key: Optional[str], relative: bool) -> FlowSpec:
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="results directory (resumable)")
 def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[str], scorer: Optional[str],
-                 description: str, topic_words: str, strengths: Optional[str], relative: bool, suite: Optional[str],
+                 description: str, topic_words: str, instruction: Optional[str], strengths: Optional[str],
+                 relative: bool, suite: Optional[str],
                  only: Optional[str], layer: Optional[int], judge: Optional[str], limit: Optional[int], max_tokens: Optional[int],
                  temperature: float, seed: int, probe: int, no_prune: bool, threads: Optional[int], output: str) -> None:
     """Compare steering methods over strength sweeps: behaviour score, fluency, 95 % intervals.
@@ -157,7 +162,8 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
         if len({s.name for s in specs}) != len(specs):
             raise click.UsageError("two --flow entries have the same label; name them LABEL=FILE")
         experiments = [Experiment(t.id + ("@relative" if relative else ""), t, specs,
-                                  sweep or [0.0, 1.0, 2.0, 3.0, 4.0], limit, relative)]
+                                  sweep or [0.0, 1.0, 2.0, 3.0, 4.0], limit, relative,
+                                  (instruction if instruction is not None else t.instruction).strip())]
     progress = BarProgress()
     runner: Any = None
     try:

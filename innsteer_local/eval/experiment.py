@@ -10,11 +10,28 @@ from ..runtime.flowspec import FlowSpec
 from .tasks import Task
 
 NONE = "none"  # the unsteered model's label
+PROMPT = "prompt"  # the unsteered model asked for the behaviour (the task's instruction)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What a cell's answers get besides a strength: a flow (or none) and, for the prompting
+    baseline and steering on top of it, the experiment's instruction."""
+
+    flow: Optional[FlowSpec] = None
+    prompted: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.flow is None:
+            return PROMPT if self.prompted else NONE
+        return f"{PROMPT}+{self.flow.name}" if self.prompted else self.flow.name
 
 
 @dataclass
 class Experiment:
-    """One task run over a set of flows and strengths."""
+    """One task run over a set of flows and strengths; with an instruction, also the prompting
+    baseline (the instruction alone) and every flow on top of it."""
 
     name: str
     task: Task
@@ -22,16 +39,24 @@ class Experiment:
     strengths: list[float]
     limit: Optional[int] = None
     relative: bool = False  # strengths are multiples of each flow's own default strength
+    instruction: str = ""  # a system message for chat models, a line before the prompt for base models
+
+    def arms(self) -> list[Arm]:
+        """Every arm in report order: unsteered, prompted, each flow, each flow on the prompt."""
+        arms = [Arm()] + ([Arm(prompted=True)] if self.instruction else []) + [Arm(f) for f in self.flows]
+        return arms + ([Arm(f, prompted=True) for f in self.flows] if self.instruction else [])
 
 
-def label_of(flow: Optional[FlowSpec]) -> str:
-    return NONE if flow is None else flow.name
-
-
-def sweep_cells(flows: Sequence[FlowSpec], strengths: Sequence[float]) -> list[tuple[Optional[FlowSpec], float]]:
-    """Unsteered once, then each flow outward from 0 (so pruning can stop a direction)."""
-    cells: list[tuple[Optional[FlowSpec], float]] = [(None, 0.0)]
+def sweep_cells(flows: Sequence[FlowSpec], strengths: Sequence[float], prompted: bool = False) -> list[tuple[Arm, float]]:
+    """Unsteered once (and prompted once), then each flow outward from 0 (so pruning can stop a
+    direction), then each flow on the prompt the same way."""
+    cells: list[tuple[Arm, float]] = [(Arm(), 0.0)] + ([(Arm(prompted=True), 0.0)] if prompted else [])
     nonzero = sorted({float(s) for s in strengths if s != 0}, key=lambda s: (abs(s), s))
-    for f in flows:
-        cells += [(f, s) for s in nonzero]
+    for on_prompt in (False, True) if prompted else (False,):
+        for f in flows:
+            cells += [(Arm(f, on_prompt), s) for s in nonzero]
     return cells
+
+
+def experiment_cells(exp: Experiment) -> list[tuple[Arm, float]]:
+    return sweep_cells(exp.flows, exp.strengths, bool(exp.instruction))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -37,6 +37,31 @@ def bootstrap_diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000
     alpha = (1.0 - level) / 2.0
     d = da - db
     return float(xa.mean() - xb.mean()), float(np.quantile(d, alpha)), float(np.quantile(d, 1.0 - alpha))
+
+
+# Matched fluency, the one rule behind the eval's headline and `train`'s default strength: the
+# judge's perplexity of the replies alone (geometric mean) within MATCHED_PPL_FACTOR of the
+# unsteered replies' and their mean distinct-2 at least MATCHED_DISTINCT_FACTOR of theirs.
+MATCHED_PPL_FACTOR = 1.25
+MATCHED_DISTINCT_FACTOR = 0.8
+
+
+def geometric_mean(values: Iterable[Optional[float]]) -> float:
+    """Of the finite positive values; NaN when there are none."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x) and x > 0], np.float64)
+    return float(np.exp(np.log(v).mean())) if v.size else math.nan
+
+
+def fluency_ratios(ppl: Sequence[float], distinct2: Sequence[float], base_ppl: Sequence[float],
+                   base_distinct2: Sequence[float]) -> tuple[float, float]:
+    """(perplexity ratio, distinct-2 ratio) of a setting's replies to the unsteered replies'."""
+    base_d2 = float(np.mean(base_distinct2)) if len(base_distinct2) else math.nan
+    d_ratio = float(np.mean(distinct2)) / base_d2 if len(distinct2) and base_d2 > 0 else math.nan
+    return geometric_mean(ppl) / geometric_mean(base_ppl), d_ratio
+
+
+def matched_fluency(ppl_ratio: float, distinct_ratio: float) -> bool:
+    return bool(ppl_ratio <= MATCHED_PPL_FACTOR and distinct_ratio >= MATCHED_DISTINCT_FACTOR)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

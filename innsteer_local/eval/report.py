@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .experiment import NONE, Experiment
+from .experiment import NONE, PROMPT, Experiment
 from .records import Records
 from .summary import (
     FLUENT_MAX_REPEAT,
@@ -41,8 +41,12 @@ def report_markdown(summaries: list[dict[str, Any]], meta: dict[str, Any], plots
              f"perplexity is at most {FLUENT_PPL_FACTOR}x the unsteered median, its distinct-2 at least "
              f"{MATCHED_DISTINCT_FACTOR}x the unsteered median and at most {FLUENT_MAX_REPEAT:.0%} of its 4-grams repeat.", ""]
     for s in summaries:
-        lines += [f"## {s['experiment']} (task `{s['task']}`: higher = {s['higher_is']})", "",
-                  "### Best score at matched fluency", "",
+        lines += [f"## {s['experiment']} (task `{s['task']}`: higher = {s['higher_is']})", ""]
+        if s.get("instruction"):
+            lines += [f"Prompting baseline (`{PROMPT}`): the unsteered model given the instruction \"{s['instruction']}\" "
+                      f"(a system message; a line before the prompt for a base model); `{PROMPT}+METHOD` steers on top "
+                      "of it. Both are judged against the unsteered, unprompted model.", ""]
+        lines += ["### Best score at matched fluency", "",
                   "| method | best score [95 % CI] | at strength | judge ppl ratio | distinct-2 ratio | fluent share | relevance ppl ratio | gain over unsteered |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for h in sorted(s["headline"], key=lambda h: -h["best_score"][0]):
@@ -81,19 +85,28 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[str]:
         return []
     cells = [c for c in summary["cells"] if not c.get("skipped")]
     base = next((c for c in cells if c["method"] == NONE), None)
-    methods = [f["name"] for f in summary["flows"]]
+    prompted = next((c for c in cells if c["method"] == PROMPT), None)
+    methods = [m for m in summary.get("arms", [NONE] + [f["name"] for f in summary["flows"]]) if m not in (NONE, PROMPT)]
     stem = summary["experiment"].replace(":", "_").replace("/", "_")
     fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    if prompted is not None:  # the prompting baseline: one setting, drawn across the sweep
+        ax[0].axhline(prompted["score"][0], color="0.4", ls="--", lw=1, label=f"{PROMPT} (instruction only)")
+        ax[1].plot([prompted["fluency"].get("fluent_share", 1.0)], [prompted["score"][0]], "s", color="0.4",
+                   label=PROMPT)
     for i, m in enumerate(methods):
-        color = f"C{i}"
-        cs = sorted(([base] if base else []) + [c for c in cells if c["method"] == m], key=lambda c: c["strength"])
+        flow_names = [f["name"] for f in summary["flows"]]
+        own = m[len(PROMPT) + 1:] if m.startswith(PROMPT + "+") else m
+        color = f"C{flow_names.index(own) if own in flow_names else i}"  # a flow and the flow on the prompt alike
+        start = prompted if m.startswith(PROMPT + "+") else base
+        cs = sorted(([start] if start else []) + [c for c in cells if c["method"] == m], key=lambda c: c["strength"])
         x = [c["strength"] for c in cs]
         y = np.array([c["score"][0] for c in cs])
         err = np.array([[c["score"][0] - c["score"][1], c["score"][2] - c["score"][0]] for c in cs]).T
-        ax[0].errorbar(x, y, yerr=err, marker="o", capsize=3, label=m, color=color)
+        style = "--" if m.startswith(PROMPT + "+") else "-"
+        ax[0].errorbar(x, y, yerr=err, marker="o", capsize=3, label=m, color=color, ls=style)
         # judge perplexity alone rewards looping text: the x axis combines it with degeneration
         fx = [c["fluency"].get("fluent_share", 1.0) for c in cs]
-        ax[1].plot(fx, y, "o-", label=m, color=color)
+        ax[1].plot(fx, y, "o" + style, label=m, color=color)
         for c, xv, yv in zip(cs, fx, y):
             if c["fluency"].get("matched"):
                 ax[1].plot([xv], [yv], "o", ms=11, mfc="none", mec="k", mew=0.8)

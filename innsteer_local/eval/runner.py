@@ -28,7 +28,7 @@ from ..runtime.flowspec import FlowSpec
 from ..runtime.jobs import BATCH_PARALLEL, Driver, alone_score, fit, open_engine, perplexity, reply_score
 from ..runtime.prompts import reply_example
 from . import metrics
-from .experiment import Experiment, label_of, sweep_cells
+from .experiment import Arm, Experiment, experiment_cells
 from .records import Records
 from .summary import cell_fluency
 from .tasks import Item, Task
@@ -65,16 +65,18 @@ def sampling_for(cfg: EvalConfig, item: Item) -> Sampling:
                     repeat_penalty=1.0, seed=seed)
 
 
-def answer_job(engine: Any, item: Item, cfg: EvalConfig, steering: list[Steer]) -> Job:
-    """The engine job that writes one answer (prompts.prompt_text, cut by job.reply)."""
-    return engine.reply(item.prompt, sampling=sampling_for(cfg, item), steering=steering, chat=cfg.chat)
+def answer_job(engine: Any, item: Item, cfg: EvalConfig, steering: list[Steer], system: str = "") -> Job:
+    """The engine job that writes one answer (prompts.prompt_text, cut by job.reply); system is the
+    instruction of a prompted arm."""
+    return engine.reply(item.prompt, system=system, sampling=sampling_for(cfg, item), steering=steering, chat=cfg.chat)
 
 
-def waves(cells: list[tuple[Optional[FlowSpec], float]]) -> list[list[tuple[Optional[FlowSpec], float]]]:
-    """The cells of a sweep (sweep_cells order) in the waves they run in: the unsteered cell with
-    the smallest strength of every flow, then each larger strength (both signs) of every flow."""
-    base = [c for c in cells if c[0] is None]
-    steered = [c for c in cells if c[0] is not None]
+def waves(cells: list[tuple[Arm, float]]) -> list[list[tuple[Arm, float]]]:
+    """The cells of a sweep (sweep_cells order) in the waves they run in: the unsteered (and the
+    prompted) cell with the smallest strength of every flow, then each larger strength (both
+    signs) of every flow."""
+    base = [c for c in cells if c[0].flow is None]
+    steered = [c for c in cells if c[0].flow is not None]
     sizes = sorted({abs(s) for _, s in steered})
     out = [[c for c in steered if abs(c[1]) == m] for m in sizes] or [[]]
     out[0] = base + out[0]
@@ -164,7 +166,7 @@ class Runner:
 
     # -- one answer --
     def _generation(self, driver: Driver, p: _Pending, item: Item, steering: list[Steer],
-                    scorer: Optional[Callable[[str], float]]) -> None:
+                    scorer: Optional[Callable[[str], float]], system: str = "") -> None:
         cfg, row = self.cfg, p.row
         row.update(text="", n_tokens=0, distinct2=0.0, repeat4=0.0, ppl_self=math.nan, ppl_self_alone=math.nan)
         if self.judge:
@@ -190,14 +192,15 @@ class Runner:
             p.left -= 1
 
         p.left, p.started = 1, True
-        driver.submit(self.engine, answer_job(self.engine, item, cfg, steering), written)
+        driver.submit(self.engine, answer_job(self.engine, item, cfg, steering, system), written)
 
     @staticmethod
     def _scored(p: _Pending, key: str, value: float) -> None:
         p.row[key] = value
         p.left -= 1
 
-    def _loglik(self, driver: Driver, p: _Pending, task: Task, item: Item, steering: list[Steer]) -> None:
+    def _loglik(self, driver: Driver, p: _Pending, task: Task, item: Item, steering: list[Steer],
+                system: str = "") -> None:
         ab = task.id.startswith("ab:")
         answers = unique([item.extra["match"], item.extra["other"]] if ab
                          else sorted(set(item.extra["mc1"]) | set(item.extra["mc2"])))
@@ -218,7 +221,7 @@ class Runner:
 
         p.left, p.started = len(answers), True
         for a in answers:
-            ex = fit(reply_example(self.llm, item.prompt, a, self.cfg.chat), self.engine.n_ctx_seq)
+            ex = fit(reply_example(self.llm, item.prompt, a, self.cfg.chat, system), self.engine.n_ctx_seq)
             driver.submit(self.engine, self.engine.score(ex, steering), lambda j, a=a: scored(a, j))
 
     # -- experiments --
@@ -230,18 +233,18 @@ class Runner:
         scorer = make_scorer(task.scorer, task.description, task.topic_words) if task.kind == "generate" else None
         probe = probe_items(self.cfg.probe_prompts) if task.kind == "loglik" else []
         groups = ((exp.name, items), (exp.name + "/fluency", probe))
-        cells = sweep_cells(exp.flows, exp.strengths)
-        total = sum(1 for f, s in cells for it in items + probe if not self.records.has(
-            exp.name if it in items else exp.name + "/fluency", label_of(f), s, it.id))
+        cells = experiment_cells(exp)
+        total = sum(1 for arm, s in cells for it in items + probe if not self.records.has(
+            exp.name if it in items else exp.name + "/fluency", arm.name, s, it.id))
         self.progress.start(f"{exp.name}", total)
         pruned: set[tuple[str, int]] = set()
         for wave in waves(cells):
-            todo = [(f, s) for f, s in wave if (label_of(f), int(np.sign(s))) not in pruned]
+            todo = [(arm, s) for arm, s in wave if (arm.name, int(np.sign(s))) not in pruned]
             self._run_cells(exp, task, todo, groups, scorer)
-            for flow, s in todo:
+            for arm, s in todo:
                 if s == 0 or not self.cfg.prune:
                     continue
-                label = label_of(flow)
+                label = arm.name
                 fl = cell_fluency(self.records, exp, label, s)
                 if fl.get("degenerate"):
                     pruned.add((label, int(np.sign(s))))
@@ -250,15 +253,16 @@ class Runner:
                                           "larger strengths of this sign skipped")
         self.progress.finish()
 
-    def _run_cells(self, exp: Experiment, task: Task, cells: list[tuple[Optional[FlowSpec], float]],
+    def _run_cells(self, exp: Experiment, task: Task, cells: list[tuple[Arm, float]],
                    groups: tuple[tuple[str, list[Item]], ...], scorer: Optional[Callable[[str], float]]) -> None:
         """Every missing answer of these cells as one batch; records are written in cell, group and
         item order as they complete (each with its share of the wall time)."""
         driver = Driver(self.engine, *([self.judge] if self.judge else []))
         plan: list[_Pending] = []
-        for flow, s in cells:
-            label = label_of(flow)
-            steering, applied = self.steering(flow, s, exp.relative)
+        for arm, s in cells:
+            label = arm.name
+            steering, applied = self.steering(arm.flow, s, exp.relative)
+            system = exp.instruction if arm.prompted else ""
             for group, its in groups:
                 for it in its:
                     if self.records.has(group, label, s, it.id):
@@ -266,9 +270,9 @@ class Runner:
                     p = _Pending(row={})
                     plan.append(p)
                     if group == exp.name and task.kind == "loglik":
-                        self._loglik(driver, p, task, it, steering)
+                        self._loglik(driver, p, task, it, steering, system)
                     else:
-                        self._generation(driver, p, it, steering, scorer if group == exp.name else None)
+                        self._generation(driver, p, it, steering, scorer if group == exp.name else None, system)
                     p.row.update(exp=group, flow=label, strength=s, applied_strength=applied, item=it.id,
                                  group=it.group)
         if not plan:

@@ -10,13 +10,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import metrics
-from .experiment import NONE, Experiment, label_of, sweep_cells
+from .experiment import NONE, PROMPT, Experiment, experiment_cells
 from .records import Records
 
-# Matched fluency (the headline): aggregate judge perplexity within this factor of unsteered,
-# and mean distinct-2 at least this share of unsteered.
-MATCHED_PPL_FACTOR = 1.25
-MATCHED_DISTINCT_FACTOR = 0.8
+# Matched fluency (the headline) is metrics.matched_fluency, the rule `train` chooses by too.
+MATCHED_PPL_FACTOR, MATCHED_DISTINCT_FACTOR = metrics.MATCHED_PPL_FACTOR, metrics.MATCHED_DISTINCT_FACTOR
 # One generation is fluent when its judge perplexity is at most twice the unsteered median, its
 # distinct-2 at least 0.8x the unsteered median and it is not mostly repeated 4-grams: perplexity
 # alone rewards looping text (a judge finds repetition very predictable).
@@ -28,9 +26,7 @@ DEGENERATE_PPL_FACTOR = 2.0
 DEGENERATE_DISTINCT_FACTOR = 0.6
 
 
-def _geo(values: Iterable[float]) -> float:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x) and x > 0], np.float64)
-    return float(np.exp(np.log(v).mean())) if v.size else math.nan
+_geo = metrics.geometric_mean
 
 
 def fluency_key(row: dict[str, Any]) -> str:
@@ -64,7 +60,8 @@ def cell_fluency(records: Records, exp: Experiment, label: str, s: float) -> dic
                     and r["distinct2"] >= MATCHED_DISTINCT_FACTOR * base_d2_med
                     and r["repeat4"] <= FLUENT_MAX_REPEAT) for r in rows]
     ppl, d2 = _geo(r[key] for r in rows), float(np.mean([r["distinct2"] for r in rows]))
-    ppl_ratio, d_ratio = ppl / base_ppl, d2 / base_d2 if base_d2 > 0 else math.nan
+    ppl_ratio, d_ratio = metrics.fluency_ratios([r[key] for r in rows], [r["distinct2"] for r in rows],
+                                                [r[key] for r in base], [r["distinct2"] for r in base])
     fl_share = metrics.bootstrap_ci(fluent)
     return {"judge": key, "n": len(rows), "ppl": ppl, "ppl_ratio": ppl_ratio,
             "ppl_self": _geo(r["ppl_self"] for r in rows),
@@ -72,7 +69,7 @@ def cell_fluency(records: Records, exp: Experiment, label: str, s: float) -> dic
             "distinct2": d2, "distinct_ratio": d_ratio,
             "repeat4": float(np.mean([r["repeat4"] for r in rows])),
             "fluent_share": fl_share[0], "fluent_ci": fl_share[1:],
-            "matched": bool(ppl_ratio <= MATCHED_PPL_FACTOR and d_ratio >= MATCHED_DISTINCT_FACTOR),
+            "matched": metrics.matched_fluency(ppl_ratio, d_ratio),
             "degenerate": bool(ppl_ratio > DEGENERATE_PPL_FACTOR or d_ratio < DEGENERATE_DISTINCT_FACTOR)}
 
 
@@ -101,26 +98,30 @@ def cell_scores(records: Records, exp: Experiment, label: str, s: float) -> dict
 
 def summarize(records: Records, exp: Experiment) -> dict[str, Any]:
     cells = []
-    for flow, s in sweep_cells(exp.flows, exp.strengths):
-        label = label_of(flow)
+    for arm, s in experiment_cells(exp):
+        label = arm.name
         sc = cell_scores(records, exp, label, s)
         if not sc:
             cells.append({"method": label, "strength": s, "skipped": True})
             continue
-        cells.append({"method": label, "strength": s, "gate": flow.gate if flow else "off", **sc,
-                      "fluency": cell_fluency(records, exp, label, s)})
+        cells.append({"method": label, "strength": s, "gate": arm.flow.gate if arm.flow else "off",
+                      "prompted": arm.prompted, **sc, "fluency": cell_fluency(records, exp, label, s)})
     headline = []
     base = next((c for c in cells if c["method"] == NONE and not c.get("skipped")), None)
-    for label in [NONE] + [f.name for f in exp.flows]:
-        own = [c for c in cells if not c.get("skipped") and (c["method"] == label or (c["method"] == NONE and label != NONE))]
+    for arm in exp.arms():
+        label = arm.name
+        # every arm may fall back to the unsteered model; steering on the prompt also to the prompt alone
+        zero = {NONE} | ({PROMPT} if arm.prompted else set())
+        own = [c for c in cells if not c.get("skipped") and (c["method"] == label or c["method"] in zero)]
         ok = [c for c in own if c["fluency"].get("matched", c["method"] == NONE)]
         if not ok:
             continue
         best = max(ok, key=lambda c: c["score"][0])
-        headline.append({"method": label, "best_score": best["score"], "strength": best["strength"],
+        headline.append({"method": label, "best_score": best["score"], "strength": best["strength"], "cell": best["method"],
                          "ppl_ratio": best["fluency"].get("ppl_ratio"), "distinct_ratio": best["fluency"].get("distinct_ratio"),
                          "relevance_ratio": best["fluency"].get("ppl_conditioned_ratio"),
                          "fluent_share": best["fluency"].get("fluent_share"),
                          "gain_over_unsteered": (best["score"][0] - base["score"][0]) if base else None})
     return {"experiment": exp.name, "task": exp.task.id, "higher_is": exp.task.higher_is, "relative": exp.relative,
-            "flows": [asdict(f) for f in exp.flows], "strengths": exp.strengths, "cells": cells, "headline": headline}
+            "flows": [asdict(f) for f in exp.flows], "instruction": exp.instruction,
+            "arms": [a.name for a in exp.arms()], "strengths": exp.strengths, "cells": cells, "headline": headline}

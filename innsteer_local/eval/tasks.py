@@ -39,6 +39,7 @@ class Task:
     description: str = ""
     topic_words: list[str] = field(default_factory=list)
     higher_is: str = "more of the behaviour"
+    instruction: str = ""  # asks for the behaviour in words (the prompting baseline)
 
     def limited(self, limit: Optional[int]) -> list[Item]:
         """The first `limit` items of each group (the order in the files is fixed)."""
@@ -95,7 +96,8 @@ def open_task(path: str, scorer: str, description: str = "", topic_words: Option
     return Task(id=f"open:{p.stem}:{scorer}", kind="generate", scorer=scorer,
                 items=[Item(id=f"{i}", prompt=q) for i, q in enumerate(prompts)],
                 description=description or meta.get("behavior_description", ""),
-                topic_words=list(topic_words or meta.get("topic_words", [])))
+                topic_words=list(topic_words or meta.get("topic_words", [])),
+                instruction=str(meta.get("instruction", "")))
 
 
 def refusal_task() -> Task:

@@ -85,6 +85,9 @@ def finish_reply(text: str, chat: bool) -> str:
     return text.strip()
 
 
-def reply_example(llm: Any, prompt: str, reply: str, chat: bool) -> Example:
-    """The prompt as the model is asked it, followed by the reply (the scored tokens)."""
-    return chat_example(llm, prompt, reply) if chat else text_example(llm, plain_prompt(prompt), " " + reply.lstrip())
+def reply_example(llm: Any, prompt: str, reply: str, chat: bool, system: str = "") -> Example:
+    """The prompt as the model is asked it (prompt_text: with the instruction, if any), followed by
+    the reply (the scored tokens)."""
+    if chat:
+        return chat_example(llm, prompt, reply, system or None)
+    return text_example(llm, plain_prompt(f"{system} {prompt}" if system else prompt), " " + reply.lstrip())

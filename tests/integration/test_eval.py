@@ -37,7 +37,10 @@ def test_quick_suite_reduced_then_resumed(tmp_path):
     assert results["meta"]["judge"] and "gemma" in results["meta"]["judge"]
     for e in exps.values():
         methods = {c["method"] for c in e["cells"]}
-        assert methods == {"none", "innsteer", "innsteer-gated", "mean-diff"}
+        flows = {"innsteer", "innsteer-gated", "mean-diff"}
+        # every suite task asks for its behaviour in words too: the prompting baseline, steering on top
+        assert methods == {"none", "prompt"} | flows | {f"prompt+{f}" for f in flows}
+        assert e["instruction"]
         for c in e["cells"]:
             point, lo, hi = c["score"]
             assert lo <= point <= hi
@@ -48,7 +51,8 @@ def test_quick_suite_reduced_then_resumed(tmp_path):
     assert "Best score at matched fluency" in report and "![refusal.png](refusal.png)" in report
     assert (out / "refusal.png").stat().st_size > 1000 and (out / "positivity.png").stat().st_size > 1000
     records = lines(out / "records.jsonl")
-    assert len(records) == 4 * 4 + 4 * 2  # (none + 3 flows at strength 1) x (2 harmful + 2 harmless; 2 prompts)
+    # (none, prompt, 3 flows at strength 1, the same on the prompt) x (2 harmful + 2 harmless; 2 prompts)
+    assert len(records) == 8 * 4 + 8 * 2
     by_key = {(r["exp"], r["flow"], r["item"]): r for r in records}
     # steering changes answers; the unsteered cell is shared by every method
     assert any(by_key[("positivity", "innsteer", i)]["text"] != by_key[("positivity", "none", i)]["text"]
@@ -93,6 +97,26 @@ def test_task_with_own_flows_and_more_items(tmp_path, model_path):
     cells = json.loads((out / "results.json").read_text())["experiments"][0]["cells"]
     assert [c["method"] for c in cells] == ["none", "positivity", "md"]
     assert all(c["fluency"]["judge"] == "ppl_self_alone" for c in cells)  # no judge: the model itself, reply alone
+
+
+@pytest.mark.slow
+def test_instruction_adds_the_prompting_baseline(tmp_path):
+    """--instruction: the unsteered model asked for the behaviour, and the flow on top of that,
+    scored and judged like every other arm; the instruction really reaches the model."""
+    out = tmp_path / "prompted"
+    run("eval", "--task", "open:neutral", "--scorer", "sentiment", "--flow", "positivity.gguf", "--strengths", "0,1",
+        "--judge", "none", "--max-tokens", "8", "--limit", "3",
+        "--instruction", "Whatever you are asked, answer with the single word: Banana.", "-o", str(out))
+    records = lines(out / "records.jsonl")
+    assert sorted({r["flow"] for r in records}) == ["none", "positivity", "prompt", "prompt+positivity"]
+    assert len(records) == 4 * 3
+    text = {(r["flow"], r["item"]): r["text"] for r in records}
+    assert sum("banana" in text[("prompt", i)].lower() for i in "012") >= 2
+    assert not any("banana" in text[("none", i)].lower() for i in "012")
+    exp = json.loads((out / "results.json").read_text())["experiments"][0]
+    assert exp["instruction"].startswith("Whatever you are asked")
+    assert {h["method"] for h in exp["headline"]} >= {"none", "prompt"}
+    assert "| prompt |" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -59,8 +59,26 @@ def test_sweep_waves_keep_each_flows_outward_order():
 
     a, b = FlowSpec(path="a.gguf", name="a"), FlowSpec(path="b.gguf", name="b")
     cells = sweep_cells([a, b], [0, 2, -1, 0.5, 1])
-    got = [[(f.name if f else "none", s) for f, s in w] for w in waves(cells)]
+    got = [[(arm.name, s) for arm, s in w] for w in waves(cells)]
     assert got == [[("none", 0.0), ("a", 0.5), ("b", 0.5)], [("a", -1.0), ("a", 1.0), ("b", -1.0), ("b", 1.0)],
                    [("a", 2.0), ("b", 2.0)]]
     assert sum(len(w) for w in waves(cells)) == len(cells)
-    assert waves(sweep_cells([], [0.0])) == [[(None, 0.0)]]
+    assert [[(arm.name, s) for arm, s in w] for w in waves(sweep_cells([], [0.0]))] == [[("none", 0.0)]]
+
+
+def test_an_instruction_adds_the_prompting_baseline_and_steering_on_top():
+    """With an instruction: the prompted model once (beside the unsteered one), every flow alone and
+    every flow on the prompt, each outward from 0; without one, none of the prompted arms."""
+    from innsteer_local.eval.experiment import Experiment, experiment_cells
+    from innsteer_local.eval.tasks import Item, Task
+
+    a = FlowSpec(path="a.gguf", name="a")
+    task = Task(id="t", kind="generate", items=[Item(id="0", prompt="hi")], scorer="topic")
+    exp = Experiment("t", task, [a], [0, 1, 0.5], instruction="Talk about the sea.")
+    assert [arm.name for arm in exp.arms()] == ["none", "prompt", "a", "prompt+a"]
+    cells = [(arm.name, arm.prompted, s) for arm, s in experiment_cells(exp)]
+    assert cells == [("none", False, 0.0), ("prompt", True, 0.0), ("a", False, 0.5), ("a", False, 1.0),
+                     ("prompt+a", True, 0.5), ("prompt+a", True, 1.0)]
+    plain = Experiment("t", task, [a], [0, 1])
+    assert [arm.name for arm in plain.arms()] == ["none", "a"]
+    assert not any(arm.prompted for arm, _ in experiment_cells(plain))
