@@ -348,7 +348,13 @@ def behaviors_show(name: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="torch device for training through the model")
-@click.option("--steps", type=click.IntRange(1), default=None, help="optimiser steps through the model [default: 40]")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="optimiser steps of the shift through the model (all of --method vector; a flow's linear phase) "
+                   "[default: 40]")
+@click.option("--coupling-steps", type=click.IntRange(0), default=None,
+              help="innsteer: further steps in which the couplings move too [default: 20]")
+@click.option("--precision", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
+              help="of the layers above the steered one while training (auto: bf16 where it measures faster here)")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
               help="learning rate of the shift through the model [default: 3e-3 for innsteer, 1e-2 for vector; couplings a third of it]")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="geometry objective epochs [default: 60]")
@@ -361,14 +367,16 @@ def behaviors_show(name: str) -> None:
 @click.option("--max-pairs", type=click.IntRange(1), default=None,
               help="train on the first N contrastive pairs only (a quick trial)")
 @click.option("--no-select", is_flag=True,
-              help="skip choosing the checkpoint and default strength by generation (default strength 1)")
+              help="skip choosing the checkpoint and calibrating strength 1 by generation on held-out prompts "
+                   "(strength 1 stays the trained unit)")
 @click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True)
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
               help="write report.md, metrics.json and plots here")
 @click.option("--no-cache", is_flag=True, help="write the data and collect activations again even if cached")
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
 def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], layer: str, method: str,
-          objective: str, output: str, seed: int, device: str, steps: Optional[int], lr: Optional[float],
+          objective: str, output: str, seed: int, device: str, steps: Optional[int], coupling_steps: Optional[int],
+          precision: str, lr: Optional[float],
           epochs: Optional[int],
           rank: Optional[int], blocks: Optional[int], hidden: Optional[int], positions: str,
           max_pairs: Optional[int], no_select: bool, dtype: str, report_dir: Optional[str], no_cache: bool,
@@ -405,7 +413,9 @@ def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], l
         from ..train.inn import InnConfig
         from ..train.through import ThroughConfig
 
-        cfg.through = ThroughConfig(seed=seed, inn=InnConfig(seed=seed, **shape), **({"steps": steps} if steps else {}),
+        cfg.through = ThroughConfig(seed=seed, inn=InnConfig(seed=seed, **shape), precision=precision,
+                                    **({"steps": steps} if steps else {}),
+                                    **({"coupling_steps": coupling_steps} if coupling_steps is not None else {}),
                                     **({"lr": lr, "coupling_lr": lr / 3} if lr else {}))
     elif method == "innsteer":
         from ..train.geometry import GeometryConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,18 @@ class Flow:
         from .format import write_flow
 
         write_flow(self, path, dtype=dtype)
+
+    def rescale(self, factor: float) -> None:
+        """Makes strength `factor` the new strength 1: every site's shift (and edit scale) is
+        multiplied by it (phi is unchanged, so the map at each strength is exactly the old map at
+        factor times that strength); the default strength is divided by it."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"rescale needs a finite positive factor, got {factor!r}")
+        for site in self.sites:
+            site.delta = (site.delta.astype(np.float64) * factor).astype(np.float32)
+            if site.edit_scale is not None:
+                site.edit_scale = (site.edit_scale.astype(np.float64) * factor).astype(np.float32)
+        self.default_strength = float(self.default_strength / factor)
 
     @classmethod
     def linear(cls, vectors: dict[int, np.ndarray], model: ModelInfo, **meta: Any) -> "Flow":

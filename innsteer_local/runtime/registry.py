@@ -104,6 +104,38 @@ def is_cached(e: ModelEntry) -> bool:
     return stamp == {"sha256": e.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a model file, hashed once per size and mtime: a verified registry model's stamp,
+    else a memo in the cache dir (a multi-GB GGUF takes seconds to hash)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        known = json.loads(_stamp(path).read_text())
+        if {k: known.get(k) for k in stamp} == stamp and known.get("sha256"):
+            return str(known["sha256"])
+    except (OSError, ValueError):
+        pass
+    memo_path = cache_dir() / "sha256.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    entry_ = memo.get(str(path))
+    if isinstance(entry_, dict) and {k: entry_.get(k) for k in stamp} == stamp and entry_.get("sha256"):
+        return str(entry_["sha256"])
+    digest = _sha256(path)
+    memo[str(path)] = {**stamp, "sha256": digest}
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f"sha256.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError:  # a read-only cache only costs hashing again next time
+        pass
+    return digest
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

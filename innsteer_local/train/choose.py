@@ -1,7 +1,15 @@
-"""Selection of the shipped checkpoint and default strength by generation (train/select.py does
-the measuring): each candidate at strength 1, then the best candidate over a strength sweep. Each
-sequence carries its own steering (Steer), so no setting is written as 'this flow on, the others
-off'."""
+"""The last step of `train`: which candidate to ship and what its strength 1 means, chosen by what
+the steered model writes on held-out prompts (train/select.py measures).
+
+Every candidate (a flow's checkpoints: the end of its linear phase and the end of training; a
+linear method's one vector) writes replies at a ladder of strengths around its trained operating
+point, all side by side in one batch with the unsteered model. The winner is the candidate with the
+best behaviour score at matched fluency (metrics.matched_fluency: the eval's own rule). The shipped
+flow is then **calibrated**: its shift is rescaled so that strength 1 is the rung just below that
+best setting (strength 1 is also the file's default). So strength 1 means the same for every method
+and data source: well inside matched fluency on held-out prompts, with the most behaviour at about
+1.4 and the text breaking towards 2.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,11 @@ from . import behaviors, select
 from .data import Dataset
 
 _WORD = re.compile(r"[a-z']+")
+
+# strengths tried, as multiples of the trained unit (training samples [0.5, 1.5]), in steps of about
+# sqrt 2; a candidate with no fluent setting gets the next two below
+LADDER = (0.7, 1.0, 1.4)
+LADDER_DOWN = (0.5, 0.35)
 
 
 def contrast_scorer(ds: Dataset) -> Callable[[str], float]:
@@ -52,33 +65,34 @@ def scorer_for(recipe: Optional[behaviors.Recipe], ds: Dataset) -> tuple[str, Ca
     return "contrast", contrast_scorer(ds)
 
 
-def _prompts(out: Any, recipe: Optional[behaviors.Recipe], n: int) -> tuple[list[str], list[str]]:
+def _prompts(out: Any, recipe: Optional[behaviors.Recipe], n: int, n_selective: int) -> tuple[list[str], list[str]]:
+    """Held-out behaviour prompts, and neutral ones for a selective behaviour (data with neutral
+    items): n behaviour prompts, or n_selective of each kind (the same number of replies or a few more)."""
     if recipe is not None and recipe.held_out_prompts:
-        return recipe.held_out_prompts[:n], recipe.held_out_neutral[:n]
-    prompts, neutral = out.held_out
-    if not prompts:  # activation-based methods train on every pair: take the last ones
-        prompts = [p.positive_prompt for p in out.data.pairs[-n:] if p.positive_prompt]
-        neutral = [x.prompt for x in out.data.neutral[-n:]]
-    return prompts[:n], neutral[:n]
+        prompts, neutral = recipe.held_out_prompts, recipe.held_out_neutral
+    else:
+        prompts, neutral = out.held_out
+        if not prompts:  # activation-based methods train on every pair: take the last ones
+            prompts = [p.positive_prompt for p in out.data.pairs[-n:] if p.positive_prompt]
+            neutral = [x.prompt for x in out.data.neutral[-n_selective:]]
+    if neutral:
+        return prompts[:n_selective], neutral[:n_selective]
+    return prompts[:n], []
 
 
 def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, progress: Any) -> None:
-    """Sets out.flow (the chosen candidate with its default strength) and out.selection.
-
-    Each candidate is generated at strength 1 (the trained operating point); the best one then
-    walks out from 1 (0.75 and 0.5 when 1 is not fluent or not better than nothing; 1.5, then 2,
-    while the last step was fluent and better): a few settings instead of a full grid. Each stage
-    is one batch on one engine over llm (the unsteered model and every candidate at 1; then both
-    strengths of the walk, of which the second is kept only where the walk reaches it)."""
-    prompts, neutral = _prompts(out, recipe, cfg.select_prompts)
+    """Sets out.flow (the chosen candidate, calibrated: default strength 1) and out.selection."""
+    prompts, neutral = _prompts(out, recipe, cfg.select_prompts, cfg.select_neutral)
     if not prompts:
-        progress.message("no prompts to select on (pairs without prompts): keeping strength 1")
+        progress.message("no prompts to select on (pairs without prompts): keeping the trained unit as strength 1")
         return
     name, scorer = scorer_for(recipe, out.data)
     chat = bool(llm.metadata.get("tokenizer.chat_template"))
     candidates = out.candidates or [(0, out.flow)]
-    progress.phase(f"choosing by generation ({name} score)", 1 + len(candidates) + 2)
-    judge = select.Judge(llm, scorer, chat, cfg.select_tokens)
+    progress.phase(f"choosing and calibrating by generation ({name} score)", 1 + len(candidates) * len(LADDER))
+    per_setting = len(prompts) + len(neutral)
+    judge = select.Judge(llm, scorer, chat, cfg.select_tokens,
+                         parallel=min(32, per_setting * (1 + len(candidates) * len(LADDER))))
     done = 0
     settings: list[select.Setting] = []
     with tempfile.TemporaryDirectory(prefix="innsteer-select-") as tmp:
@@ -97,42 +111,76 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
                 progress.update(done)
                 return raws
 
-            # stage 1: the unsteered model and every candidate at its operating point
-            first_raws = measure([(-1, 0.0)] + [(i, 1.0) for i in range(len(candidates))])
-            base_raw = first_raws[0]
+            stage = [(-1, 0.0)] + [(i, a) for i in range(len(candidates)) for a in LADDER]
+            raws = measure(stage)
+            base_raw = raws[0]
             baseline = select.summarise(base_raw, base_raw, -1, 0.0)
-            settings = [select.summarise(r, base_raw, i, 1.0) for i, r in enumerate(first_raws[1:])]
-            first = select.best(settings, baseline)
-            pick = first.candidate if first.candidate >= 0 else len(candidates) - 1
-            at_one = next(s for s in settings if s.candidate == pick)
-            # stage 2: the walk out from 1. Both of its strengths run side by side; the second counts
-            # only where walking one step at a time would have gone on to it
-            up = at_one.fluent and at_one.score > baseline.score
-            walk = (1.5, 2.0) if up else (0.75, 0.5)
-            walked = [select.summarise(r, base_raw, pick, a)
-                      for a, r in zip(walk, measure([(pick, a) for a in walk]))]
-            for s in walked:
-                settings.append(s)
-                if up:
-                    if not (s.fluent and s.score > at_one.score):
-                        break
-                    at_one = s
-                elif s.fluent and s.score > baseline.score:
-                    break
+            settings = [select.summarise(r, base_raw, i, a) for (i, a), r in zip(stage[1:], raws[1:])]
+            settings = _smoothed(settings, baseline)
+            # the ladder goes down where a candidate has no fluent setting (where its best is the top
+            # rung, strength 1 is the rung below it: going up would not change it)
+            more = [(i, a) for i in range(len(candidates)) if not any(s.fluent for s in settings if s.candidate == i)
+                    for a in LADDER_DOWN]
+            if more:
+                settings = _smoothed(settings + [select.summarise(r, base_raw, i, a) for (i, a), r in
+                                                 zip(more, measure(more))], baseline)
         finally:
             judge.close()
-    chosen = select.best([s for s in settings if s.candidate == pick], baseline)
-    step, flow = candidates[pick]
+    tops = [select.best([s for s in settings if s.candidate == i], baseline) for i in range(len(candidates))]
+    pick = _pick(tops, [_held_out_loss(out, step) for step, _ in candidates])
+    chosen = tops[pick]
     note = ""
-    if chosen.strength == 0.0:  # nothing was fluent and better: ship the gentlest strength tried
-        chosen_strength = min(s.strength for s in settings if s.candidate == pick)
-        note = "no setting beat the unsteered model at matched fluency; default set to the smallest strength tried"
+    own = sorted((s for s in settings if s.candidate == pick), key=lambda s: s.strength)
+    fluent = [s.strength for s in own if s.fluent]
+    if chosen.strength == 0.0:  # nothing fluent beat the unsteered model: the largest fluent push, or the gentlest
+        unit = max(fluent) if fluent else own[0].strength
+        note = ("no setting beat the unsteered model at matched fluency on the held-out prompts; strength 1 is "
+                + ("the largest fluent setting tried" if fluent else "the gentlest setting tried (none was fluent)"))
     else:
-        chosen_strength = chosen.strength
-    flow.default_strength = float(chosen_strength)
+        # one rung below the best setting at matched fluency (when that one is fluent too): measured on
+        # a few prompts the perplexity ratio varies by about 15 %, and the best setting is usually the
+        # last fluent one, so strength 1 keeps a margin inside matched fluency on other prompts
+        lower = [a for a in fluent if a < chosen.strength]
+        unit = max(lower) if lower else chosen.strength
+    step, flow = candidates[pick]
+    flow.rescale(unit)
+    flow.default_strength = 1.0
+    phase = _phase(out, step)
     flow.provenance["selection"] = {"scorer": name, "prompts": len(prompts), "neutral_prompts": len(neutral),
-                                    "tokens": cfg.select_tokens, "checkpoint_step": step,
-                                    "baseline": baseline.row(), "chosen": chosen.row(), **({"note": note} if note else {})}
+                                    "tokens": cfg.select_tokens, "checkpoint_step": step, "phase": phase,
+                                    "unit": unit, "baseline": baseline.row(), "chosen": chosen.row(),
+                                    "default": next(s for s in own if s.strength == unit).row(),
+                                    **({"note": note} if note else {})}
     out.flow = flow
-    out.selection = [baseline.row()] + [s.row() for s in settings]
+    out.selection = [baseline.row()] + [s.row() | {"calibrated": s.strength / unit if s.candidate == pick else None}
+                                        for s in settings]
     out.metrics["selection"] = flow.provenance["selection"]
+
+
+def _smoothed(settings: list[select.Setting], baseline: select.Setting) -> list[select.Setting]:
+    """Every candidate's settings with monotone fluency ratios (select.smooth)."""
+    return [s for i in sorted({s.candidate for s in settings})
+            for s in select.smooth([s for s in settings if s.candidate == i], baseline)]
+
+
+def _pick(tops: list[select.Setting], losses: list[Optional[float]]) -> int:
+    """The candidate with the best score at matched fluency; among those whose score ties it (within a
+    standard error over the held-out prompts: a few prompts cannot tell them apart), the one with
+    the lowest held-out objective; then the earlier (a flow's linear phase before its couplings)."""
+    best = max(range(len(tops)), key=lambda i: tops[i].score)
+    tied = [i for i in range(len(tops)) if tops[i].ties(tops[best])]
+    return min(tied, key=lambda i: (losses[i] if losses[i] is not None else math.inf, i))
+
+
+def _held_out_loss(out: Any, step: int) -> Optional[float]:
+    """The objective on held-out pairs at a checkpoint (recorded in the training history)."""
+    row = next((h for h in out.history if h.get("step") == step), None)
+    return row.get("val_loss") if row else None
+
+
+def _phase(out: Any, step: int) -> str:
+    """Which part of training a checkpoint ends: a flow's linear phase (its shift alone) or all of it."""
+    linear_end = out.metrics.get("linear_steps")
+    if linear_end and step == linear_end:
+        return "linear"
+    return "full"

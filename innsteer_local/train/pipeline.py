@@ -33,8 +33,6 @@ from .linear import LinearProbe, linear_flow, mean_diff
 # honesty at layer 15 was visible and still fluent there
 DEFAULT_MOVE_FRACTION = 0.16
 OBJECTIVES = ("model", "geometry")
-# strengths tried when choosing the default (multiples of the operating point)
-SELECT_STRENGTHS = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 class Progress:
@@ -53,8 +51,9 @@ class TrainConfig:
     positions: str = "completion"
     device: str = "auto"
     select: bool = True  # choose checkpoint and default strength by generation
-    select_tokens: int = 64
-    select_prompts: int = 6  # held-out behaviour prompts (and as many neutral ones) per setting
+    select_tokens: int = 40  # as long as eval's replies (select.SELECT_TOKENS)
+    select_prompts: int = 6  # held-out behaviour prompts per setting
+    select_neutral: int = 4  # a selective behaviour (data with neutral items): this many of each kind
     through: Any = None  # ThroughConfig (torch) for the model objective
     geometry: Any = None  # GeometryConfig (torch) for the geometry objective
 
@@ -158,7 +157,7 @@ def train(llm: Any, data: Dataset | behaviors.Recipe, layer: int | str, cfg: Opt
                 provenance={"data": ds.name, "data_sha256": ds.digest(), "pairs": len(ds.pairs),
                             "neutral_items": len(ds.neutral), "seed": cfg.seed, "method": cfg.method})
     if through:
-        out = _train_through(llm, ds, layers[0], cfg, recipe, meta, progress)
+        out = _train_through(llm, ds, layers[0], cfg, recipe, meta, progress, cache_dir)
     else:
         out = _train_from_activations(llm, ds, layers, cfg, meta, cache_dir, progress)
     out.seconds = {**seconds, **out.seconds}
@@ -233,22 +232,23 @@ def _train_from_activations(llm: Any, ds: Dataset, layers: Sequence[int], cfg: T
 
 
 def _train_through(llm: Any, ds: Dataset, layer: int, cfg: TrainConfig, recipe: Optional[behaviors.Recipe],
-                   meta: dict[str, Any], progress: Progress) -> TrainOutcome:
+                   meta: dict[str, Any], progress: Progress, cache_dir: Optional[Path] = None) -> TrainOutcome:
     from dataclasses import asdict
 
     from ..runtime.prompts import reply_example
     from .hf_model import HFModel
     from .inn import InnFlow, VectorFlow
-    from .through import ThroughConfig, ThroughTrainer, encode, reply_rows
+    from .through import EncodingCache, ThroughConfig, ThroughTrainer, encode, reply_rows
 
     tcfg = cfg.through or ThroughConfig(seed=cfg.seed)
+    t0 = time.perf_counter()
     if recipe is not None:
         tcfg.weights.preservation = recipe.preservation
     chat = bool(llm.metadata.get("tokenizer.chat_template"))
-    t0 = time.perf_counter()
     progress.message("loading the model in transformers (dequantized to float32)")
     hf = HFModel(llm.model_path, layer, device=cfg.device, architecture=llm.model_info.architecture,
-                 threads=int(llm.context_params.n_threads) or None)
+                 threads=int(llm.context_params.n_threads) or None,
+                 cache_dir=None if cache_dir is None else cache_dir / "torch", precision=tcfg.precision)
     if hf.n_embd != llm.model_info.n_embd:
         raise InnsteerError(f"transformers reads n_embd {hf.n_embd} from {llm.model_path}, llama.cpp "
                             f"{llm.model_info.n_embd}: not the same model")
@@ -261,7 +261,9 @@ def _train_through(llm: Any, ds: Dataset, layer: int, cfg: TrainConfig, recipe: 
     n_texts = 2 * len(pair_ex) + len(neutral_ex)
     progress.phase("encoding texts below the layer", n_texts)
     enc = encode(hf, [x for pr in pair_ex for x in pr] + neutral_ex, tcfg.max_reply_tokens,
-                 progress=lambda done, total: progress.update(done))
+                 progress=lambda done, total: progress.update(done),
+                 cache=None if cache_dir is None else EncodingCache.for_model(
+                     cache_dir / "encoded", llm.model_path, layer, tcfg.max_reply_tokens, hf.precision))
     pairs = list(zip(enc[0: 2 * len(pair_ex): 2], enc[1: 2 * len(pair_ex): 2]))
     neutral = enc[2 * len(pair_ex):]
     seconds = {"load_and_encode": time.perf_counter() - t0}
@@ -272,7 +274,7 @@ def _train_through(llm: Any, ds: Dataset, layer: int, cfg: TrainConfig, recipe: 
     flow_t = VectorFlow(sd, v) if cfg.method == "vector" else InnFlow(mu, sd, v, tcfg.inn)
     trainer = ThroughTrainer(hf, flow_t, pairs, neutral, tcfg)
     t1 = time.perf_counter()
-    progress.phase(f"training {'the vector' if cfg.method == 'vector' else 'phi'} through the model", tcfg.steps)
+    progress.phase(f"training {'the vector' if cfg.method == 'vector' else 'phi'} through the model", trainer.total_steps)
     history, checkpoints = trainer.fit(lambda step, total, row: progress.update(step, row))
     seconds["train"] = time.perf_counter() - t1
 
@@ -288,7 +290,8 @@ def _train_through(llm: Any, ds: Dataset, layer: int, cfg: TrainConfig, recipe: 
 
     candidates = [(step, to_flow(state)) for step, state in checkpoints]
     out = TrainOutcome(flow=candidates[-1][1], layer=layer, data=ds, history=history, seconds=seconds)
-    out.metrics = {"layer": layer, "start": history[0], "end": history[-1], "checkpoints": [s for s, _ in candidates]}
+    out.metrics = {"layer": layer, "start": history[0], "end": history[-1], "checkpoints": [s for s, _ in candidates],
+                   "linear_steps": trainer.linear_steps}
     out.candidates = candidates
     out.held_out = _val_prompts(ds, trainer)
     return out

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..eval.metrics import MATCHED_DISTINCT_FACTOR, MATCHED_PPL_FACTOR
 from .linear import LinearProbe
 from .pipeline import TrainOutcome, held_out_mask
 
@@ -38,12 +39,21 @@ def summary(out: TrainOutcome) -> str:
     sel = m.get("selection")
     if sel:
         c, b = sel["chosen"], sel["baseline"]
-        lines.append(f"chosen by generation ({sel['scorer']} score, {sel['prompts']} held-out prompts, "
-                     f"{sel['tokens']} tokens): checkpoint {sel['checkpoint_step']}, default strength "
-                     f"{out.flow.default_strength:g}; behaviour {b['behaviour']:.3f} -> {c['behaviour']:.3f}"
-                     + (f", on neutral prompts {b['neutral']:.3f} -> {c['neutral']:.3f}" if sel["neutral_prompts"] else "")
-                     + f"; perplexity x{c['ppl_ratio']:.2f}, distinct-2 x{c['distinct_ratio']:.2f}, "
-                       f"KL p95 {c['kl_p95']:.2f} nat")
+        d = sel.get("default", c)
+        phase = {"linear": "the end of the linear phase (its shift alone)", "full": "the end of training"}.get(
+            sel.get("phase", ""), "")
+
+        def at(r: dict[str, Any]) -> str:
+            return (f"behaviour {r['behaviour']:.3f}"
+                    + (f", on neutral prompts {r['neutral']:.3f}" if sel["neutral_prompts"] else "")
+                    + f", perplexity x{r['ppl_ratio']:.2f}, distinct-2 x{r['distinct_ratio']:.2f}")
+
+        lines.append(f"chosen by generation ({sel['scorer']} score, {sel['prompts']} held-out prompts"
+                     + (f" and {sel['neutral_prompts']} neutral ones" if sel["neutral_prompts"] else "")
+                     + f", {sel['tokens']} tokens): checkpoint {sel['checkpoint_step']}" + (f" ({phase})" if phase else ""))
+        lines.append(f"calibrated: strength 1 (the default) = {sel['unit']:g}x the trained unit; unsteered: {at(b)}; "
+                     f"at strength 1: {at(d)}; best at matched fluency (strength {c['strength'] / sel['unit']:.3g}): "
+                     f"{at(c)}")
         if sel.get("note"):
             lines.append(f"note: {sel['note']}")
     return "\n".join(lines)
@@ -64,7 +74,7 @@ def write_report(out: TrainOutcome, flow_path: Path, report_dir: Path) -> None:
     """report.md, metrics.json and PNG plots."""
     report_dir.mkdir(parents=True, exist_ok=True)
     metrics = {"flow": str(flow_path), "layer": out.layer, "method": out.flow.method, "sweep": out.sweep,
-               "history": out.history, "selection": out.selection, "seconds": out.seconds, **out.metrics}
+               "history": out.history, "seconds": out.seconds, **out.metrics, "selection_settings": out.selection}
     plt = _plt()
     plots: list[str] = []
     if plt is not None:
@@ -81,12 +91,16 @@ def write_report(out: TrainOutcome, flow_path: Path, report_dir: Path) -> None:
              f"Flow file: `{flow_path}`", "", "```", summary(out), "```", ""]
     if out.selection:
         lines += ["## Selection by generation (held-out prompts)", "",
-                  "| checkpoint | strength | behaviour | neutral | score | ppl ratio | distinct-2 ratio | repeat-4 | KL p95 | fluent |",
+                  "Strengths in the trained unit; *calibrated* is the same setting in the shipped flow's "
+                  "strengths (the chosen candidate only).", "",
+                  "| checkpoint | strength | calibrated | behaviour | neutral | score | ppl ratio | distinct-2 ratio | repeat-4 | matched fluency |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in out.selection:
-            lines.append(f"| {r['candidate']} | {r['strength']:g} | {r['behaviour']:.3f} | {r['neutral']:.3f} | "
+            cal = r.get("calibrated")
+            lines.append(f"| {r['candidate']} | {r['strength']:g} | {'' if cal is None else format(cal, '.3g')} | "
+                         f"{r['behaviour']:.3f} | {r['neutral']:.3f} | "
                          f"{r['score']:.3f} | {r['ppl_ratio']:.2f} | {r['distinct_ratio']:.2f} | {r['repeat4']:.2f} | "
-                         f"{r['kl_p95']:.2f} | {'yes' if r['fluent'] else 'no'} |")
+                         f"{'yes' if r['fluent'] else 'no'} |")
         lines.append("")
     if out.sweep:
         lines += ["## Layer sweep", "", "| layer | probe accuracy | mean-diff flip rate |", "|---:|---:|---:|"]
@@ -148,14 +162,17 @@ def _plot_selection(plt: Any, out: TrainOutcome, report_dir: Path) -> list[str]:
         label = f"checkpoint {step}" if out.candidates else out.flow.method
         ax[0].plot([r["strength"] for r in rows], [r["score"] for r in rows], "o-", label=label)
         ax[1].plot([r["strength"] for r in rows], [r["ppl_ratio"] for r in rows], "o-", label=f"{label}: perplexity")
-        ax[1].plot([r["strength"] for r in rows], [r["kl_p95"] for r in rows], "s--", label=f"{label}: KL p95")
-    ax[0].axvline(out.flow.default_strength, color="k", ls=":", lw=0.8)
-    ax[0].set_xlabel("strength")
+        ax[1].plot([r["strength"] for r in rows], [r["distinct_ratio"] for r in rows], "s--", label=f"{label}: distinct-2")
+    unit = out.flow.provenance.get("selection", {}).get("unit")
+    if unit:
+        ax[0].axvline(unit, color="k", ls=":", lw=0.8, label="calibrated strength 1")
+    ax[0].set_xlabel("strength (trained unit)")
     ax[0].set_title("held-out behaviour score (generated replies)")
     ax[0].legend(fontsize=8)
-    ax[1].axhline(1.25, color="k", ls=":", lw=0.8)
-    ax[1].set_xlabel("strength")
-    ax[1].set_title("fluency: perplexity ratio, KL p95 (nat)")
+    ax[1].axhline(MATCHED_PPL_FACTOR, color="k", ls=":", lw=0.8)
+    ax[1].axhline(MATCHED_DISTINCT_FACTOR, color="0.5", ls=":", lw=0.8)
+    ax[1].set_xlabel("strength (trained unit)")
+    ax[1].set_title("fluency against unsteered (matched: ppl <= 1.25, distinct-2 >= 0.8)")
     ax[1].legend(fontsize=7)
     return _save(plt, fig, report_dir, "selection.png")
 

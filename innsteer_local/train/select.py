@@ -1,10 +1,8 @@
-"""Choosing what to ship by what the steered model writes: each candidate flow (a checkpoint of
-training) generates greedy replies to held-out prompts through llama.cpp at a few strengths
-(all settings of a stage side by side on the batched engine, asked and cut as eval does);
-behaviour is scored with the eval harness's scorers, fluency with its metrics (the unsteered
-model's perplexity of the reply alone, distinct-2, repeated 4-grams) and the per-token KL of the
-steered to the unsteered model along the steered reply (iso-KL: the 95th percentile should stay
-near 1 nat). The best behaviour at matched fluency wins; its strength becomes the default."""
+"""Measuring what a trained flow makes the model write: greedy replies to held-out prompts through
+llama.cpp (every setting side by side on the batched engine, asked and cut as eval asks and cuts),
+behaviour scored with the eval harness's scorers, fluency with its metrics (the unsteered model's
+perplexity of the reply alone, distinct-2, repeated 4-grams), judged by the eval's own rule for
+matched fluency (metrics.matched_fluency). train/choose.py decides with these measurements."""
 
 from __future__ import annotations
 
@@ -15,14 +13,6 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..eval import metrics
-
-# the eval harness's matched fluency (eval/summary.py); and a guard on the per-token KL along the
-# steered reply: iso-KL calibration puts ordinary steering near 1 nat at the 95th percentile, but a
-# behaviour that changes how a reply opens is far from the unsteered model on exactly those tokens,
-# so only a rollout that has left the model's distribution altogether is refused here
-PPL_FACTOR = 1.25
-DISTINCT_FACTOR = 0.8
-KL_P95_MAX = 4.0
 
 
 @dataclass
@@ -36,8 +26,12 @@ class Setting:
     ppl_ratio: float
     distinct_ratio: float
     repeat4: float
-    kl_p95: float
     replies: list[str] = field(default_factory=list)
+    stderr: float = 0.0  # standard error of score over the prompts
+
+    def ties(self, other: "Setting") -> bool:
+        """Whether the two scores are within the larger of their standard errors."""
+        return abs(self.score - other.score) <= max(self.stderr, other.stderr)
 
     @property
     def score(self) -> float:
@@ -45,14 +39,20 @@ class Setting:
 
     @property
     def fluent(self) -> bool:
-        return (self.ppl_ratio <= PPL_FACTOR and self.distinct_ratio >= DISTINCT_FACTOR
-                and self.kl_p95 <= KL_P95_MAX)
+        """Matched fluency, exactly as eval's headline judges it."""
+        return metrics.matched_fluency(self.ppl_ratio, self.distinct_ratio)
 
     def row(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k != "replies"} | {"score": self.score, "fluent": self.fluent}
 
 
+def _stderr(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 JUDGE_CTX = 1024  # tokens per sequence: a held-out prompt and its reply
+# replies as long as eval's (eval/runner.py EvalConfig.max_tokens), so fluency means the same
+SELECT_TOKENS = 40
 
 
 def reply_job(engine: Any, prompt: str, chat: bool, max_tokens: int, steering: Sequence[Any] = ()) -> Any:
@@ -66,12 +66,14 @@ def reply_job(engine: Any, prompt: str, chat: bool, max_tokens: int, steering: S
 
 class Judge:
     """Generation, scoring and fluency for selection, on an engine over the model being trained
-    (its weights are shared; each sequence carries its own candidate and strength)."""
+    (its weights are shared; each sequence carries its own candidate and strength). The model
+    itself judges fluency: a user's own model may have no judge of another family at hand."""
 
-    def __init__(self, llm: Any, scorer: Callable[[str], float], chat: bool, max_tokens: int = 64):
-        from ..runtime.jobs import open_engine
+    def __init__(self, llm: Any, scorer: Callable[[str], float], chat: bool, max_tokens: int = SELECT_TOKENS,
+                 parallel: Optional[int] = None):
+        from ..runtime.jobs import BATCH_PARALLEL, open_engine
 
-        self.engine = open_engine(llm, min(JUDGE_CTX, llm.n_ctx()))
+        self.engine = open_engine(llm, min(JUDGE_CTX, llm.n_ctx()), parallel or BATCH_PARALLEL)
         self.scorer, self.chat, self.max_tokens = scorer, chat, max_tokens
 
     def add_candidate(self, path: Any) -> Any:
@@ -85,82 +87,86 @@ class Judge:
             settings: Sequence[tuple[Optional[Any], float]]) -> list[dict[str, Any]]:
         """Replies and raw measurements of each setting (a candidate flow, or None, at a strength),
         all settings side by side: every reply is generated, then scored the moment it is written:
-        behaviour, distinct-2, repeated 4-grams, the unsteered model's perplexity of the reply
-        alone, and the KL(steered || unsteered) of every reply token (two teacher-forced passes
-        over prompt + reply, one with the setting's steering and one without)."""
+        behaviour, distinct-2, repeated 4-grams and the unsteered model's perplexity of the reply
+        alone."""
         from ..runtime.engine import Steer
-        from ..runtime.jobs import Driver, alone_score, kl_rows, perplexity, reply_score
+        from ..runtime.jobs import Driver, alone_score, perplexity
 
         engine, driver = self.engine, Driver(self.engine)
         slots: list[list[dict[str, Any]]] = []
 
-        def written(job: Any, prompt: str, slot: dict[str, Any], steering: list[Any]) -> None:
+        def written(job: Any, slot: dict[str, Any]) -> None:
             text = slot["text"] = job.reply
-            if not text:
-                return
-            alone = alone_score(engine, text)
+            alone = alone_score(engine, text) if text else None
             if alone is not None:
                 driver.submit(engine, alone, lambda j: slot.update(ppl=perplexity(j)))
-            if steering:  # the steered and the unsteered distributions along the reply
-                pair = [reply_score(engine, prompt, text, self.chat, steering, keep_dists=True),
-                        reply_score(engine, prompt, text, self.chat, (), keep_dists=True)]
-
-                def both(_: Any) -> None:
-                    if all(j.done for j in pair):
-                        slot["kl"] = kl_rows(pair[0].dists, pair[1].dists)
-                        for j in pair:
-                            j.dists = []
-
-                for j in pair:
-                    driver.submit(engine, j, both)
 
         for flow, strength in settings:
             steering = [Steer(flow, float(strength))] if flow is not None and strength != 0.0 else []
             per: list[dict[str, Any]] = []
             for group, ps in (("scores", prompts), ("neutral_scores", neutral_prompts)):
                 for p in ps:
-                    slot: dict[str, Any] = {"group": group, "text": "", "ppl": None, "kl": []}
+                    slot: dict[str, Any] = {"group": group, "text": "", "ppl": None}
                     per.append(slot)
                     driver.submit(engine, reply_job(engine, p, self.chat, self.max_tokens, steering),
-                                  lambda j, p=p, slot=slot, steering=steering: written(j, p, slot, steering))
+                                  lambda j, slot=slot: written(j, slot))
             slots.append(per)
         driver.run()
         out = []
         for per in slots:
-            raw: dict[str, Any] = {"texts": [], "scores": [], "neutral_scores": [], "ppl": [], "d2": [], "rep": [],
-                                   "kl": []}
+            raw: dict[str, Any] = {"texts": [], "scores": [], "neutral_scores": [], "ppl": [], "d2": [], "rep": []}
             for slot in per:
                 text = slot["text"]
                 raw["texts"].append(text)
                 raw[slot["group"]].append(self.scorer(text))
                 raw["d2"].append(metrics.distinct_n(text, 2))
                 raw["rep"].append(metrics.repeated_ngram_share(text, 4))
-                raw["kl"] += slot["kl"]
                 if slot["ppl"] is not None and math.isfinite(slot["ppl"]):
                     raw["ppl"].append(slot["ppl"])
             out.append(raw)
         return out
 
 
-def _geo(values: Sequence[float]) -> float:
-    v = np.asarray([x for x in values if x and math.isfinite(x)], np.float64)
-    return float(np.exp(np.log(v).mean())) if v.size else math.nan
-
-
 def summarise(raw: dict[str, Any], base: dict[str, Any], candidate: int, strength: float) -> Setting:
-    d_base = float(np.mean(base["d2"])) if base["d2"] else 1.0
+    ppl_ratio, distinct_ratio = metrics.fluency_ratios(raw["ppl"], raw["d2"], base["ppl"], base["d2"])
     return Setting(candidate=candidate, strength=strength,
                    behaviour=float(np.mean(raw["scores"])) if raw["scores"] else 0.0,
                    neutral=float(np.mean(raw["neutral_scores"])) if raw["neutral_scores"] else 0.0,
-                   ppl_ratio=_geo(raw["ppl"]) / _geo(base["ppl"]) if base["ppl"] else 1.0,
-                   distinct_ratio=float(np.mean(raw["d2"])) / d_base if d_base > 0 else 1.0,
+                   ppl_ratio=ppl_ratio if math.isfinite(ppl_ratio) else 1.0,
+                   distinct_ratio=distinct_ratio if math.isfinite(distinct_ratio) else 1.0,
                    repeat4=float(np.mean(raw["rep"])) if raw["rep"] else 0.0,
-                   kl_p95=float(np.percentile(raw["kl"], 95)) if raw["kl"] else 0.0,
-                   replies=list(raw["texts"]))
+                   replies=list(raw["texts"]),
+                   stderr=math.hypot(_stderr(raw["scores"]), _stderr(raw["neutral_scores"])))
+
+
+def smooth(settings: Sequence[Setting], baseline: Setting) -> list[Setting]:
+    """One candidate's settings with their fluency ratios made monotone in |strength| (isotonic
+    regression from the unsteered baseline outwards: perplexity ratio non-decreasing, distinct-2
+    ratio non-increasing). Measured on a few prompts, a ratio jumps up and down from one strength
+    to the next (1.20, 1.57, 1.21 at 0.7, 1 and 1.4 on 8 refusal prompts) although pushing harder
+    does not make text more fluent; the rule is then applied to the smoothed ratios."""
+    from dataclasses import replace
+
+    order = sorted(settings, key=lambda s: abs(s.strength))
+    ppl = _isotonic([baseline.ppl_ratio] + [s.ppl_ratio for s in order])[1:]
+    d2 = [-x for x in _isotonic([-baseline.distinct_ratio] + [-s.distinct_ratio for s in order])[1:]]
+    return [replace(s, ppl_ratio=p, distinct_ratio=d) for s, p, d in zip(order, ppl, d2)]
+
+
+def _isotonic(y: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence closest to y in squared error (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in y:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(int(n))]
 
 
 def best(settings: Sequence[Setting], baseline: Setting) -> Setting:
-    """The best score among fluent settings; the baseline (strength 0) if none is fluent or better."""
+    """The best score among fluent settings (ties: the smaller strength); the baseline (strength 0)
+    if none is fluent and better."""
     fluent = [s for s in settings if s.fluent]
     if not fluent:
         return baseline

@@ -75,7 +75,8 @@ def test_gradient_matches_finite_differences(tiny):
         for item in (x for g in group for x in (g if isinstance(g, tuple) else (g,))):
             item.hidden, item.base_logp, item.base_final = item.hidden.double(), item.base_logp.double(), item.base_final.double()
     try:
-        trainer = ThroughTrainer(tiny, flow, pairs, neutral, ThroughConfig(val_fraction=0.0))
+        # every row live: the gradient of the whole objective (by default it stops at the early prompt rows)
+        trainer = ThroughTrainer(tiny, flow, pairs, neutral, ThroughConfig(val_fraction=0.0, live_prompt=None))
         a = torch.tensor([0.7, 1.3, 0.9], dtype=torch.float64)
         sign = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
         a_neutral = torch.tensor([1.1, -0.6], dtype=torch.float64)
@@ -107,6 +108,27 @@ def test_gradient_matches_finite_differences(tiny):
         tiny.model.float()
 
 
+def test_the_cached_prefix_changes_the_gradient_path_not_the_values(tiny):
+    """above() runs the early prompt rows once without gradients and caches their keys and values:
+    the objective (and the reply's log-probabilities) are those of one pass over whole texts."""
+    pairs, neutral = data(tiny)
+    flow, _, _ = make_flow(pairs, neutral)
+    with torch.no_grad():
+        for p in flow.couplings.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    a, sign, a_neutral = torch.tensor([0.7, 1.3, 0.9]), torch.tensor([1.0, -1.0, 1.0]), torch.tensor([1.1, -0.6])
+    values = []
+    for live in (1, 2, None):  # a split right before the reply, one a row earlier, no split at all
+        trainer = ThroughTrainer(tiny, flow, pairs, neutral, ThroughConfig(val_fraction=0.0, live_prompt=live))
+        with torch.no_grad():
+            values.append({k: float(v) for k, v in trainer.losses(pairs[:3], neutral[:2], a, sign, a_neutral).items()})
+        lay = tiny.layout([(it.tokens, it.start) for it in neutral], live)
+        assert (lay.P > 0) == (live is not None)
+    for k in values[0]:
+        assert values[0][k] == pytest.approx(values[2][k], rel=1e-5, abs=1e-6)
+        assert values[1][k] == pytest.approx(values[2][k], rel=1e-5, abs=1e-6)
+
+
 def test_identity_start_is_the_mean_diff_vector(tiny):
     pairs, neutral = data(tiny)
     flow, v, rows = make_flow(pairs, neutral, blocks=3)
@@ -125,12 +147,12 @@ def test_identity_start_is_the_mean_diff_vector(tiny):
 def test_training_lowers_the_held_out_objective(tiny):
     pairs, neutral = data(tiny)
     flow, _, _ = make_flow(pairs, neutral)
-    cfg = ThroughConfig(steps=30, pairs_per_step=3, neutral_per_step=2, lr=0.05, coupling_lr=0.01, val_fraction=0.25,
-                        checkpoints=1)
+    cfg = ThroughConfig(steps=30, coupling_steps=10, pairs_per_step=3, neutral_per_step=2, lr=0.05, coupling_lr=0.01,
+                        val_fraction=0.25, checkpoints=1)
     trainer = ThroughTrainer(tiny, flow, pairs, neutral, cfg)
     history, checkpoints = trainer.fit()
     assert history[0]["val_loss"] > history[-1]["val_loss"]
-    assert [s for s, _ in checkpoints] == [30]
+    assert [s for s, _ in checkpoints] == [30, 40]
 
 
 def test_exported_flow_steers_like_the_torch_modules(tiny, tmp_path):
@@ -147,3 +169,73 @@ def test_exported_flow_steers_like_the_torch_modules(tiny, tmp_path):
     for a in (1.0, -1.5):
         want = flow.steer(torch.tensor(rows[:9]), a).detach().numpy()
         np.testing.assert_allclose(native.steer(rows[:9].astype(np.float32), a), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_flow_trains_its_shift_alone_first(tiny):
+    """The linear phase: the couplings stay at the identity, so its checkpoint is a vector; the
+    coupling phase then moves them. The vector method has only the first phase."""
+    pairs, neutral = data(tiny)
+    flow, _, rows = make_flow(pairs, neutral)
+    start = {k: v.clone() for k, v in flow.couplings.state_dict().items()}
+    cfg = ThroughConfig(steps=3, coupling_steps=2, pairs_per_step=3, neutral_per_step=2, val_fraction=0.0)
+    trainer = ThroughTrainer(tiny, flow, pairs, neutral, cfg)
+    history, checkpoints = trainer.fit()
+    assert trainer.linear_steps == 3 and [s for s, _ in checkpoints] == [3, 5] and len(history) == 6
+    linear_state, final_state = checkpoints[0][1], checkpoints[1][1]
+    for k, v in start.items():
+        assert torch.equal(linear_state[f"couplings.{k}"], v)
+    assert any(not torch.equal(final_state[f"couplings.{k}"], v) for k, v in start.items())
+    flow.load_state_dict(linear_state)
+    h = torch.tensor(rows[:5])
+    edit = (flow.steer(h, 1.0) - h).detach().numpy()
+    np.testing.assert_allclose(edit, np.broadcast_to(edit[0], edit.shape), atol=1e-5)  # the same shift for every row
+    np.testing.assert_allclose((flow.steer(h, 2.0) - h).detach().numpy(), 2 * edit, atol=1e-5)
+
+    vector = VectorFlow(rows.std(0), rows[0] - rows[1])
+    v_trainer = ThroughTrainer(tiny, vector, pairs, neutral, cfg)
+    _, v_checkpoints = v_trainer.fit()
+    assert v_trainer.linear_steps == 0 and [s for s, _ in v_checkpoints] == [3]
+
+
+def test_encodings_are_read_back_from_the_cache(tiny, tmp_path):
+    from innsteer_local.train.through import EncodingCache
+
+    cache = EncodingCache(tmp_path / "enc")
+    examples = texts(5, 6)
+    first = encode(tiny, examples, max_reply=4, cache=cache)
+    assert len(list((tmp_path / "enc").glob("*.safetensors"))) == 6
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the cache should have answered")
+
+    below, tiny.below = tiny.below, no_model
+    try:
+        again = encode(tiny, examples, max_reply=4, cache=cache)
+    finally:
+        tiny.below = below
+    for a, b in zip(first, again):
+        assert a.tokens == b.tokens and a.start == b.start
+        for name in ("hidden", "base_logp", "base_final"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+    # one new text is encoded, the others still come from the cache
+    mixed = encode(tiny, examples[:2] + texts(9, 1), max_reply=4, cache=cache)
+    assert len(mixed) == 3 and len(list((tmp_path / "enc").glob("*.safetensors"))) == 7
+
+
+def test_the_dequantized_copy_loads_the_same_model(tmp_path):
+    from innsteer_local.train.hf_model import _load_copy, _save_copy
+
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=WIDTH, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    _save_copy(model, tmp_path / "copy")
+    loaded = _load_copy(tmp_path / "copy")
+    assert loaded is not None
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight  # still tied
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    (tmp_path / "copy" / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert _load_copy(tmp_path / "copy") is None  # a damaged copy is rebuilt, not trusted
+    assert _load_copy(tmp_path / "nothing") is None
