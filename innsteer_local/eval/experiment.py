@@ -40,6 +40,7 @@ class Experiment:
     limit: Optional[int] = None
     relative: bool = False  # strengths are multiples of each flow's own default strength
     instruction: str = ""  # a system message for chat models, a line before the prompt for base models
+    prompted_strengths: Optional[list[float]] = None  # of the flows on the prompt (default: strengths)
 
     def arms(self) -> list[Arm]:
         """Every arm in report order: unsteered, prompted, each flow, each flow on the prompt."""
@@ -47,16 +48,22 @@ class Experiment:
         return arms + ([Arm(f, prompted=True) for f in self.flows] if self.instruction else [])
 
 
-def sweep_cells(flows: Sequence[FlowSpec], strengths: Sequence[float], prompted: bool = False) -> list[tuple[Arm, float]]:
+def sweep_cells(flows: Sequence[FlowSpec], strengths: Sequence[float], prompted: bool = False,
+                prompted_strengths: Optional[Sequence[float]] = None) -> list[tuple[Arm, float]]:
     """Unsteered once (and prompted once), then each flow outward from 0 (so pruning can stop a
-    direction), then each flow on the prompt the same way."""
+    direction), then each flow on the prompt the same way (at prompted_strengths, if given)."""
     cells: list[tuple[Arm, float]] = [(Arm(), 0.0)] + ([(Arm(prompted=True), 0.0)] if prompted else [])
-    nonzero = sorted({float(s) for s in strengths if s != 0}, key=lambda s: (abs(s), s))
-    for on_prompt in (False, True) if prompted else (False,):
+
+    def outward(values: Sequence[float]) -> list[float]:
+        return sorted({float(s) for s in values if s != 0}, key=lambda s: (abs(s), s))
+
+    for f in flows:
+        cells += [(Arm(f), s) for s in outward(strengths)]
+    if prompted:
         for f in flows:
-            cells += [(Arm(f, on_prompt), s) for s in nonzero]
+            cells += [(Arm(f, True), s) for s in outward(prompted_strengths or strengths)]
     return cells
 
 
 def experiment_cells(exp: Experiment) -> list[tuple[Arm, float]]:
-    return sweep_cells(exp.flows, exp.strengths, bool(exp.instruction))
+    return sweep_cells(exp.flows, exp.strengths, bool(exp.instruction), exp.prompted_strengths)

@@ -51,6 +51,7 @@ class Plan:
     max_pairs: Optional[int] = None  # train on the first pairs only (collection time grows with them)
     instruction: str = ""  # the behaviour asked for in words: the prompting baseline, and steering on top of it
     relative: bool = True  # strengths are multiples of each flow's default; else absolute (the pairs suite)
+    prompted_strengths: Optional[list[float]] = None  # of the flows on the prompt, where coarser than the sweep
 
 
 # what the prompting baseline asks for (a system message; a line before the prompt on base models)
@@ -84,6 +85,7 @@ SPACE_WORDS = ["space", "star", "stars", "planet", "planets", "moon", "astronaut
                "asteroid", "nasa", "solar", "spaceship", "constellation", "satellite", "lunar", "nebula"]
 # the pairs suite: absolute strengths from 0 to 4 in steps of 0.25 (strength 1 is what training calibrated)
 PAIRS_STRENGTHS = [i / 4 for i in range(17)]
+PAIRS_PROMPTED_STRENGTHS = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]  # steering on top of the prompt: a coarser look
 
 
 def _checks_task(scorer: str, words: Optional[list[str]] = None) -> Task:
@@ -94,7 +96,7 @@ def _pairs_plans() -> list[Plan]:
     """Behaviours from files of fixed sentences, as a user writes them (eval/data/checks/), each
     trained with `train --pairs FILE` and its defaults; evaluated on 48 prompts none of them uses."""
     sea = behaviors.spec("topic-ocean")["topic_words"]
-    common = dict(limit=32, relative=False)
+    common = dict(limit=32, relative=False, prompted_strengths=PAIRS_PROMPTED_STRENGTHS)
     return [
         Plan("sea-pairs", lambda: _checks_task("topic", sea), pairs=str(CHECKS / "sea.jsonl"),
              instruction=INSTRUCTIONS["topic-ocean"], **common),
@@ -183,4 +185,4 @@ def build(suite: str, llm: Any, model_key: Optional[str], out_dir: Path, layer: 
                 flows.append(FlowSpec(path=str(path), name=method))
         yield Experiment(plan.name, plan.task(), flows, list(strengths or suite_strengths(suite)),
                          limit if limit is not None else plan.limit, relative=plan.relative,
-                         instruction=plan.instruction)
+                         instruction=plan.instruction, prompted_strengths=None if strengths else plan.prompted_strengths)

@@ -181,6 +181,6 @@ def _held_out_loss(out: Any, step: int) -> Optional[float]:
 def _phase(out: Any, step: int) -> str:
     """Which part of training a checkpoint ends: a flow's linear phase (its shift alone) or all of it."""
     linear_end = out.metrics.get("linear_steps")
-    if linear_end and step == linear_end:
-        return "linear"
-    return "full"
+    if not linear_end:  # one phase only: a vector, a linear method
+        return ""
+    return "linear" if step == linear_end else "full"

@@ -235,6 +235,7 @@ def _train_through(llm: Any, ds: Dataset, layer: int, cfg: TrainConfig, recipe: 
                    meta: dict[str, Any], progress: Progress, cache_dir: Optional[Path] = None) -> TrainOutcome:
     from dataclasses import asdict
 
+    from ..runtime import registry
     from ..runtime.prompts import reply_example
     from .hf_model import HFModel
     from .inn import InnFlow, VectorFlow
@@ -248,7 +249,8 @@ def _train_through(llm: Any, ds: Dataset, layer: int, cfg: TrainConfig, recipe: 
     progress.message("loading the model in transformers (dequantized to float32)")
     hf = HFModel(llm.model_path, layer, device=cfg.device, architecture=llm.model_info.architecture,
                  threads=int(llm.context_params.n_threads) or None,
-                 cache_dir=None if cache_dir is None else cache_dir / "torch", precision=tcfg.precision)
+                 # the dequantized copy is the model's, not this data's: one per GGUF in the user cache
+                 cache_dir=None if cache_dir is None else registry.cache_dir() / "torch", precision=tcfg.precision)
     if hf.n_embd != llm.model_info.n_embd:
         raise InnsteerError(f"transformers reads n_embd {hf.n_embd} from {llm.model_path}, llama.cpp "
                             f"{llm.model_info.n_embd}: not the same model")

@@ -27,10 +27,37 @@ EFFECT_COSINE = 0.9  # cosine between the steering effects on the last position'
 
 
 @pytest.fixture(scope="module")
-def hf(model_path):
+def copies(tmp_path_factory):
+    return tmp_path_factory.mktemp("torch-copies")
+
+
+@pytest.fixture(scope="module")
+def hf(model_path, copies):
     from innsteer_local.train.hf_model import HFModel
 
-    return HFModel(model_path, LAYER)
+    return HFModel(model_path, LAYER, cache_dir=copies, precision="f32")  # dequantizes, then keeps a copy
+
+
+def test_the_dequantized_copy_is_the_same_model(hf, model_path, copies):
+    """The second load reads the copy (keyed by the GGUF's sha256), not the GGUF: same tensors."""
+    from innsteer_local.runtime.registry import file_sha256
+    from innsteer_local.train import hf_model
+
+    folder = copies / file_sha256(model_path)[:32]
+    assert (folder / "model.safetensors").is_file()
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("the copy should have been used")
+
+    real, hf_model._load_gguf = hf_model._load_gguf, no_gguf
+    try:
+        again = hf_model.HFModel(model_path, LAYER, cache_dir=copies, precision="f32")
+    finally:
+        hf_model._load_gguf = real
+    want, got = hf.model.state_dict(), again.model.state_dict()
+    assert set(want) == set(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
 
 
 def test_block_output_matches_llama_cpp(hf, steered):
@@ -61,9 +88,12 @@ def test_torch_and_llama_cpp_steer_the_logits_alike(hf, steered, model_info, tmp
     path = tmp_path / "f.gguf"
     Flow(model=model_info, sites=[flow_t.site(LAYER)]).save(path)
 
+    lay = hf.layout([(ex.tokens, len(ex.tokens) - 1)], None)  # every row live
+
     def torch_logp(a: float) -> np.ndarray:
         with torch.no_grad():
-            final = hf.above(flow_t.steer(rows[None], a), b)[0, -1]
+            prefix, live = hf.place([rows], lay)
+            final = hf.above(prefix, flow_t.steer(live, a), lay)[0, -1]
             return torch.log_softmax(hf.logits(final), -1).numpy()
 
     def cpp_logp() -> np.ndarray:
@@ -84,16 +114,20 @@ def test_torch_and_llama_cpp_steer_the_logits_alike(hf, steered, model_info, tmp
 
 def test_train_end_to_end_through_the_model(tmp_path):
     out, report = tmp_path / "r.gguf", tmp_path / "report"
-    proc = subprocess.run([CLI, "train", "--behavior", "refusal", "--max-pairs", "8", "--steps", "4", "-o", str(out),
-                           "--report", str(report)], capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run([CLI, "train", "--behavior", "refusal", "--max-pairs", "8", "--steps", "4",
+                           "--coupling-steps", "2", "-o", str(out), "--report", str(report)],
+                          capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     flow = Flow.load(out)
     assert flow.method == "innsteer" and flow.provenance["objective"] == "model"
     assert flow.sites[0].gate is not None and len(flow.sites[0].ops) > 1
     sel = flow.provenance["selection"]
-    assert sel["scorer"] == "refusal" and sel["prompts"] == 6 and sel["tokens"] == 64
-    assert flow.default_strength in (0.5, 0.75, 1.0, 1.5, 2.0)
+    # refusal is selective: held-out harmful and harmless prompts, replies as long as eval's
+    assert sel["scorer"] == "refusal" and sel["prompts"] == 4 and sel["neutral_prompts"] == 4 and sel["tokens"] == 40
+    # the two phases' checkpoints competed; the winner is calibrated: its strength 1 is a rung it was measured at
+    assert sel["checkpoint_step"] in (4, 6) and sel["phase"] == {4: "linear", 6: "full"}[sel["checkpoint_step"]]
+    assert flow.default_strength == 1.0 and sel["unit"] in (0.35, 0.5, 0.7, 1.0, 1.4)
     metrics = json.loads((report / "metrics.json").read_text())
-    assert len(metrics["history"]) == 5 and len(metrics["selection"]) >= 4
+    assert len(metrics["history"]) == 7 and len(metrics["selection_settings"]) >= 7
     assert (report / "loss_curves.png").stat().st_size > 0 and (report / "selection.png").stat().st_size > 0
-    assert "chosen by generation" in proc.stdout
+    assert "chosen by generation" in proc.stdout and "calibrated: strength 1" in proc.stdout
