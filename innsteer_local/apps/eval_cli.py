@@ -112,13 +112,16 @@ def eval_flow(value: str, model_key: Optional[str], relative: bool) -> FlowSpec:
 @click.option("--probe", type=click.IntRange(1), default=8, show_default=True,
               help="neutral prompts generated per setting to measure fluency on likelihood tasks")
 @click.option("--no-prune", is_flag=True, help="run every strength even after a setting has degenerated")
+@click.option("--relevance", is_flag=True,
+              help="also judge each reply after its prompt (the relevance column; doubles the judge's work)")
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="results directory (resumable)")
 def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[str], scorer: Optional[str],
                  description: str, topic_words: str, instruction: Optional[str], strengths: Optional[str],
                  relative: bool, suite: Optional[str],
                  only: Optional[str], layer: Optional[int], judge: Optional[str], limit: Optional[int], max_tokens: Optional[int],
-                 temperature: float, seed: int, probe: int, no_prune: bool, threads: Optional[int], output: str) -> None:
+                 temperature: float, seed: int, probe: int, no_prune: bool, relevance: bool, threads: Optional[int],
+                 output: str) -> None:
     """Compare steering methods over strength sweeps: behaviour score, fluency, 95 % intervals.
 
     \b
@@ -172,7 +175,7 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
                        "judge_sha256": _sha256(judge_path) if judge_path else None,
                        "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         cfg = EvalConfig(max_tokens=max_tokens, temperature=temperature, seed=seed, probe_prompts=probe,
-                         prune=not no_prune)
+                         prune=not no_prune, relevance=relevance)
         runner = Runner(str(model_path), str(judge_path) if judge_path else None, out_dir, cfg, progress, threads)
         cfg.chat = bool(runner.llm.metadata.get("tokenizer.chat_template"))
         runner_meta["chat"] = cfg.chat

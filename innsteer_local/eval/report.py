@@ -36,7 +36,7 @@ def report_markdown(summaries: list[dict[str, Any]], meta: dict[str, Any], plots
              f"temperature {meta['temperature']}, seed {meta['seed']}. Scores: mean with bootstrap 95 % interval. "
              f"Fluency is judged on the reply itself: the judge's perplexity of the reply alone (the perplexity "
              f"of the reply after its prompt also charges a requested change of subject; it is the relevance "
-             f"column). Matched fluency: judge perplexity (geometric mean) within {MATCHED_PPL_FACTOR}x of unsteered and "
+             f"column, measured with --relevance). Matched fluency: judge perplexity (geometric mean) within {MATCHED_PPL_FACTOR}x of unsteered and "
              f"distinct-2 at least {MATCHED_DISTINCT_FACTOR}x unsteered. A generation is fluent when its judge "
              f"perplexity is at most {FLUENT_PPL_FACTOR}x the unsteered median, its distinct-2 at least "
              f"{MATCHED_DISTINCT_FACTOR}x the unsteered median and at most {FLUENT_MAX_REPEAT:.0%} of its 4-grams repeat.", ""]

@@ -47,6 +47,7 @@ class EvalConfig:
     prune: bool = True  # stop a sweep direction once a cell has degenerated
     chat: bool = True  # chat template (instruct models) or plain completions (base models)
     parallel: int = BATCH_PARALLEL  # sequences decoded together
+    relevance: bool = False  # also the judge's perplexity of each reply after its prompt
 
 
 class Progress:
@@ -168,9 +169,11 @@ class Runner:
     def _generation(self, driver: Driver, p: _Pending, item: Item, steering: list[Steer],
                     scorer: Optional[Callable[[str], float]], system: str = "") -> None:
         cfg, row = self.cfg, p.row
-        row.update(text="", n_tokens=0, distinct2=0.0, repeat4=0.0, ppl_self=math.nan, ppl_self_alone=math.nan)
-        if self.judge:
-            row.update(ppl_judge=math.nan, ppl_judge_alone=math.nan)
+        # fluency needs the judge's perplexity of the reply alone (the model's own without a judge);
+        # relevance (the reply after its prompt) costs as much again, so it is measured on request
+        judged = "ppl_judge" if self.judge else "ppl_self"
+        keys = [judged + "_alone"] + ([judged] if cfg.relevance else [])
+        row.update(text="", n_tokens=0, distinct2=0.0, repeat4=0.0, **{k: math.nan for k in keys})
         if scorer is not None:
             row["score"] = math.nan
 
@@ -178,11 +181,10 @@ class Runner:
             reply = job.reply
             row.update(text=reply, n_tokens=len(job.tokens), distinct2=metrics.distinct_n(reply, 2),
                        repeat4=metrics.repeated_ngram_share(reply, 4))
-            jobs = {"ppl_self": (self.engine, reply_score(self.engine, item.prompt, reply, cfg.chat)),
-                    "ppl_self_alone": (self.engine, alone_score(self.engine, reply))}
-            if self.judge:
-                jobs["ppl_judge"] = (self.judge, reply_score(self.judge, item.prompt, reply, False))
-                jobs["ppl_judge_alone"] = (self.judge, alone_score(self.judge, reply))
+            engine, chat = (self.judge, False) if self.judge else (self.engine, cfg.chat)
+            jobs = {judged + "_alone": (engine, alone_score(engine, reply))}
+            if cfg.relevance:
+                jobs[judged] = (engine, reply_score(engine, item.prompt, reply, chat))
             if scorer is not None:
                 row["score"] = scorer(reply)
             for key, (engine, sj) in jobs.items():

@@ -52,7 +52,8 @@ def cell_fluency(records: Records, exp: Experiment, label: str, s: float) -> dic
         return {}
     key = fluency_key(base[0])
     base_ppl, base_med = _geo(r[key] for r in base), float(np.nanmedian([r[key] for r in base if r[key] is not None]))
-    cond = "ppl_judge" if "ppl_judge" in base[0] else "ppl_self"  # after the prompt: relevance, not fluency
+    # after the prompt: relevance, not fluency (measured with --relevance)
+    cond = next((k for k in ("ppl_judge", "ppl_self") if k in base[0] and all(k in r for r in rows)), None)
     base_d2 = float(np.mean([r["distinct2"] for r in base]))
     base_d2_med = float(np.median([r["distinct2"] for r in base]))
     fluent = [float(r["text"].strip() != "" and r[key] is not None and math.isfinite(r[key])
@@ -64,8 +65,7 @@ def cell_fluency(records: Records, exp: Experiment, label: str, s: float) -> dic
                                                 [r[key] for r in base], [r["distinct2"] for r in base])
     fl_share = metrics.bootstrap_ci(fluent)
     return {"judge": key, "n": len(rows), "ppl": ppl, "ppl_ratio": ppl_ratio,
-            "ppl_self": _geo(r["ppl_self"] for r in rows),
-            "ppl_conditioned_ratio": _geo(r[cond] for r in rows) / _geo(r[cond] for r in base),
+            "ppl_conditioned_ratio": _geo(r[cond] for r in rows) / _geo(r[cond] for r in base) if cond else None,
             "distinct2": d2, "distinct_ratio": d_ratio,
             "repeat4": float(np.mean([r["repeat4"] for r in rows])),
             "fluent_share": fl_share[0], "fluent_ci": fl_share[1:],

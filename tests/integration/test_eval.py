@@ -51,6 +51,7 @@ def test_quick_suite_reduced_then_resumed(tmp_path):
     assert "Best score at matched fluency" in report and "![refusal.png](refusal.png)" in report
     assert (out / "refusal.png").stat().st_size > 1000 and (out / "positivity.png").stat().st_size > 1000
     records = lines(out / "records.jsonl")
+    assert all("ppl_judge_alone" in r and "ppl_judge" not in r for r in records if r["exp"] == "positivity")
     # (none, prompt, 3 flows at strength 1, the same on the prompt) x (2 harmful + 2 harmless; 2 prompts)
     assert len(records) == 8 * 4 + 8 * 2
     by_key = {(r["exp"], r["flow"], r["item"]): r for r in records}
@@ -91,9 +92,12 @@ def test_task_with_own_flows_and_more_items(tmp_path, model_path):
             "-o", str(out)]
     run(*args, "--limit", "1")
     assert len(lines(out / "records.jsonl")) == 3
-    run(*args, "--limit", "2")  # more items: only the new ones are computed
+    run(*args, "--limit", "2", "--relevance")  # more items: only the new ones are computed
     records = lines(out / "records.jsonl")
     assert len(records) == 6 and sorted({r["item"] for r in records}) == ["0", "1"]
+    # fluency needs the reply alone; the reply after its prompt (relevance) only when asked for
+    assert all("ppl_self_alone" in r for r in records)
+    assert {r["item"] for r in records if "ppl_self" in r} == {"1"}
     cells = json.loads((out / "results.json").read_text())["experiments"][0]["cells"]
     assert [c["method"] for c in cells] == ["none", "positivity", "md"]
     assert all(c["fluency"]["judge"] == "ppl_self_alone" for c in cells)  # no judge: the model itself, reply alone
