@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -127,23 +128,47 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def training_cost(llm: Any, behavior: str = "refusal") -> dict[str, Any]:
-    """Wall time of `train --behavior <behavior>` (INN through the model, selection included) at
-    layer 15: once from nothing (the model writes its data), once with that data cached."""
+# what `bench --with-training` times: a built-in behaviour and a file of 60 pairs of fixed sentences
+TRAINING_JOBS = (("train --behavior refusal", ["--behavior", "refusal"]),
+                 ("train --pairs sea.jsonl (60 pairs)", ["--pairs", "CHECKS/sea.jsonl"]))
+
+
+def training_cost(model_path: str, threads: Optional[int] = None,
+                  progress: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
+    """Wall time of `innsteer-local train` as a user runs it (a new process, the defaults: the INN
+    flow through the model, selection included), once from an empty cache (the dequantized copy,
+    the encodings and a built-in behaviour's replies are made) and once with that cache kept."""
+    import os
+    import subprocess
+    import sys
     import tempfile
 
-    from ..train import behaviors
-    from ..train.pipeline import TrainConfig, train
+    from ..eval.suites import CHECKS
+    from ..runtime import registry
 
-    layer = min(15, llm.model_info.n_layer - 2)
-    out: dict[str, Any] = {"behavior": behavior}
-    with tempfile.TemporaryDirectory(prefix="innsteer-bench-") as tmp:
-        for run in ("first", "cached"):
-            t0 = time.perf_counter()
-            res = train(llm, behaviors.recipe(behavior), layer, TrainConfig(method="innsteer"), cache_dir=Path(tmp))
-            out[f"{run}_seconds"] = time.perf_counter() - t0
-            out[f"{run}_phases"] = {k: round(v, 1) for k, v in res.seconds.items()}
-    return out
+    cli = [sys.executable, "-m", "innsteer_local.apps.cli", "train", "--model", str(model_path)]
+    rows = []
+    for label, args in TRAINING_JOBS:
+        args = [a.replace("CHECKS", str(CHECKS)) for a in args]
+        row: dict[str, Any] = {"job": label}
+        with tempfile.TemporaryDirectory(prefix="innsteer-bench-") as tmp:
+            models = Path(tmp) / "models"  # the registry's model files, not downloaded again
+            models.symlink_to(registry.cache_dir() / "models", target_is_directory=True)
+            env = {**os.environ, "INNSTEER_CACHE": tmp}
+            for run in ("first", "cached"):
+                progress(f"{label}: {run} run")
+                report = Path(tmp) / f"report-{run}"
+                t0 = time.perf_counter()
+                proc = subprocess.run(cli + args + ["-o", str(Path(tmp) / "flow.gguf"), "--report", str(report)]
+                                      + (["--threads", str(threads)] if threads else []),
+                                      env=env, capture_output=True, text=True)
+                row[f"{run}_seconds"] = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{label} failed: {proc.stderr[-2000:]}")
+                phases = json.loads((report / "metrics.json").read_text())["seconds"]
+                row[f"{run}_phases"] = {k: round(v, 1) for k, v in phases.items()}
+        rows.append(row)
+    return rows
 
 
 def default_flows(llm: Any, workdir: Path) -> dict[str, Path]:
@@ -178,12 +203,10 @@ def format_table(result: dict[str, Any]) -> str:
         for r in result["isolation"]:
             lines.append(f"  {r['flow']:<36} batch {r['batch']:>4}: {r['us_per_row']:7.1f} us per row"
                          f"{' (all layers)' if r['layers'] > 1 else ''}")
-    if result.get("training"):
-        t = result["training"]
+    for t in result.get("training", []):
         for run in ("first", "cached"):
             phases = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in t[f"{run}_phases"].items())
-            lines.append(f"train --behavior {t['behavior']} (INN through the model, {run} run): "
-                         f"{t[f'{run}_seconds']:.0f} s ({phases})")
+            lines.append(f"{t['job']} ({run} run): {t[f'{run}_seconds']:.0f} s wall ({phases})")
     if result.get("peak_rss_mb"):
         lines.append(f"peak RSS {result['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)

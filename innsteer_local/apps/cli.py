@@ -229,7 +229,8 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
 @click.option("--reps", type=click.IntRange(1), default=None, help="[default: 5; 3 with --sequences]")
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
 @click.option("--with-training", is_flag=True,
-              help="also time `train --behavior refusal` (through the model, with and without cached data)")
+              help="also time `train --behavior refusal` and `train --pairs` on a 60-pair file, each from an empty "
+                   "cache and again with it kept (new processes, as a user runs them)")
 @click.option("--sequences", default=None, metavar="N,N,...",
               help="instead: aggregate tokens/s of N sequences decoded at once (e.g. 1,4,8,16): plain llama.cpp, "
                    "unsteered, half steered by two flows, and one sequence at a time")
@@ -303,8 +304,7 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
         click.echo("timing the flow kernels alone", err=True)
         result["isolation"] = flow_isolation({k: v for k, v in paths.items() if "linear" not in k}, llm.model_info.n_embd)
     if with_training:
-        click.echo("timing train --behavior refusal (twice: data written, then cached)", err=True)
-        result["training"] = training_cost(llm)
+        result["training"] = training_cost(llm.model_path, threads, progress=lambda msg: click.echo(msg, err=True))
     result["peak_rss_mb"] = peak_rss_mb()
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 

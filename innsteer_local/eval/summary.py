@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -51,10 +51,9 @@ def cell_fluency(records: Records, exp: Experiment, label: str, s: float) -> dic
     if not rows or not base:
         return {}
     key = fluency_key(base[0])
-    base_ppl, base_med = _geo(r[key] for r in base), float(np.nanmedian([r[key] for r in base if r[key] is not None]))
+    base_med = float(np.nanmedian([r[key] for r in base if r[key] is not None]))
     # after the prompt: relevance, not fluency (measured with --relevance)
     cond = next((k for k in ("ppl_judge", "ppl_self") if k in base[0] and all(k in r for r in rows)), None)
-    base_d2 = float(np.mean([r["distinct2"] for r in base]))
     base_d2_med = float(np.median([r["distinct2"] for r in base]))
     fluent = [float(r["text"].strip() != "" and r[key] is not None and math.isfinite(r[key])
                     and r[key] <= FLUENT_PPL_FACTOR * base_med
