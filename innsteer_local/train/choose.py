@@ -127,7 +127,7 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
         finally:
             judge.close()
     tops = [select.best([s for s in settings if s.candidate == i], baseline) for i in range(len(candidates))]
-    pick = _pick(tops, [_held_out_loss(out, step) for step, _ in candidates])
+    pick = _pick(tops, [_held_out_loss(out, step) for step, _ in candidates], selective=bool(neutral))
     chosen = tops[pick]
     note = ""
     own = sorted((s for s in settings if s.candidate == pick), key=lambda s: s.strength)
@@ -163,12 +163,18 @@ def _smoothed(settings: list[select.Setting], baseline: select.Setting) -> list[
             for s in select.smooth([s for s in settings if s.candidate == i], baseline)]
 
 
-def _pick(tops: list[select.Setting], losses: list[Optional[float]]) -> int:
-    """The candidate with the best score at matched fluency; among those whose score ties it (within a
-    standard error over the held-out prompts: a few prompts cannot tell them apart), the one with
-    the lowest held-out objective; then the earlier (a flow's linear phase before its couplings)."""
+def _pick(tops: list[select.Setting], losses: list[Optional[float]], selective: bool) -> int:
+    """The candidate with the best score at matched fluency. A few prompts cannot tell apart scores
+    within a standard error of each other; among such ties the data decides. For a selective
+    behaviour (data with neutral items, which tell the flow where to leave the model alone) the one
+    with the lowest held-out objective; for an always-on behaviour the earliest, the flow's linear
+    phase: there the objective rewards couplings that fit the pairs' own wording, and on held-out
+    prompts such a flow repeated itself sooner than its linear start at the same amount of the
+    behaviour (docs/RESULTS.md, user files of fixed sentences)."""
     best = max(range(len(tops)), key=lambda i: tops[i].score)
     tied = [i for i in range(len(tops)) if tops[i].ties(tops[best])]
+    if not selective:
+        return min(tied)
     return min(tied, key=lambda i: (losses[i] if losses[i] is not None else math.inf, i))
 
 
