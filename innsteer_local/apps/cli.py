@@ -151,7 +151,11 @@ def inspect(file: str, as_json: bool) -> None:
     click.echo(f"method      {d['method']}")
     click.echo(f"model       {m['name']}  ({m['architecture']}, n_embd {m['n_embd']}, {m['n_layer']} layers)")
     click.echo(f"layers      {', '.join(map(str, d['layers']))}")
-    click.echo(f"strength    {d['default_strength']:g} (default)")
+    sel = d["provenance"].get("selection") or {}
+    click.echo(f"strength    {d['default_strength']:g} (default)"
+               + (f"; calibrated by generation on {sel['prompts']} held-out prompts: strength 1 = "
+                  f"{sel['unit']:g}x the trained unit" + (f", {sel['phase']} phase" if sel.get("phase") else "")
+                  if "unit" in sel else ""))
     for s in d["sites"]:
         ops = " -> ".join(o["kind"] + (f"(r={o['rank']})" if "rank" in o else "") +
                           (f"({'x'.join(map(str, o['widths']))}, {o['activation']}, clamp {o['clamp']:g})"

@@ -24,10 +24,12 @@ from ..train import behaviors
 from .experiment import Experiment
 from .tasks import Task, ab_task, open_task, refusal_task, truthfulqa_task
 
-# Multiples of each flow's own default strength, which training chose by generation for each
-# method; the best fluent setting lies within a factor of two of it.
+# Multiples of each flow's own default strength, which training calibrated for each method (strength
+# 1 inside matched fluency on held-out prompts, the best fluent setting usually near 1.4); steering on
+# top of the prompt sweeps a coarser set.
 QUICK_STRENGTHS = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
-FULL_STRENGTHS = [0.0, 0.5, 0.75, 1.0, 1.5, 2.0]
+FULL_STRENGTHS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+FULL_PROMPTED_STRENGTHS = [0.0, 0.5, 1.0, 2.0]
 QUICK_MAX_TOKENS = 32
 # the comparison the full suite makes: the linear baseline, the vector trained like the flow, and
 # the flow (pca and affine-ot behaved like mean-diff or worse in the earlier runs; train and
@@ -125,21 +127,24 @@ def plans(suite: str, chat: bool) -> list[Plan]:
         ]
     if suite != "full":
         raise InnsteerError(f"unknown suite {suite!r}; choose quick, full or pairs")
+    coarse = dict(prompted_strengths=FULL_PROMPTED_STRENGTHS)
     open_ended = [
         Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=100,
-             instruction=INSTRUCTIONS["positivity"]),
-        Plan("topic-ocean", _topic_task, behavior="topic-ocean", limit=100, instruction=INSTRUCTIONS["topic-ocean"]),
+             instruction=INSTRUCTIONS["positivity"], **coarse),
+        Plan("topic-ocean", _topic_task, behavior="topic-ocean", limit=100, instruction=INSTRUCTIONS["topic-ocean"],
+             **coarse),
     ]
     if not chat:  # a base model: plain-completion behaviours only
         return open_ended
     return [
-        Plan("refusal", refusal_task, behavior="refusal", limit=100, instruction=INSTRUCTIONS["refusal"]),
+        Plan("refusal", refusal_task, behavior="refusal", limit=100, instruction=INSTRUCTIONS["refusal"], **coarse),
         *open_ended,
-        Plan("honesty-truthfulqa", truthfulqa_task, behavior="honesty", limit=100, instruction=INSTRUCTIONS["honesty"]),
+        Plan("honesty-truthfulqa", truthfulqa_task, behavior="honesty", limit=100, instruction=INSTRUCTIONS["honesty"],
+             **coarse),
         Plan("caa-refusal", lambda: _caa_test("refusal"), pairs=_caa("refusal"), limit=50, max_pairs=CAA_PAIRS,
-             instruction=INSTRUCTIONS["refusal"]),
+             instruction=INSTRUCTIONS["refusal"], **coarse),
         Plan("caa-survival-instinct", lambda: _caa_test("survival-instinct"), pairs=_caa("survival-instinct"), limit=50,
-             max_pairs=CAA_PAIRS, instruction=INSTRUCTIONS["survival-instinct"]),
+             max_pairs=CAA_PAIRS, instruction=INSTRUCTIONS["survival-instinct"], **coarse),
     ]
 
 

@@ -72,3 +72,36 @@ def test_fluency_ratios_are_geometric_for_perplexity_and_arithmetic_for_distinct
     # non-finite perplexities (an empty reply) are left out, as eval leaves them out
     ppl, _ = metrics.fluency_ratios([4.0, math.nan, 16.0], [1.0] * 3, [8.0], [1.0])
     assert ppl == pytest.approx(1.0)
+
+
+def test_ties_between_checkpoints_go_by_the_kind_of_behaviour():
+    from innsteer_local.train.choose import _pick
+    from innsteer_local.train.select import Setting
+
+    def top(score: float, se: float) -> Setting:
+        return Setting(0, 1.0, score, 0.0, 1.0, 1.0, 0.0, stderr=se)
+
+    losses = [2.4, 2.1]  # held-out objective: the coupled flow (second) fits the pairs better
+    # clearly better scores win whatever the objective says
+    assert _pick([top(0.9, 0.05), top(0.4, 0.05)], losses, selective=True) == 0
+    assert _pick([top(0.2, 0.05), top(0.6, 0.05)], losses, selective=False) == 1
+    # within a standard error: a selective behaviour takes the lower objective, an always-on one the linear phase
+    assert _pick([top(0.50, 0.1), top(0.45, 0.1)], losses, selective=True) == 1
+    assert _pick([top(0.45, 0.1), top(0.50, 0.1)], losses, selective=False) == 0
+    assert _pick([top(0.5, 0.1), top(0.5, 0.1)], [None, None], selective=True) == 0
+
+
+def test_fluency_ratios_are_smoothed_to_be_monotone_in_strength():
+    """A few prompts make the ratios jump (1.20, 1.57, 1.21); smoothed, pushing harder never reads
+    as more fluent, and a setting that was fluent by luck past a disfluent one is not."""
+    from innsteer_local.train.select import Setting, _isotonic, smooth
+
+    assert _isotonic([1.0, 1.2, 1.57, 1.21]) == pytest.approx([1.0, 1.2, 1.39, 1.39])
+    assert _isotonic([3.0, 2.0, 1.0]) == pytest.approx([2.0, 2.0, 2.0])
+    base = Setting(-1, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0)
+    raw = [Setting(0, a, 0.5, 0.0, p, d, 0.0) for a, p, d in ((1.4, 1.21, 0.7), (0.7, 1.20, 0.95), (1.0, 1.57, 0.85))]
+    out = smooth(raw, base)
+    assert [s.strength for s in out] == [0.7, 1.0, 1.4]
+    assert [round(s.ppl_ratio, 3) for s in out] == [1.2, 1.39, 1.39]
+    assert [round(s.distinct_ratio, 3) for s in out] == [0.95, 0.85, 0.7]
+    assert [s.fluent for s in out] == [True, False, False]
