@@ -92,7 +92,7 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
     progress.phase(f"choosing and calibrating by generation ({name} score)", 1 + len(candidates) * len(LADDER))
     per_setting = len(prompts) + len(neutral)
     judge = select.Judge(llm, scorer, chat, cfg.select_tokens,
-                         parallel=min(32, per_setting * (1 + len(candidates) * len(LADDER))))
+                         parallel=min(64, per_setting * (1 + len(candidates) * len(LADDER))))
     done = 0
     settings: list[select.Setting] = []
     with tempfile.TemporaryDirectory(prefix="innsteer-select-") as tmp:

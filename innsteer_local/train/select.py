@@ -50,7 +50,7 @@ def _stderr(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
-JUDGE_CTX = 1024  # tokens per sequence: a held-out prompt and its reply
+JUDGE_CTX = 512  # tokens per sequence: a held-out prompt and its reply
 # replies as long as eval's (eval/runner.py EvalConfig.max_tokens), so fluency means the same
 SELECT_TOKENS = 40
 
