@@ -20,6 +20,8 @@ REPEAT_PENALTY = 1.1  # llama-cpp-python's and `innsteer-local chat`'s default
 # engine's greedy decoding with the repetition penalty over generated tokens)
 REPLY_RULE = 2
 ROLLOUT_CTX = 512  # tokens per sequence (prompt + reply) unless a request needs more
+# a recipe's 100-150 short replies: 32 side by side write them 10 % faster than 16 (2 cores)
+ROLLOUT_PARALLEL = 32
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def replies(llm: Any, requests: Sequence[Request], chat: bool, cache: Optional[R
         # room for the longest prompt and its reply (at least ROLLOUT_CTX, at most the model's context)
         longest = max(len(llm.tokenize((asked(llm, r, chat) + " " + r.opening).encode("utf-8"), add_bos=True,
                                        special=chat)) + r.max_tokens for r in (by_key[k] for k in todo))
-        engine = open_engine(llm, min(llm.n_ctx(), max(ROLLOUT_CTX, longest + 8)), n_jobs=len(todo))
+        engine = open_engine(llm, min(llm.n_ctx(), max(ROLLOUT_CTX, longest + 8)), ROLLOUT_PARALLEL, n_jobs=len(todo))
         try:
             jobs = [reply_job(engine, by_key[k], chat) for k in todo]
             cached = len(requests) - len(todo)
