@@ -1,8 +1,9 @@
 """The last step of `train`: which candidate to ship and what its strength 1 means, chosen by what
 the steered model writes on held-out prompts (train/select.py measures).
 
-Every candidate (a flow's checkpoints: the end of its linear phase and the end of training; a
-linear method's one vector) writes replies at a ladder of strengths around its trained operating
+Every candidate (a flow's checkpoints: its identity start, which is mean-diff's shift exactly, for
+an always-on behaviour; the end of its linear phase; the end of training; a linear method's one
+vector) writes replies at a ladder of strengths around its trained operating
 point, all side by side in one batch with the unsteered model. The winner is the candidate with the
 best behaviour score at matched fluency (metrics.matched_fluency: the eval's own rule). The shipped
 flow is then **calibrated**: its shift is rescaled so that strength 1 is the rung just below that
@@ -89,6 +90,10 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
     name, scorer = scorer_for(recipe, out.data)
     chat = bool(llm.metadata.get("tokenizer.chat_template"))
     candidates = out.candidates or [(0, out.flow)]
+    if neutral and len(candidates) > 1:
+        # a selective behaviour is the couplings' job (mean-diff refuses harmless requests as readily
+        # as harmful ones), and its selection replies to twice the prompts: the start does not compete
+        candidates = [c for c in candidates if c[0] != 0] or candidates
     progress.phase(f"choosing and calibrating by generation ({name} score)", 1 + len(candidates) * len(LADDER))
     per_setting = len(prompts) + len(neutral)
     judge = select.Judge(llm, scorer, chat, cfg.select_tokens,
@@ -118,8 +123,14 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
             settings = [select.summarise(r, base_raw, i, a) for (i, a), r in zip(stage[1:], raws[1:])]
             settings = _smoothed(settings, baseline)
             # the ladder goes down where a candidate has no fluent setting (where its best is the top
-            # rung, strength 1 is the rung below it: going up would not change it)
-            more = [(i, a) for i in range(len(candidates)) if not any(s.fluent for s in settings if s.candidate == i)
+            # rung, strength 1 is the rung below it: going up would not change it), unless a weaker
+            # push cannot win anyway: at its lowest rung it already scored no more than the best
+            # fluent setting of another candidate (the behaviour grows with strength; a second wave
+            # of a few replies costs almost what the first did)
+            best_fluent = max((s.score for s in settings if s.fluent), default=-math.inf)
+            more = [(i, a) for i in range(len(candidates))
+                    if not any(s.fluent for s in settings if s.candidate == i)
+                    and min((s for s in settings if s.candidate == i), key=lambda s: s.strength).score > best_fluent
                     for a in LADDER_DOWN]
             if more:
                 settings = _smoothed(settings + [select.summarise(r, base_raw, i, a) for (i, a), r in
@@ -127,7 +138,9 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
         finally:
             judge.close()
     tops = [select.best([s for s in settings if s.candidate == i], baseline) for i in range(len(candidates))]
-    pick = _pick(tops, [_held_out_loss(out, step) for step, _ in candidates], selective=bool(neutral))
+    linear_end = out.metrics.get("linear_steps")
+    pick = _pick(tops, [_held_out_loss(out, step) for step, _ in candidates], selective=bool(neutral),
+                 prefer=next((i for i, (step, _) in enumerate(candidates) if linear_end and step == linear_end), None))
     chosen = tops[pick]
     note = ""
     own = sorted((s for s in settings if s.candidate == pick), key=lambda s: s.strength)
@@ -163,18 +176,21 @@ def _smoothed(settings: list[select.Setting], baseline: select.Setting) -> list[
             for s in select.smooth([s for s in settings if s.candidate == i], baseline)]
 
 
-def _pick(tops: list[select.Setting], losses: list[Optional[float]], selective: bool) -> int:
+def _pick(tops: list[select.Setting], losses: list[Optional[float]], selective: bool,
+          prefer: Optional[int] = None) -> int:
     """The candidate with the best score at matched fluency. A few prompts cannot tell apart scores
     within a standard error of each other; among such ties the data decides. For a selective
     behaviour (data with neutral items, which tell the flow where to leave the model alone) the one
-    with the lowest held-out objective; for an always-on behaviour the earliest, the flow's linear
-    phase: there the objective rewards couplings that fit the pairs' own wording, and on held-out
-    prompts such a flow repeated itself sooner than its linear start at the same amount of the
-    behaviour (docs/RESULTS.md, user files of fixed sentences)."""
+    with the lowest held-out objective; for an always-on behaviour `prefer` (the flow's linear
+    phase), else the earliest. On user files of fixed sentences (docs/RESULTS.md) the coupled flow
+    repeated itself sooner than its linear phase at the same amount of the behaviour, and where the
+    linear phase and the start (mean-diff) tied on the ladder, the linear phase went on to steer
+    fluently at larger strengths where mean-diff's text broke (sea: 0.56 against 0.19); where the
+    start was better it was better by several standard errors (space)."""
     best = max(range(len(tops)), key=lambda i: tops[i].score)
     tied = [i for i in range(len(tops)) if tops[i].ties(tops[best])]
     if not selective:
-        return min(tied)
+        return prefer if prefer in tied else min(tied)
     return min(tied, key=lambda i: (losses[i] if losses[i] is not None else math.inf, i))
 
 
@@ -189,4 +205,4 @@ def _phase(out: Any, step: int) -> str:
     linear_end = out.metrics.get("linear_steps")
     if not linear_end:  # one phase only: a vector, a linear method
         return ""
-    return "linear" if step == linear_end else "full"
+    return "start" if step == 0 else "linear" if step == linear_end else "full"

@@ -52,8 +52,8 @@ class TrainConfig:
     device: str = "auto"
     select: bool = True  # choose checkpoint and default strength by generation
     select_tokens: int = 40  # as long as eval's replies (select.SELECT_TOKENS)
-    select_prompts: int = 6  # held-out behaviour prompts per setting
-    select_neutral: int = 4  # a selective behaviour (data with neutral items): this many of each kind
+    select_prompts: int = 5  # held-out behaviour prompts per setting (an always-on behaviour: 3 candidates x 3 + 1 settings)
+    select_neutral: int = 3  # a selective behaviour (data with neutral items): this many of each kind (2 candidates x 3 + 1 settings)
     through: Any = None  # ThroughConfig (torch) for the model objective
     geometry: Any = None  # GeometryConfig (torch) for the geometry objective
 

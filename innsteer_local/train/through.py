@@ -281,6 +281,8 @@ class ThroughTrainer:
         checkpoints: list[tuple[int, dict]] = []
         start = {"step": 0, **self.held_out()}
         history.append(start)
+        if lin:  # the identity start (mean-diff's shift exactly) competes too: a flow contains it
+            checkpoints.append((0, {k: v.detach().clone() for k, v in self.flow.state_dict().items()}))
         t0 = time.perf_counter()
         for step in range(1, total + 1):
             row = {"step": step, **self.step(linear=step <= lin or not lin),

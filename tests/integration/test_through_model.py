@@ -123,7 +123,7 @@ def test_train_end_to_end_through_the_model(tmp_path):
     assert flow.sites[0].gate is not None and len(flow.sites[0].ops) > 1
     sel = flow.provenance["selection"]
     # refusal is selective: held-out harmful and harmless prompts, replies as long as eval's
-    assert sel["scorer"] == "refusal" and sel["prompts"] == 4 and sel["neutral_prompts"] == 4 and sel["tokens"] == 40
+    assert sel["scorer"] == "refusal" and sel["prompts"] == 3 and sel["neutral_prompts"] == 3 and sel["tokens"] == 40
     # the two phases' checkpoints competed; the winner is calibrated: its strength 1 is a rung it was measured at
     assert sel["checkpoint_step"] in (4, 6) and sel["phase"] == {4: "linear", 6: "full"}[sel["checkpoint_step"]]
     assert flow.default_strength == 1.0 and sel["unit"] in (0.35, 0.5, 0.7, 1.0, 1.4)

@@ -78,16 +78,20 @@ def test_ties_between_checkpoints_go_by_the_kind_of_behaviour():
     from innsteer_local.train.choose import _pick
     from innsteer_local.train.select import Setting
 
-    def top(score: float, se: float) -> Setting:
-        return Setting(0, 1.0, score, 0.0, 1.0, 1.0, 0.0, stderr=se)
+    def top(score: float, se: float, ppl: float = 1.0, d2: float = 1.0) -> Setting:
+        return Setting(0, 1.0, score, 0.0, ppl, d2, 0.0, stderr=se)
 
     losses = [2.4, 2.1]  # held-out objective: the coupled flow (second) fits the pairs better
-    # clearly better scores win whatever the objective says
+    # clearly better scores win whatever the objective or the fluency says
     assert _pick([top(0.9, 0.05), top(0.4, 0.05)], losses, selective=True) == 0
-    assert _pick([top(0.2, 0.05), top(0.6, 0.05)], losses, selective=False) == 1
-    # within a standard error: a selective behaviour takes the lower objective, an always-on one the linear phase
+    assert _pick([top(0.2, 0.05, d2=0.95), top(0.6, 0.05, d2=0.8)], losses, selective=False) == 1
+    # within a standard error: a selective behaviour takes the lower objective, an always-on one the
+    # preferred candidate (the linear phase) if it is among the tied, else the earliest
     assert _pick([top(0.50, 0.1), top(0.45, 0.1)], losses, selective=True) == 1
     assert _pick([top(0.45, 0.1), top(0.50, 0.1)], losses, selective=False) == 0
+    three = [top(0.50, 0.1), top(0.45, 0.1), top(0.52, 0.1)]  # start, linear phase, end
+    assert _pick(three, [2.2, 2.4, 2.1], selective=False, prefer=1) == 1
+    assert _pick([top(0.50, 0.05), top(0.05, 0.05), top(0.45, 0.05)], [2.2, 2.4, 2.1], selective=False, prefer=1) == 0
     assert _pick([top(0.5, 0.1), top(0.5, 0.1)], [None, None], selective=True) == 0
 
 

@@ -152,7 +152,7 @@ def test_training_lowers_the_held_out_objective(tiny):
     trainer = ThroughTrainer(tiny, flow, pairs, neutral, cfg)
     history, checkpoints = trainer.fit()
     assert history[0]["val_loss"] > history[-1]["val_loss"]
-    assert [s for s, _ in checkpoints] == [30, 40]
+    assert [s for s, _ in checkpoints] == [0, 30, 40]  # the identity start (mean-diff) competes too
 
 
 def test_exported_flow_steers_like_the_torch_modules(tiny, tmp_path):
@@ -180,8 +180,9 @@ def test_a_flow_trains_its_shift_alone_first(tiny):
     cfg = ThroughConfig(steps=3, coupling_steps=2, pairs_per_step=3, neutral_per_step=2, val_fraction=0.0)
     trainer = ThroughTrainer(tiny, flow, pairs, neutral, cfg)
     history, checkpoints = trainer.fit()
-    assert trainer.linear_steps == 3 and [s for s, _ in checkpoints] == [3, 5] and len(history) == 6
-    linear_state, final_state = checkpoints[0][1], checkpoints[1][1]
+    assert trainer.linear_steps == 3 and [s for s, _ in checkpoints] == [0, 3, 5] and len(history) == 6
+    start_state, linear_state, final_state = (state for _, state in checkpoints)
+    assert not torch.equal(start_state["delta"], linear_state["delta"])  # the linear phase moved the shift
     for k, v in start.items():
         assert torch.equal(linear_state[f"couplings.{k}"], v)
     assert any(not torch.equal(final_state[f"couplings.{k}"], v) for k, v in start.items())
