@@ -138,9 +138,8 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
         finally:
             judge.close()
     tops = [select.best([s for s in settings if s.candidate == i], baseline) for i in range(len(candidates))]
-    linear_end = out.metrics.get("linear_steps")
     pick = _pick(tops, [_held_out_loss(out, step) for step, _ in candidates], selective=bool(neutral),
-                 prefer=next((i for i, (step, _) in enumerate(candidates) if linear_end and step == linear_end), None))
+                 prefer=next((i for i, (step, _) in enumerate(candidates) if _phase(out, step) == "linear"), None))
     chosen = tops[pick]
     note = ""
     own = sorted((s for s in settings if s.candidate == pick), key=lambda s: s.strength)
