@@ -81,10 +81,14 @@ def test_torch_and_llama_cpp_steer_the_logits_alike(hf, steered, model_info, tmp
     b = hf.batch([(ex.tokens, len(ex.tokens) - 1)])
     rows = hf.below(b)[0]
     flow_t = InnFlow(rows.numpy().mean(0), rows.numpy().std(0), np.zeros(model_info.n_embd), InnConfig(seed=1))
+    # a seeded flow: the suite's earlier tests leave torch's global generator anywhere. Over 56
+    # unseeded draws the cosine had median 0.999 and minimum 0.865 (a draw whose effect is steep
+    # where the Q4_1 weights and the float32 copy differ most); one CI run drew 0.87
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in flow_t.couplings.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        flow_t.delta.copy_(torch.randn(model_info.n_embd) * 0.6)
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        flow_t.delta.copy_(torch.randn(model_info.n_embd, generator=gen) * 0.6)
     path = tmp_path / "f.gguf"
     Flow(model=model_info, sites=[flow_t.site(LAYER)]).save(path)
 
