@@ -23,6 +23,7 @@ from ..choices import (
     MAX_META_STRING,
     MAX_MLP_LAYERS,
     MAX_OPS,
+    MAX_RANK,
     MAX_SITES,
     MAX_STRING,
     MAX_WIDTH,
@@ -301,11 +302,11 @@ def _read_site(kv: _Fields, tensors: _Tensors, si: int, layer: int, n_embd: int)
             if any(isinstance(o, Subspace) for o in ops):
                 raise FlowFormatError(f"site {si}: more than one subspace op")
             rank = tensors.rows(f"{prefix}.basis")
-            if not 1 <= rank <= n_embd:
-                raise FlowFormatError(f"site {si} op {k}: subspace rank {rank} outside 1..{n_embd}")
+            max_rank = min(n_embd, MAX_RANK)
+            if not 1 <= rank <= max_rank:
+                raise FlowFormatError(f"site {si} op {k}: subspace rank {rank} outside 1..{max_rank}")
             basis = tensors.get(f"{prefix}.basis", (rank, n_embd))
-            gram = basis.astype(np.float64) @ basis.T.astype(np.float64)
-            if np.max(np.abs(gram - np.eye(rank))) > 1e-2:
+            if not rows_orthonormal(basis, 1e-2):
                 raise FlowFormatError(f"site {si} op {k}: subspace basis rows are not orthonormal")
             ops.append(Subspace(basis=orthonormalise(basis)))
             dim = rank
@@ -355,6 +356,29 @@ def _read_site(kv: _Fields, tensors: _Tensors, si: int, layer: int, n_embd: int)
     site = Site(layer=layer, ops=ops, delta=delta, edit_scale=edit_scale, gate=gate)
     _check_roundtrip(site, si, n_embd)
     return site
+
+
+def _sign_probes(rows: int) -> np.ndarray:
+    """The native loader's three +-1 probe vectors (xorshift32, low bit), shape (3, rows)."""
+    out = np.empty((3, rows))
+    for p in range(3):
+        s = (2463534242 + p * 7919) & 0xFFFFFFFF
+        for i in range(rows):
+            s ^= (s << 13) & 0xFFFFFFFF
+            s ^= s >> 17
+            s ^= (s << 5) & 0xFFFFFFFF
+            out[p, i] = 1.0 if s & 1 else -1.0
+    return out
+
+
+def rows_orthonormal(basis: np.ndarray, tol: float) -> bool:
+    """native/src/flow.c's test, in O(rows * cols): squared row norms within tol of 1, and
+    B B^T v within tol * sqrt(rows) of v for three fixed sign vectors v."""
+    b = np.asarray(basis, np.float64)
+    if not np.all(np.abs((b * b).sum(1) - 1.0) <= tol):
+        return False
+    v = _sign_probes(b.shape[0])
+    return bool(np.all(np.abs((v @ b) @ b.T - v) <= tol * np.sqrt(b.shape[0])))
 
 
 def orthonormalise(basis: np.ndarray) -> np.ndarray:

@@ -257,7 +257,7 @@ class Engine:
 
         if not self.steers:
             raise SteeringError("this engine was made with steer=False (no eval callback): it cannot steer")
-        native = NativeFlow(path)
+        native = NativeFlow(path, self.model_info)
         try:
             meta = native.info
             check_fits(path, meta, self.model_info)

@@ -12,7 +12,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -135,6 +135,7 @@ def lib() -> ctypes.CDLL:
         sigs = {
             "innsteer_status_name": (c_char_p, [c_int]),
             "innsteer_flow_load": (c_int, [c_char_p, ctypes.POINTER(c_void_p), c_char_p, c_size_t]),
+            "innsteer_flow_load_for": (c_int, [c_char_p, c_int, c_int, ctypes.POINTER(c_void_p), c_char_p, c_size_t]),
             "innsteer_flow_load_buffer": (c_int, [c_void_p, c_size_t, ctypes.POINTER(c_void_p), c_char_p, c_size_t]),
             "innsteer_flow_free": (None, [c_void_p]),
             "innsteer_flow_n_embd": (c_int, [c_void_p]),
@@ -213,13 +214,19 @@ def _rows(a: np.ndarray, n_embd: int) -> np.ndarray:
 class NativeFlow:
     """A flow loaded and validated by the C library."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], model: Optional[ModelInfo] = None):
+        """With `model`, a flow of another width or with a layer the model lacks is refused
+        (FlowMismatchError) before any of its tensors is read or validated."""
         l = lib()
         handle = ctypes.c_void_p()
         err = ctypes.create_string_buffer(_ERR_LEN)
-        st = l.innsteer_flow_load(os.fsencode(path), ctypes.byref(handle), err, _ERR_LEN)
+        n_embd, n_layer = (model.n_embd, model.n_layer) if model is not None else (0, 0)
+        st = l.innsteer_flow_load_for(os.fsencode(path), n_embd, n_layer, ctypes.byref(handle), err, _ERR_LEN)
         if st != OK:
-            raise FlowFormatError(f"{path}: {err.value.decode(errors='replace') or l.innsteer_status_name(st).decode()}")
+            message = f"{path}: {err.value.decode(errors='replace') or l.innsteer_status_name(st).decode()}"
+            if st == ERR_MISMATCH and model is not None:
+                raise FlowMismatchError(f"{message} ('{model.name}')")
+            raise FlowFormatError(message)
         self._h = handle
         self.path = str(path)
         self.n_embd = l.innsteer_flow_n_embd(handle)

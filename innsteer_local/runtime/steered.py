@@ -147,7 +147,7 @@ class SteeredLlama(Llama):
         """Attaches a flow file; strength defaults to the flow's own default strength. gate: 'off',
         'density' (damp rows off the training support) or 'target' (move each row only as far as
         the positive class), for flows that carry gate parameters."""
-        native = NativeFlow(path)  # the strict C loader: the one gate for untrusted files
+        native = NativeFlow(path, self.model_info)  # the strict C loader: the one gate for untrusted files
         try:
             meta = native.info
             self._check_fits(path, meta)

@@ -85,6 +85,11 @@ INNSTEER_API const char *innsteer_status_name(innsteer_status status);
 /* ---- flows ------------------------------------------------------------------------------ */
 
 INNSTEER_API innsteer_status innsteer_flow_load(const char *path, innsteer_flow **out, char *err, size_t err_size);
+/* innsteer_flow_load for one model: INNSTEER_ERR_MISMATCH, before any tensor is read, when the
+ * flow's n_embd differs from n_embd or a layer is not below n_layer (0 skips either check).
+ * Both refuse a path that is not a regular file (a FIFO, a device, a folder) without blocking. */
+INNSTEER_API innsteer_status innsteer_flow_load_for(const char *path, int n_embd, int n_layer, innsteer_flow **out,
+                                                    char *err, size_t err_size);
 /* Same validation as innsteer_flow_load on an in-memory copy of a file (the data is copied). */
 INNSTEER_API innsteer_status innsteer_flow_load_buffer(const void *data, size_t size, innsteer_flow **out,
                                                        char *err, size_t err_size);

@@ -1,13 +1,18 @@
-/* Flow loading: every value from the file is validated before it is used. */
+/* Flow loading: every value from the file is validated before it is used, and validation costs
+ * at most MAX_RANK operations per float of the file (a downloaded or uploaded file is untrusted). */
+#define _POSIX_C_SOURCE 200809L /* open(O_NONBLOCK), fstat */
 #include "error.h"
 #include "flow.h"
 #include "gguf_read.h"
 #include "kernels.h"
 
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define ARENA_ALIGN 64
 
@@ -21,6 +26,7 @@ typedef struct {
     size_t err_size;
     uint8_t *arena;
     size_t arena_used, arena_size;
+    int want_n_embd, want_n_layer; /* the model's, checked before any tensor is read; 0: any */
 } loader;
 
 /* the loader's error: st, with the message in the caller's buffer */
@@ -84,16 +90,43 @@ static innsteer_status load_mat(loader *L, const char *name, int rows, int cols,
     return load_tensor(L, name, rows, cols, false, (const void **)out);
 }
 
-/* Orthonormal rows: |B B^T - I| below tol. */
+/* Nearly orthonormal rows, in O(rows * cols): every row's squared norm within tol of 1, and for
+ * three fixed sign vectors v, B B^T v within tol * sqrt(rows) of v. The full Gram matrix would cost
+ * rows^2 * cols; orthonormalise() makes the rows exactly orthonormal afterwards, so this only has
+ * to refuse a basis that is not one. innsteer_local/flow/format.py runs the same test. */
 static bool rows_orthonormal(const float *b, int rows, int cols, float tol) {
     for (int i = 0; i < rows; i++) {
-        for (int j = i; j < rows; j++) {
+        double acc = 0.0;
+        for (int k = 0; k < cols; k++) acc += (double)b[(size_t)i * cols + k] * b[(size_t)i * cols + k];
+        if (!(fabs(acc - 1.0) <= tol)) return false;
+    }
+    double *w = malloc(sizeof(double) * (size_t)cols);
+    if (!w) return false;
+    bool ok = true;
+    const double bound = tol * sqrt((double)rows);
+    for (int p = 0; p < 3 && ok; p++) {
+        uint32_t s = 2463534242u + (uint32_t)p * 7919u;
+        for (int k = 0; k < cols; k++) w[k] = 0.0;
+        for (int i = 0; i < rows; i++) { /* w = B^T v, v_i = +-1 from xorshift32 */
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            const double v = (s & 1u) ? 1.0 : -1.0;
+            for (int k = 0; k < cols; k++) w[k] += v * b[(size_t)i * cols + k];
+        }
+        s = 2463534242u + (uint32_t)p * 7919u;
+        for (int i = 0; i < rows && ok; i++) { /* (B w)_i against v_i */
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            const double v = (s & 1u) ? 1.0 : -1.0;
             double acc = 0.0;
-            for (int k = 0; k < cols; k++) acc += (double)b[(size_t)i * cols + k] * b[(size_t)j * cols + k];
-            if (fabs(acc - (i == j ? 1.0 : 0.0)) > tol) return false;
+            for (int k = 0; k < cols; k++) acc += (double)b[(size_t)i * cols + k] * w[k];
+            ok = fabs(acc - v) <= bound;
         }
     }
-    return true;
+    free(w);
+    return ok;
 }
 
 /* Modified Gram-Schmidt in double, in place: the project/lift pair is exact only for an
@@ -158,9 +191,10 @@ static innsteer_status load_op(loader *L, flow_site *s, int si, int k, gguf_str 
         if (dim != n_embd) return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace must act on the full n_embd", si, k);
         const gguf_tensor *t = gguf_find_tensor(&L->g, TNAME("basis"));
         if (!t) return FAIL(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
-        if (t->ne[1] < 1 || t->ne[1] > (uint64_t)n_embd) {
+        const int max_rank = n_embd < MAX_RANK ? n_embd : MAX_RANK;
+        if (t->ne[1] < 1 || t->ne[1] > (uint64_t)max_rank) {
             return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace rank %llu outside 1..%d", si, k,
-                        (unsigned long long)t->ne[1], n_embd);
+                        (unsigned long long)t->ne[1], max_rank);
         }
         op->rank = (int)t->ne[1];
         if ((st = load_mat(L, name, op->rank, n_embd, &op->basis))) return st;
@@ -330,6 +364,9 @@ static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
     if (!gguf_get_u32(g, "innsteer.model.n_layer", &n_layer) || n_layer < 1 || n_layer > MAX_LAYERS) {
         return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.model.n_layer must be a u32 in 1..%d", MAX_LAYERS);
     }
+    if (L->want_n_embd && (int)n_embd != L->want_n_embd) {
+        return FAIL(L, INNSTEER_ERR_MISMATCH, "flow n_embd %u does not fit the model's n_embd %d", n_embd, L->want_n_embd);
+    }
     if (!gguf_get_f32(g, "innsteer.default_strength", &flow->default_strength) || !isfinite(flow->default_strength)) {
         return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.default_strength must be a finite f32");
     }
@@ -356,6 +393,10 @@ static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
         }
         for (int j = 0; j < si; j++) {
             if (flow->sites[j].layer == (int)layer) return FAIL(L, INNSTEER_ERR_INVALID, "layer %u appears twice in innsteer.layers", layer);
+        }
+        if (L->want_n_layer && (int)layer >= L->want_n_layer) {
+            return FAIL(L, INNSTEER_ERR_MISMATCH, "flow layer %u is out of range for the model's %d layers (0..%d)", layer,
+                        L->want_n_layer, L->want_n_layer - 1);
         }
         s->layer = (int)layer;
         s->subspace_at = -1;
@@ -415,8 +456,9 @@ static void destroy(innsteer_flow *flow) {
     free(flow);
 }
 
-static innsteer_status load_from_buffer(const uint8_t *buf, size_t size, innsteer_flow **out, char *err, size_t err_size) {
-    loader L = {.err = err, .err_size = err_size};
+static innsteer_status load_from_buffer(const uint8_t *buf, size_t size, int n_embd, int n_layer, innsteer_flow **out,
+                                        char *err, size_t err_size) {
+    loader L = {.err = err, .err_size = err_size, .want_n_embd = n_embd > 0 ? n_embd : 0, .want_n_layer = n_layer > 0 ? n_layer : 0};
     if (err && err_size) err[0] = '\0';
     innsteer_status parsed = gguf_parse_header(&L.g, buf, size, err, err_size);
     if (parsed) return parsed;
@@ -454,40 +496,49 @@ innsteer_status innsteer_flow_load_buffer(const void *data, size_t size, innstee
     uint8_t *copy = malloc(size ? size : 1);
     if (!copy) return INNSTEER_ERR_NOMEM;
     if (size) memcpy(copy, data, size);
-    innsteer_status st = load_from_buffer(copy, size, out, err, err_size);
+    innsteer_status st = load_from_buffer(copy, size, 0, 0, out, err, err_size);
     free(copy);
     return st;
 }
 
-innsteer_status innsteer_flow_load(const char *path, innsteer_flow **out, char *err, size_t err_size) {
+innsteer_status innsteer_flow_load_for(const char *path, int n_embd, int n_layer, innsteer_flow **out, char *err,
+                                       size_t err_size) {
     if (!path || !out) return INNSTEER_ERR_ARG;
     *out = NULL;
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return set_error(err, err_size, INNSTEER_ERR_IO, "cannot open flow file '%s'", path);
-    uint8_t *buf = NULL;
-    size_t size = 0;
-    innsteer_status st = INNSTEER_OK;
-    if (fseek(fp, 0, SEEK_END) != 0) st = INNSTEER_ERR_IO;
-    long end = st == INNSTEER_OK ? ftell(fp) : -1;
-    if (end < 0 || fseek(fp, 0, SEEK_SET) != 0) st = INNSTEER_ERR_IO;
-    if (st == INNSTEER_OK && (size_t)end > MAX_FILE_BYTES) {
-        fclose(fp);
-        return set_error(err, err_size, INNSTEER_ERR_FORMAT, "flow file '%s' is %ld bytes, cap is %zu", path, end, MAX_FILE_BYTES);
+    /* non-blocking, and regular files only: a FIFO or a device named as a flow must fail at once
+     * instead of blocking the caller (a server thread) until someone writes to it */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return set_error(err, err_size, INNSTEER_ERR_IO, "cannot open flow file '%s'", path);
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return set_error(err, err_size, INNSTEER_ERR_IO, "flow file '%s' is not a regular file", path);
     }
-    if (st == INNSTEER_OK) {
-        size = (size_t)end;
-        buf = malloc(size ? size : 1);
-        if (!buf) st = INNSTEER_ERR_NOMEM;
-        else if (size && fread(buf, 1, size, fp) != size) st = INNSTEER_ERR_IO;
+    if ((uint64_t)sb.st_size > (uint64_t)MAX_FILE_BYTES) {
+        close(fd);
+        return set_error(err, err_size, INNSTEER_ERR_FORMAT, "flow file '%s' is %lld bytes, cap is %zu", path,
+                         (long long)sb.st_size, MAX_FILE_BYTES);
     }
-    fclose(fp);
+    size_t size = (size_t)sb.st_size;
+    uint8_t *buf = malloc(size ? size : 1);
+    innsteer_status st = buf ? INNSTEER_OK : INNSTEER_ERR_NOMEM;
+    for (size_t got = 0; st == INNSTEER_OK && got < size;) {
+        ssize_t r = read(fd, buf + got, size - got);
+        if (r <= 0) st = INNSTEER_ERR_IO; /* an error, or the file shrank while being read */
+        else got += (size_t)r;
+    }
+    close(fd);
     if (st != INNSTEER_OK) {
         free(buf);
         return set_error(err, err_size, st, "cannot read flow file '%s'", path);
     }
-    st = load_from_buffer(buf, size, out, err, err_size);
+    st = load_from_buffer(buf, size, n_embd, n_layer, out, err, err_size);
     free(buf);
     return st;
+}
+
+innsteer_status innsteer_flow_load(const char *path, innsteer_flow **out, char *err, size_t err_size) {
+    return innsteer_flow_load_for(path, 0, 0, out, err, err_size);
 }
 
 void innsteer_flow_free(innsteer_flow *flow) {

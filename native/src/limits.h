@@ -22,6 +22,8 @@
 #define MAX_OPS 64
 #define MAX_MLP_LAYERS 4
 #define MAX_WIDTH 65536 /* hidden width of a coupling's conditioner */
+/* rows of a subspace basis: orthonormalising it costs rank operations per float of the file */
+#define MAX_RANK 256
 
 /* descriptive strings (general.name, innsteer.behavior, innsteer.method, innsteer.model.*), in
  * bytes; innsteer.provenance is bounded by MAX_STRING alone */
