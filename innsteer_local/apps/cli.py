@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -539,28 +540,45 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
 @click.option("--preset", "presets", multiple=True,
               help="NAME=FLOW:STRENGTH[@GATE]: also serve the model id MODEL+NAME (FLOW a loaded flow's name); "
                    "repeatable")
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--host", default=None, help="address to listen on [default: 127.0.0.1, this machine only]")
 @click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--api-key", default=None, envvar="INNSTEER_API_KEY", show_envvar=True,
+              help="every API request must send 'Authorization: Bearer KEY' (the playground asks for it)")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="read the API key from the first line of FILE (keeps it out of `ps`)")
+@click.option("--flows-dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="allow POST /v1/steering to load flow files from DIR (by file name; nothing outside DIR)")
+@click.option("--cors", "cors", multiple=True, metavar="ORIGIN",
+              help="a web app's origin (e.g. http://localhost:3000) allowed to call the API from a browser; repeatable")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="a host name clients may use besides the listening address and localhost; repeatable")
+@click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
+              help="largest request body in bytes (413 above)")
 @click.option("--n-ctx", type=click.IntRange(64), default=4096, show_default=True,
               help="tokens each request's sequence may hold (prompt and reply)")
 @click.option("--parallel", "-np", type=click.IntRange(1, 256), default=None,
               help="requests decoded together in one batch, each with its own steering [default: 8 on CPU, 16 with a GPU]")
 @click.option("--queue", type=click.IntRange(0), default=None,
-              help="requests that may wait for a free sequence before the server answers 503 [default: 4 x --parallel]")
+              help="requests that may wait for a free sequence before the server answers 429 [default: 4 x --parallel]")
 @click.option("--seed", "-s", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
-def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...], host: str, port: int, n_ctx: int,
-          parallel: Optional[int], queue: Optional[int], seed: int, threads: Optional[int]) -> None:
+def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...], host: Optional[str], port: int,
+          api_key: Optional[str], api_key_file: Optional[str], flows_dir: Optional[str], cors: tuple[str, ...],
+          allowed_hosts: tuple[str, ...], max_body: int, n_ctx: int, parallel: Optional[int], queue: Optional[int],
+          seed: int, threads: Optional[int]) -> None:
     """OpenAI-compatible server with a playground page at /; each request picks its own steering,
-    by a `steering` field or by a model id such as smollm2-135m+honesty@2 (docs/EMBEDDING.md):
+    by a `steering` field or by a model id such as smollm2-135m+honesty@2 (docs/EMBEDDING.md).
+    Access rules and limits: docs/SECURITY.md.
 
     \b
       innsteer-local serve --flow honesty.gguf --preset honest=honesty:2
       open http://127.0.0.1:8080/                      # the playground
       curl localhost:8080/v1/models                    # smollm2-135m, ...+honesty, ...+honest
-      curl localhost:8080/v1/chat/completions -d '{"model": "smollm2-135m+honesty@2",
-           "messages": [{"role": "user", "content": "Hi"}]}'
+      curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+           -d '{"model": "smollm2-135m+honesty@2", "messages": [{"role": "user", "content": "Hi"}]}'
+      innsteer-local serve --host 0.0.0.0 --api-key-file key.txt --flows-dir ./flows   # on a network
     """
+    from . import guard
     from .model_ids import parse_preset
     from .server import _require_fastapi
     from .server import serve as run_server
@@ -577,8 +595,24 @@ def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...]
             raise click.BadParameter(f"preset '{p.name}' uses flow '{p.flow}', but the loaded flows are "
                                      f"{', '.join(sorted(names)) or 'none'} (add --flow {p.flow}.gguf)",
                                      param_hint="--preset")
+    if api_key_file is not None:
+        lines = Path(api_key_file).read_text(encoding="utf-8").splitlines()
+        api_key = lines[0].strip() if lines else ""
+        if not api_key:
+            raise click.BadParameter(f"{api_key_file} is empty", param_hint="--api-key-file")
+    if api_key is not None and len(api_key) < 8:
+        raise click.BadParameter("use a key of at least 8 characters", param_hint="--api-key")
+    for origin in cors:
+        if not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise click.BadParameter(f"'{origin}' is not an origin like http://localhost:3000", param_hint="--cors")
+    if host is None:
+        host = "127.0.0.1"
+    elif api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the "
+                   "model and its flows", err=True)
+    policy = guard.Policy(host=host, api_key=api_key, allowed_hosts=allowed_hosts, cors=cors, max_body=max_body)
     llm = load_steered(model, (), None, n_ctx, seed, threads)
-    run_server(llm, specs, host, port, presets=parsed, parallel=parallel, queue=queue)
+    run_server(llm, specs, port, policy, presets=parsed, parallel=parallel, queue=queue, flows_dir=flows_dir)
 
 
 @cli.command()

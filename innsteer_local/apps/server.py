@@ -3,8 +3,9 @@
     innsteer-local serve --flow honesty=honesty.gguf --port 8080
 
 Endpoints: `/v1/chat/completions`, `/v1/completions` (both stream by SSE), `/v1/models`,
-`GET /v1/steering` (the loaded flows) and `POST /v1/steering` (load one more), and a playground
-page at `/`. A request's `steering` field, `[{"flow": NAME, "strength": A, "gate": "off"}]`,
+`GET /v1/steering` (the loaded flows), `POST /v1/steering` (load one more from the operator's
+`--flows-dir`) and `DELETE /v1/steering/NAME` (unload one loaded so), and a playground page at
+`/`. Access rules (API key, Host, Origin, body type and size) are apps/guard.py's. A request's `steering` field, `[{"flow": NAME, "strength": A, "gate": "off"}]`,
 applies to that request only; an empty list is unsteered. Without the field, the model id says
 the steering (`smollm2-135m+honesty@2`, grammar in model_ids.py), so any OpenAI-compatible chat
 app can steer by picking a model.
@@ -13,9 +14,9 @@ Concurrency: requests are sequences of one batched engine (runtime/engine.py): u
 of them are decoded together in every llama_decode (continuous batching: a request joins and leaves
 between steps), and each sequence's rows are steered by that request's flows only, in the same
 batch as requests with other steering or none. Requests beyond --parallel wait in a bounded queue
-(503 when it is full). The event loop never waits on generation; a client that disconnects,
+(429 with Retry-After when it is full). The event loop never waits on generation; a client that disconnects,
 streaming or not, frees its sequence at the next step. Every request's KV cells are its own and
-start empty, so no prompt prefix computed under other steering is ever reused. Each response
+start empty: no prompt prefix is reused between requests (docs/EMBEDDING.md says what that costs). Each response
 carries `steering_stats` counted for its own sequence alone.
 
 FastAPI and uvicorn are imported only here (the `[serve]` extra).
@@ -27,7 +28,9 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -38,6 +41,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..choices import GATES
 from ..errors import FlowFormatError, FlowMismatchError, InnsteerError
+from . import guard
 from ..runtime import registry
 from ..runtime.flowspec import FlowSpec, format_flow_spec
 from ..runtime.prompts import render_chat
@@ -46,6 +50,11 @@ from .model_ids import Preset, UnknownModel, listed_ids, parse_model_id
 ROLES = {"system", "user", "assistant", "developer"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MAX_TOKENS = 256
+# a documented global cap: trained flows are calibrated so that 1 is their default and useful
+# strengths stay within a few units; a float32 overflows past 3.4e38 and huge values only break text
+MAX_STRENGTH = 100.0
+MAX_JSON_DEPTH = 32  # OpenAI bodies nest 5 deep; Python's parser recurses and would fail at ~1000
+API_FLOW_LIMIT = 16  # flows loaded over the API at once (the operator's --flow ones do not count)
 # the playground page (static, no build step, nothing fetched from elsewhere)
 PLAYGROUND = Path(__file__).parent / "playground"
 PLAYGROUND_FILES = {"playground.js": "text/javascript", "playground.css": "text/css"}
@@ -65,12 +74,14 @@ class RequestError(Exception):
     """A client error, answered as an OpenAI-shaped JSON error with a 4xx status."""
 
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 kind: str = "invalid_request_error", code: Optional[str] = None):
+                 kind: str = "invalid_request_error", code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return guard.error_body(self.message, self.kind, self.code, self.param)
 
 
 # ---- request parsing ----------------------------------------------------------------------
@@ -83,15 +94,40 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     def refuse(token: str) -> Any:
         raise RequestError(f"'{token}' is not valid JSON: numbers must be finite")
 
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise RequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         body = json.loads(raw or b"null", parse_constant=refuse)
     except RequestError:
         raise
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise RequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, got {type(body).__name__ if body is not None else 'nothing'}")
     return body
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (strings skipped), in O(size)."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(_JSON_STRING.sub(b'""', raw or b"")):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def strength_value(v: Any, param: str) -> float:
+    """A strength from a request: a finite number within +-MAX_STRENGTH."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise RequestError(f"{param} must be a finite number, got {json.dumps(v)[:40]}", param)
+    if abs(v) > MAX_STRENGTH:
+        raise RequestError(f"{param} must be within -{MAX_STRENGTH:g}..{MAX_STRENGTH:g} (the server's cap), got {v!r}",
+                           param)
+    return float(v)
 
 
 def _number(body: dict[str, Any], key: str, lo: float, hi: float, default: Optional[float]) -> Optional[float]:
@@ -149,11 +185,7 @@ def parse_steering(value: Any, flows: dict[str, "LoadedFlow"]) -> list[SteeringC
         if any(c.flow == name for c in out):
             raise RequestError(f"flow '{name}' appears twice in 'steering'", f"{param}.flow")
         strength = entry.get("strength")
-        if strength is None:
-            strength = flows[name].strength
-        elif isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-            raise RequestError(f"{param}.strength must be a finite number, got {json.dumps(strength)[:40]}",
-                               f"{param}.strength")
+        strength = flows[name].strength if strength is None else strength_value(strength, f"{param}.strength")
         gate = entry.get("gate", flows[name].gate)
         if gate not in GATES:
             raise RequestError(f"{param}.gate must be one of {', '.join(repr(g) for g in GATES)}, got "
@@ -262,6 +294,8 @@ class LoadedFlow:
     flow: Any  # runtime.engine.EngineFlow
     strength: float  # used when a request names the flow without a strength
     gate: str = "off"  # likewise for the gate
+    file: str = ""  # what clients see of its file: a name, never a server path
+    by_api: bool = False  # loaded by POST /v1/steering (and so unloadable by DELETE)
 
     @property
     def has_gate(self) -> bool:
@@ -272,7 +306,8 @@ class LoadedFlow:
         return {
             "name": self.name,
             "object": "steering.flow",
-            "path": self.flow.path,
+            "file": self.file,
+            "loaded_by": "api" if self.by_api else "operator",
             "layers": f.layers,
             "default_strength": self.strength,
             "method": f.method,
@@ -291,7 +326,7 @@ class Engine:
     """The server's state: loaded flows and presets over one batched generation engine."""
 
     def __init__(self, llm: Any, model_id: str, parallel: int = 4, queue: Optional[int] = None,
-                 n_ctx: Optional[int] = None):
+                 n_ctx: Optional[int] = None, flows_dir: Optional[str] = None):
         from ..runtime.engine import Engine as BatchEngine
 
         if getattr(llm, "flows", None):  # they would steer every request, whatever it asks for
@@ -301,11 +336,14 @@ class Engine:
         self.flows: dict[str, LoadedFlow] = {}
         self.presets: dict[str, Preset] = {}
         self.created = int(time.time())
+        # POST /v1/steering reads only from here (None: loading over the API is off)
+        self.flows_dir = Path(flows_dir).resolve(strict=True) if flows_dir is not None else None
         # one KV stream per request: each attends over its own cells exactly as it would alone, so
         # a request's reply rarely depends on what else shares the batch (and on CPU it is faster)
         self.batch = BatchEngine(llm, n_parallel=parallel, n_ctx=n_ctx)
         self.queue_limit = 4 * parallel if queue is None else queue
-        self._lock = threading.Lock()  # flows and presets
+        self._lock = threading.Lock()  # flows, presets and names being loaded; never held while loading
+        self._loading: set[str] = set()
         self.batch.start()
 
     def close(self) -> None:
@@ -313,29 +351,114 @@ class Engine:
 
     def load_flow(self, name: str, path: str, strength: Optional[float] = None,
                   gate: str = "off") -> tuple[LoadedFlow, list[str]]:
-        """Attaches a flow that requests can name. Returns it and any warnings."""
+        """Attaches a flow the operator names (a path or a shipped flow name) that requests can
+        name. Returns it and any warnings."""
+        try:
+            resolved = registry.resolve_flow(path, getattr(self.llm, "model_key", None))
+        except FlowFormatError as e:
+            raise RequestError(str(e), "path") from None
+        return self._attach(name, resolved, Path(resolved).name, strength, gate, by_api=False)
+
+    def load_api_flow(self, name: str, file: str, strength: Optional[float] = None,
+                      gate: str = "off") -> tuple[LoadedFlow, list[str]]:
+        """POST /v1/steering: a file name inside --flows-dir, or a shipped flow name."""
+        if self.flows_dir is None:
+            raise RequestError("loading flows over the API is off; the operator can start serve with "
+                               "--flows-dir DIR to allow loading flow files from DIR", "path", status=403,
+                               code="flow_loading_disabled")
+        if sum(lf.by_api for lf in self.flows.values()) >= API_FLOW_LIMIT:
+            raise RequestError(f"{API_FLOW_LIMIT} flows are loaded over the API already (the cap); unload one with "
+                               "DELETE /v1/steering/NAME", "name", status=409, code="too_many_flows")
+        path, fd = self._open_in_flows_dir(file)
+        try:
+            # the loader reads the descriptor's file: nothing can swap it between the checks and the read
+            return self._attach(name, f"/dev/fd/{fd}", file, strength, gate, by_api=True)
+        finally:
+            os.close(fd)
+
+    def _open_in_flows_dir(self, file: Any) -> tuple[Path, int]:
+        """The flow file `file` names in the flows folder (or a shipped flow), opened read-only
+        and non-blocking, a regular file. Whatever the reason a name is refused (absolute, '..',
+        a symlink out of the folder, missing, unreadable), the answer is the same words: a client
+        learns nothing about the server's files."""
+        hidden = RequestError("no flow file of that name in the server's flows folder (give a file name inside "
+                              "it, or a shipped flow name; GET /v1/steering lists the loaded ones)", "path",
+                              status=404, kind="not_found_error", code="flow_not_found")
+        if not isinstance(file, str) or not file or len(file) > 255 or "\0" in file:
+            raise hidden
+        rel = Path(file)
+        candidates: list[tuple[Path, Optional[Path]]] = []  # (path, the folder it must stay in)
+        if not rel.is_absolute() and ".." not in rel.parts:
+            candidates.append((self.flows_dir / rel, self.flows_dir))
+        shipped = registry.shipped_flows(getattr(self.llm, "model_key", None))
+        stem = file[:-5] if file.endswith(".gguf") else file
+        if stem in shipped and "/" not in file:
+            candidates.append((Path(shipped[stem]), None))  # the package's own files
+        for cand, root in candidates:
+            try:
+                real = Path(os.path.realpath(cand))  # symlinks resolved, then checked
+                if root is not None and not real.is_relative_to(root):
+                    continue
+                fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except (OSError, ValueError):
+                continue
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise RequestError("that flow file is not a regular file (a FIFO, device or folder)", "path",
+                                   code="not_a_regular_file")
+            return real, fd
+        raise hidden
+
+    def _attach(self, name: Any, path: str, file: str, strength: Optional[float], gate: str,
+                by_api: bool) -> tuple[LoadedFlow, list[str]]:
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise RequestError("flow name must be 1-64 characters of letters, digits, '.', '_', '-' "
                                f"starting with a letter or digit, got {json.dumps(name)[:80]}", "name")
         with self._lock:
-            if name in self.flows:
+            if name in self.flows or name in self._loading:
                 raise RequestError(f"a flow named '{name}' is already loaded", "name", status=409)
-            try:
-                resolved = registry.resolve_flow(path, getattr(self.llm, "model_key", None))
+            self._loading.add(name)
+        try:
+            try:  # loading and validating a file happens outside every lock
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    flow = self.batch.add_flow(resolved)
+                    flow = self.batch.add_flow(path)
             except (FlowFormatError, FlowMismatchError) as e:
-                raise RequestError(str(e), "path") from None
+                raise RequestError(str(e).replace(path, file), "path") from None
+            except InnsteerError as e:  # e.g. every steering slot of the engine in use
+                raise RequestError(str(e).replace(path, file), "path", status=409) from None
             if gate != "off" and not flow.info.has_gate:
                 self.batch.remove_flow(flow)
                 raise RequestError(f"flow '{name}' carries no gate parameters, so gate '{gate}' is not available",
                                    "gate")
             value = flow.info.default_strength if strength is None else strength
             # 7 significant digits: the float32 default reads back as e.g. 0.23000000417232513
-            loaded = LoadedFlow(name=name, flow=flow, strength=float(f"{value:.7g}"), gate=gate)
-            self.flows[name] = loaded
-            return loaded, [str(w.message) for w in caught]
+            loaded = LoadedFlow(name=name, flow=flow, strength=float(f"{value:.7g}"), gate=gate, file=file,
+                                by_api=by_api)
+            with self._lock:
+                self.flows[name] = loaded
+            return loaded, [str(w.message).replace(path, file) for w in caught]
+        finally:
+            with self._lock:
+                self._loading.discard(name)
+
+    def unload_flow(self, name: str) -> None:
+        """DELETE /v1/steering/NAME: only flows loaded over the API, and only when no unfinished
+        request uses them."""
+        with self._lock:
+            lf = self.flows.get(name)
+            if lf is None:
+                raise RequestError(f"no loaded flow named '{name[:64]}'", "name", status=404, kind="not_found_error",
+                                   code="flow_not_found")
+            if not lf.by_api:
+                raise RequestError(f"flow '{name}' was loaded by the operator (serve --flow); only flows loaded over "
+                                   "the API can be unloaded", "name", status=403, code="flow_not_unloadable")
+            try:
+                self.batch.remove_flow(lf.flow)
+            except InnsteerError:
+                raise RequestError(f"flow '{name}' steers unfinished requests; retry when they are done", "name",
+                                   status=409, code="flow_in_use") from None
+            del self.flows[name]
 
     def add_preset(self, preset: Preset) -> None:
         """Serves a steering setting as the model id BASE+NAME."""
@@ -390,16 +513,20 @@ class Engine:
         return Job(tokens, sampling, steer, on_text=on_text, chat=chat)
 
     def submit(self, job: Any) -> None:
-        """Queues a job, or answers 503 when the queue is full (the client may retry)."""
+        """Queues a job, or answers 429 when the queue is full (the client may retry)."""
         load = self.batch.load
         if load["waiting"] >= self.queue_limit:
             raise RequestError(f"the server is busy: {load['running']} requests are running and {load['waiting']} "
-                               f"waiting (queue limit {self.queue_limit}); retry later", status=503,
-                               kind="server_error", code="server_busy")
+                               f"waiting (queue limit {self.queue_limit}); retry later", status=429,
+                               kind="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+        room = self.batch.n_ctx_seq
+        if len(job.prompt_tokens) >= room:
+            raise RequestError(f"the prompt is {len(job.prompt_tokens)} tokens; a request's context window holds "
+                               f"{room} (prompt and reply)", "messages", code="context_length_exceeded")
         try:
             self.batch.submit(job)
-        except ValueError as e:  # e.g. a prompt longer than a sequence's context
-            raise RequestError(str(e)) from None
+        except ValueError as e:  # e.g. prompt and max_tokens together longer than a sequence's context
+            raise RequestError(str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
 
 
 def request_stats(job: Any) -> dict[str, Any]:
@@ -418,7 +545,7 @@ def request_stats(job: Any) -> dict[str, Any]:
 def _error_response(e: RequestError) -> Any:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def _generation_error(e: Exception) -> RequestError:
@@ -467,6 +594,11 @@ def create_app(engine: Engine) -> Any:
     async def _request_error(request: Request, e: RequestError) -> Any:
         return _error_response(e)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> Any:  # never a plain-text 500
+        return JSONResponse(guard.error_body(f"internal server error: {type(e).__name__}", "server_error"),
+                            status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> Any:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
@@ -504,13 +636,20 @@ def create_app(engine: Engine) -> Any:
             raise RequestError(f"unknown field(s) {', '.join(sorted(unknown))}; allowed: name, path, strength, gate")
         path = body.get("path")
         if not isinstance(path, str) or not path:
-            raise RequestError("'path' must be the path of a flow file on the server (or a shipped flow name)", "path")
-        strength = _number(body, "strength", -1e6, 1e6, None)
+            raise RequestError("'path' must be the name of a flow file in the server's flows folder (or a shipped "
+                               "flow name)", "path")
+        strength = body.get("strength")
+        strength = None if strength is None else strength_value(strength, "strength")
         gate = body.get("gate", "off")
         if gate not in GATES:
             raise RequestError(f"'gate' must be one of {', '.join(GATES)}, got {json.dumps(gate)[:40]}", "gate")
-        loaded, warned = await run_in_threadpool(engine.load_flow, body.get("name"), path, strength, gate)
+        loaded, warned = await run_in_threadpool(engine.load_api_flow, body.get("name"), path, strength, gate)
         return JSONResponse({**loaded.describe(), "warnings": warned}, status_code=201)
+
+    @app.delete("/v1/steering/{name}")
+    async def unload_flow(name: str) -> Any:
+        await run_in_threadpool(engine.unload_flow, name)
+        return {"name": name, "object": "steering.flow", "deleted": True}
 
     async def generate(request: Request, chat: bool) -> Any:
         body = parse_body(await request.body())
@@ -608,7 +747,7 @@ def model_id_for(llm: Any) -> str:
 
 
 @contextlib.contextmanager
-def serving(engine: Engine, timeout: float = 30) -> Iterator[str]:
+def serving(engine: Engine, timeout: float = 30, policy: Optional[guard.Policy] = None) -> Iterator[str]:
     """The app on a free loopback port, on a thread of this process (benchmarks and tests); yields
     its base URL and stops the server afterwards (the engine stays the caller's)."""
     import socket
@@ -618,7 +757,7 @@ def serving(engine: Engine, timeout: float = 30) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(engine, policy or guard.Policy(), "127.0.0.1", port, "warning"))
     thread = threading.Thread(target=server.run, daemon=True, name="innsteer-serving")
     thread.start()
     deadline = time.time() + timeout
@@ -633,6 +772,14 @@ def serving(engine: Engine, timeout: float = 30) -> Iterator[str]:
         thread.join(10)
 
 
+def server_config(engine: Engine, policy: guard.Policy, host: str, port: int, log_level: str) -> Any:
+    """uvicorn's settings for the app behind its guard (apps/guard.py)."""
+    import uvicorn
+
+    return uvicorn.Config(guard.Guard(create_app(engine), policy), host=host, port=port, log_level=log_level,
+                          http=guard.protocol_class(policy.header_timeout), timeout_keep_alive=5)
+
+
 def default_parallel() -> int:
     """Sequences decoded together by default: on a few CPU cores the aggregate gain flattens out
     near 8 (docs/PERFORMANCE.md); a GPU build keeps gaining, so it gets more."""
@@ -642,13 +789,15 @@ def default_parallel() -> int:
     return 16 if gpu else 8
 
 
-def serve(llm: Any, flows: list[FlowSpec], host: str, port: int, log_level: str = "info",
-          presets: Sequence[Preset] = (), parallel: Optional[int] = None, queue: Optional[int] = None) -> None:
+def serve(llm: Any, flows: list[FlowSpec], port: int, policy: guard.Policy, log_level: str = "info",
+          presets: Sequence[Preset] = (), parallel: Optional[int] = None, queue: Optional[int] = None,
+          flows_dir: Optional[str] = None) -> None:
     """Loads the flows and presets, then serves until interrupted."""
     _require_fastapi()
     import uvicorn
 
-    engine = Engine(llm, model_id_for(llm), parallel=parallel or default_parallel(), queue=queue)
+    host = policy.host
+    engine = Engine(llm, model_id_for(llm), parallel=parallel or default_parallel(), queue=queue, flows_dir=flows_dir)
     for spec in flows:
         try:
             _, warned = engine.load_flow(spec.name, spec.path, spec.strength, spec.gate or "off")
@@ -665,6 +814,6 @@ def serve(llm: Any, flows: list[FlowSpec], host: str, port: int, log_level: str 
     print(f"playground: http://{shown}:{port}/   {engine.batch.n_parallel} sequences at once, "
           f"{engine.batch.n_ctx_seq} tokens each   models: " + ", ".join(m["id"] for m in engine.models()), flush=True)
     try:
-        uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
+        uvicorn.Server(server_config(engine, policy, host, port, log_level)).run()
     finally:
         engine.close()

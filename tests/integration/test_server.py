@@ -34,13 +34,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(model_path):
+def flows_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("flows")
+
+
+@pytest.fixture(scope="module")
+def server(model_path, flows_dir):
     from innsteer_local.apps.server import Engine, serving
     from innsteer_local.runtime.steered import SteeredLlama
 
     llm = SteeredLlama(str(model_path), n_ctx=1024, seed=0, n_threads=1, n_threads_batch=1, verbose=False)
     llm.model_key = "smollm2-135m"
-    engine = Engine(llm, "smollm2-135m")
+    engine = Engine(llm, "smollm2-135m", flows_dir=str(flows_dir))
     engine.load_flow("honesty", str(SHIPPED["honesty"]))
     engine.load_flow("positivity", "positivity.gguf", strength=2.0)  # shipped name, own default
     engine.add_preset(parse_preset("honest2=honesty:2"))
@@ -163,7 +168,7 @@ def test_get_steering_lists_flows_with_metadata(server):
     assert set(by_name) == {"honesty", "positivity"}
     h = by_name["honesty"]
     assert h["layers"] == [15] and h["method"] == "innsteer" and h["behavior"] == "honesty"
-    assert h["path"] == str(SHIPPED["honesty"])
+    assert h["file"] == SHIPPED["honesty"].name and h["loaded_by"] == "operator"  # a name, not a server path
     assert h["default_strength"] == pytest.approx(Flow.load(SHIPPED["honesty"]).default_strength)
     assert by_name["positivity"]["default_strength"] == 2.0
     assert h["model"]["n_embd"] == 576 and "coupling" in h["sites"][0]["ops"]
@@ -247,29 +252,40 @@ def test_client_leaving_mid_stream_frees_the_model(server, client):
     assert time.perf_counter() - t < 20, "the abandoned stream kept the model busy"
 
 
-def test_post_steering_loads_a_flow(server, client, model_info, tmp_path):
+def test_post_steering_loads_a_flow(server, client, model_info, flows_dir):
     url = server[0]
-    path = tmp_path / "random.gguf"
-    random_flow(model_info, [10], rank=32, blocks=2, hidden=64, seed=3, delta_scale=2.0).save(path)
-    r = httpx.post(f"{url}/v1/steering", json={"name": "rand", "path": str(path), "strength": 1.5})
+    random_flow(model_info, [10], rank=32, blocks=2, hidden=64, seed=3, delta_scale=2.0).save(flows_dir / "random.gguf")
+    r = httpx.post(f"{url}/v1/steering", json={"name": "rand", "path": "random.gguf", "strength": 1.5})
     assert r.status_code == 201, r.text
     assert r.json()["layers"] == [10] and r.json()["default_strength"] == 1.5
-    assert "rand" in [d["name"] for d in httpx.get(f"{url}/v1/steering").json()["data"]]
+    listed = {d["name"]: d for d in httpx.get(f"{url}/v1/steering").json()["data"]}
+    assert listed["rand"]["file"] == "random.gguf" and listed["rand"]["loaded_by"] == "api"
+    assert str(flows_dir) not in json.dumps(listed) and "/" not in listed["honesty"]["file"]  # names, not paths
     assert chat(client, [{"flow": "rand"}]) != chat(client)
 
-    again = httpx.post(f"{url}/v1/steering", json={"name": "rand", "path": str(path)})
+    again = httpx.post(f"{url}/v1/steering", json={"name": "rand", "path": "random.gguf"})
     assert again.status_code == 409 and "already loaded" in again.json()["error"]["message"]
-    missing = httpx.post(f"{url}/v1/steering", json={"name": "gone", "path": str(tmp_path / "nope.gguf")})
-    assert missing.status_code == 400 and "flow file not found" in missing.json()["error"]["message"]
-    other = tmp_path / "other.gguf"
-    random_flow(ModelInfo("gemma-3-270m", "gemma3", 640, 18), [5], rank=16, blocks=1, hidden=16).save(other)
-    wrong = httpx.post(f"{url}/v1/steering", json={"name": "wrong", "path": str(other)})
+    missing = httpx.post(f"{url}/v1/steering", json={"name": "gone", "path": "nope.gguf"})
+    assert missing.status_code == 404 and "no flow file of that name" in missing.json()["error"]["message"]
+    random_flow(ModelInfo("gemma-3-270m", "gemma3", 640, 18), [5], rank=16, blocks=1,
+                hidden=16).save(flows_dir / "other.gguf")
+    wrong = httpx.post(f"{url}/v1/steering", json={"name": "wrong", "path": "other.gguf"})
     assert wrong.status_code == 400 and "n_embd 640" in wrong.json()["error"]["message"]
-    notflow = httpx.post(f"{url}/v1/steering", json={"name": "model", "path": str(server[1].llm.model_path)})
-    assert notflow.status_code == 400 and "not an innsteer flow" in notflow.json()["error"]["message"]
-    badname = httpx.post(f"{url}/v1/steering", json={"name": "../x", "path": str(path)})
+    (flows_dir / "notes.gguf").write_text("not a flow")
+    notflow = httpx.post(f"{url}/v1/steering", json={"name": "notes", "path": "notes.gguf"})
+    assert notflow.status_code == 400 and "notes.gguf" in notflow.json()["error"]["message"]
+    assert str(flows_dir) not in notflow.json()["error"]["message"]
+    badname = httpx.post(f"{url}/v1/steering", json={"name": "../x", "path": "random.gguf"})
     assert badname.status_code == 400 and badname.json()["error"]["param"] == "name"
     assert {d["name"] for d in httpx.get(f"{url}/v1/steering").json()["data"]} == {"honesty", "positivity", "rand"}
+
+    # unloading: only what the API loaded, and then it is gone for requests too
+    assert httpx.delete(f"{url}/v1/steering/honesty").status_code == 403
+    assert httpx.delete(f"{url}/v1/steering/nosuch").status_code == 404
+    gone = httpx.delete(f"{url}/v1/steering/rand")
+    assert gone.status_code == 200 and gone.json()["deleted"] is True
+    with pytest.raises(openai.BadRequestError, match="unknown flow 'rand'"):
+        chat(client, [{"flow": "rand"}])
 
 
 @pytest.mark.parametrize("steering, needle", [
@@ -325,8 +341,10 @@ def test_other_client_errors(server):
     assert r.status_code == 400 and "context window" in r.json()["error"]["message"]
     r = httpx.get(f"{url}/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
-    r = httpx.post(f"{url}/v1/steering", content=b'{"name": "x", "path": 5}')
+    r = httpx.post(f"{url}/v1/steering", content=b'{"name": "x", "path": 5}', headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "path"
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": long_prompt, "max_tokens": 4})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
     assert httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
 
 

@@ -154,7 +154,7 @@ def test_models_answer_fast_while_sixteen_generations_run(server):
     wait_idle(engine)
 
 
-def test_a_full_queue_answers_503(server):
+def test_a_full_queue_answers_429_with_retry_after(server):
     url, engine = server
     wait_idle(engine)
     stop = threading.Event()
@@ -167,7 +167,7 @@ def test_a_full_queue_answers_503(server):
             assert time.time() < deadline, engine.batch.load
             time.sleep(0.02)
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy"
+        assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy" and r.headers["retry-after"] == "1"
     finally:
         stop.set()
         for t in threads:
