@@ -554,6 +554,8 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
               help="a host name clients may use besides the listening address and localhost; repeatable")
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="largest request body in bytes (413 above)")
+@click.option("--header-timeout", type=click.FloatRange(0.5), default=10.0, show_default=True,
+              help="seconds a connection may take to send a request's headers before it is closed")
 @click.option("--n-ctx", type=click.IntRange(64), default=4096, show_default=True,
               help="tokens each request's sequence may hold (prompt and reply)")
 @click.option("--parallel", "-np", type=click.IntRange(1, 256), default=None,
@@ -564,7 +566,7 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
 def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...], host: Optional[str], port: int,
           api_key: Optional[str], api_key_file: Optional[str], flows_dir: Optional[str], cors: tuple[str, ...],
-          allowed_hosts: tuple[str, ...], max_body: int, n_ctx: int, parallel: Optional[int], queue: Optional[int],
+          allowed_hosts: tuple[str, ...], max_body: int, header_timeout: float, n_ctx: int, parallel: Optional[int], queue: Optional[int],
           seed: int, threads: Optional[int]) -> None:
     """OpenAI-compatible server with a playground page at /; each request picks its own steering,
     by a `steering` field or by a model id such as smollm2-135m+honesty@2 (docs/EMBEDDING.md).
@@ -610,7 +612,8 @@ def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...]
     elif api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the "
                    "model and its flows", err=True)
-    policy = guard.Policy(host=host, api_key=api_key, allowed_hosts=allowed_hosts, cors=cors, max_body=max_body)
+    policy = guard.Policy(host=host, api_key=api_key, allowed_hosts=allowed_hosts, cors=cors, max_body=max_body,
+                          header_timeout=header_timeout)
     llm = load_steered(model, (), None, n_ctx, seed, threads)
     run_server(llm, specs, port, policy, presets=parsed, parallel=parallel, queue=queue, flows_dir=flows_dir)
 
