@@ -7,8 +7,9 @@ Needs Debian's `chromium` (.ci/run installs it) and the `playwright` package fro
 
 from __future__ import annotations
 
-import os
+import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -33,13 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served():
+KEY = "playground-key-42"
+
+
+@contextlib.contextmanager
+def serve(*extra: str):
     cli = Path(sys.executable).with_name("innsteer-local")
     port = free_port()
     proc = subprocess.Popen([str(cli if cli.exists() else "innsteer-local"), "serve", "--flow", "honesty.gguf",
-                             "--flow", "positivity.gguf", "--port", str(port), "--n-ctx", "1024", "--threads", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--flow", "positivity.gguf", "--port", str(port), "--n-ctx", "1024", "--threads", "2",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     try:
@@ -58,21 +62,33 @@ def served():
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def served():
+    with serve() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=BROWSER, headless=True, args=["--no-sandbox"])
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        p = context.new_page()
-        p.requested = []  # every URL the page asked for
-        p.on("request", lambda r: p.requested.append(r.url))
-        p.bodies = []  # the JSON bodies it posted
-        p.on("request", lambda r: p.bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
-        p.console_errors = []
-        p.on("pageerror", lambda e: p.console_errors.append(str(e)))
-        p.goto(served + "/")
-        p.wait_for_selector("body[data-ready=true]", timeout=30_000)
-        yield p
-        browser.close()
+        b = pw.chromium.launch(executable_path=BROWSER, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(served, browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    p = context.new_page()
+    p.requested = []  # every URL the page asked for
+    p.on("request", lambda r: p.requested.append(r.url))
+    p.bodies = []  # the JSON bodies it posted
+    p.on("request", lambda r: p.bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
+    p.console_errors = []
+    p.on("pageerror", lambda e: p.console_errors.append(str(e)))
+    p.goto(served + "/")
+    p.wait_for_selector("body[data-ready=true]", timeout=30_000)
+    yield p
+    context.close()
 
 
 def test_slider_prompt_and_two_streamed_replies(page, served, tmp_path):
@@ -133,3 +149,29 @@ def test_server_errors_show_in_the_page(page):
     page.locator("#prompt").fill("   ")
     page.locator("#send").click()
     assert "Write a prompt first" in error.inner_text()
+
+
+def test_the_page_asks_for_the_api_key_and_sends_it(browser):
+    with serve("--api-key", KEY) as url:
+        context = browser.new_context()
+        p = context.new_page()
+        auth = []
+        p.on("request", lambda r: auth.append(r.headers.get("authorization")) if "/v1/" in r.url else None)
+        p.goto(url + "/")
+        p.wait_for_selector("#key-form:not([hidden])", timeout=30_000)
+        assert "API key" in p.locator("#key-message").inner_text()
+        p.locator("#api-key").fill("wrong-key-000")
+        p.locator("#key-form button").click()
+        p.wait_for_selector("#key-form:not([hidden])", timeout=30_000)
+        assert "refused" in p.locator("#key-message").inner_text()
+        p.locator("#api-key").fill(KEY)
+        p.locator("#key-form button").click()
+        p.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        assert p.locator("fieldset[data-flow=honesty]").count() == 1
+        assert "$INNSTEER_API_KEY" in p.locator("#snippet-curl").inner_text()
+        assert KEY not in p.locator("#snippet-curl").inner_text() + p.locator("#snippet-python").inner_text()
+        p.locator("#max-tokens").fill("8")
+        p.locator("#send").click()
+        p.wait_for_selector("#pane-steered[data-state=done]", timeout=120_000)
+        assert auth[-1] == f"Bearer {KEY}" and f"Bearer {KEY}" in auth
+        context.close()

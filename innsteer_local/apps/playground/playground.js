@@ -2,7 +2,12 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { base: null, flows: [], controller: null };
+const state = { base: null, flows: [], controller: null, key: sessionStorage.getItem("innsteer-api-key") || "" };
+
+// a server started with --api-key wants it on every API request; the page keeps it for this tab only
+function headers(extra = {}) {
+  return state.key ? { ...extra, Authorization: `Bearer ${state.key}` } : extra;
+}
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -28,10 +33,21 @@ async function errorMessage(resp) {
   return `${resp.status} ${resp.statusText}`;
 }
 
+class NeedKey extends Error {}
+
 async function getJSON(path) {
-  const resp = await fetch(path);
+  const resp = await fetch(path, { headers: headers() });
+  if (resp.status === 401) throw new NeedKey(await errorMessage(resp));
   if (!resp.ok) throw new Error(await errorMessage(resp));
   return resp.json();
+}
+
+function askForKey(message) {
+  const form = $("#key-form");
+  form.hidden = false;
+  $("#key-message").textContent = state.key ? `That key was refused (${message}).` :
+    "This server needs its API key (the one `serve` was started with).";
+  $("#api-key").focus();
 }
 
 // ---- flow controls ---------------------------------------------------------------------------
@@ -103,14 +119,16 @@ function changed() {
   const body = requestBody(choices, false);
   const url = `${location.origin}/v1/chat/completions`;
   const json = JSON.stringify(body);
+  const auth = state.key ? ` -H "Authorization: Bearer $INNSTEER_API_KEY"` : "";
   $("#snippet-curl").textContent =
-    `curl -s ${url} -H 'Content-Type: application/json' \\\n  -d '${json.replace(/'/g, "'\\''")}'`;
+    `curl -s ${url} -H 'Content-Type: application/json'${auth} \\\n  -d '${json.replace(/'/g, "'\\''")}'`;
   const { steering: chosen, model, messages, ...params } = body;
   const args = Object.entries(params).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ");
   $("#snippet-python").textContent = [
     "from openai import OpenAI",
     "",
-    `client = OpenAI(base_url="${location.origin}/v1", api_key="unused")`,
+    ...(state.key ? ["import os", ""] : []),
+    `client = OpenAI(base_url="${location.origin}/v1", api_key=${state.key ? 'os.environ["INNSTEER_API_KEY"]' : '"unused"'})`,
     "reply = client.chat.completions.create(",
     `    model=${JSON.stringify(model)}, messages=${JSON.stringify(messages)},`,
     `    ${args},`,
@@ -142,7 +160,7 @@ async function streamInto(pane, choices, signal) {
   let stats = null;
   try {
     const resp = await fetch("/v1/chat/completions", {
-      method: "POST", headers: { "Content-Type": "application/json" },
+      method: "POST", headers: headers({ "Content-Type": "application/json" }),
       body: JSON.stringify(requestBody(choices, true)), signal });
     if (!resp.ok) throw new Error(await errorMessage(resp));
     const reader = resp.body.getReader();
@@ -246,18 +264,35 @@ async function init() {
   for (const id of ["#system", "#prompt", "#max-tokens", "#temperature", "#seed"]) {
     $(id).addEventListener("input", changed);
   }
+  $("#key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.key = $("#api-key").value.trim();
+    sessionStorage.setItem("innsteer-api-key", state.key);
+    $("#key-form").hidden = true;
+    load();
+  });
+  await load();
+}
+
+async function load() {
   try {
     const models = await getJSON("/v1/models");
     state.base = models.data[0].id;
     const flows = await getJSON("/v1/steering");
     state.flows = flows.data;
   } catch (e) {
+    if (e instanceof NeedKey) {
+      askForKey(e.message);
+      return;
+    }
     showError(`Could not reach the server's API: ${e.message}`);
     return;
   }
+  showError("");
   $("#model-line").textContent = `model ${state.base} · ${state.flows.length} flow(s) loaded · ` +
     "steered and unsteered replies are generated side by side, in one batch on the same model";
   const box = $("#flows");
+  box.replaceChildren();
   state.flows.forEach((f, i) => box.append(flowControl(f, i)));
   $("#no-flows").hidden = state.flows.length > 0;
   document.body.dataset.ready = "true";
