@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""What a prefix cache could save the server: for chats whose history grows turn by turn, the time
-to re-evaluate the history (a request with max_tokens=1) against the whole request (history plus
-a 64-token reply), measured side by side through `serve`'s API on loopback.
+"""The server's prefix cache, measured: the next turn of a steered chat whose history grows, sent
+to two servers over one model, one keeping each finished request's KV cells (the default) and one
+starting every request from empty cells. Both run side by side in one process on loopback, their
+requests interleaved, so drift on a noisy machine hits both alike.
 
-    python scripts/prefix_cost.py [--model smollm2-135m] [--threads 2]
+    python scripts/prefix_cost.py [--model smollm2-135m] [--threads 2] [--reps 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import urllib.request
@@ -42,28 +44,34 @@ def main() -> None:
     llm = SteeredLlama(str(path), n_ctx=4096, seed=0, verbose=False,
                        **({"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}))
     llm.model_key = args.model
-    engine = Engine(llm, model_id_for(llm), parallel=1, n_ctx=4096)
-    engine.load_flow("honesty", "honesty.gguf")
-    print("| turns | history tokens | history alone (s) | history + 64-token reply (s) | share a prefix cache could save |")
-    print("|---:|---:|---:|---:|---:|")
-    with serving(engine) as url:
-        post(url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})  # warm-up
+    engines = {keep: Engine(llm, model_id_for(llm), parallel=2, n_ctx=4096, keep_prefix=keep) for keep in (True, False)}
+    for e in engines.values():
+        e.load_flow("honesty", "honesty.gguf")
+    print("| turns | prompt tokens | kept from the last turn | next turn, cells kept (s) | from empty cells (s) | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    with contextlib.ExitStack() as stack:
+        urls = {keep: stack.enter_context(serving(e)) for keep, e in engines.items()}
         for turns in (1, 4, 8, 16):
-            messages = []
+            history = []
             for _ in range(turns - 1):
-                messages += [{"role": "user", "content": TURN}, {"role": "assistant", "content": ANSWER}]
-            messages.append({"role": "user", "content": TURN})
-            base = {"messages": messages, "temperature": 0, "steering": [{"flow": "honesty"}]}
-            prompt, full, n = [], [], 0
-            for _ in range(args.reps):  # interleaved, so drift on a noisy machine hits both alike
-                t, out = post(url, {**base, "max_tokens": 1})
-                prompt.append(t)
-                n = out["usage"]["prompt_tokens"]
-                t, _ = post(url, {**base, "max_tokens": 64, "ignore_eos": True})
-                full.append(t)
-            p, f = min(prompt), min(full)
-            print(f"| {turns} | {n} | {p:.2f} | {f:.2f} | {p / f:.0%} |", flush=True)
-    engine.close()
+                history += [{"role": "user", "content": TURN}, {"role": "assistant", "content": ANSWER}]
+            before = {"messages": history[:-1] or [{"role": "user", "content": TURN}],
+                      "steering": [{"flow": "honesty"}], "temperature": 0, "max_tokens": 1}
+            turn = {"messages": history + [{"role": "user", "content": TURN}], "steering": [{"flow": "honesty"}],
+                    "temperature": 0, "max_tokens": 64, "ignore_eos": True}
+            times = {True: [], False: []}
+            n = cached = 0
+            for _ in range(args.reps):
+                for keep, url in urls.items():
+                    post(url, before)  # the previous turn, as a chat app sent it
+                    t, out = post(url, turn)
+                    times[keep].append(t)
+                    if keep:
+                        n, cached = out["usage"]["prompt_tokens"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
+            kept, fresh = min(times[True]), min(times[False])
+            print(f"| {turns} | {n} | {cached} | {kept:.2f} | {fresh:.2f} | {fresh / kept:.2f}x |", flush=True)
+    for e in engines.values():
+        e.close()
     llm.close()
 
 

@@ -15,8 +15,10 @@ of them are decoded together in every llama_decode (continuous batching: a reque
 between steps), and each sequence's rows are steered by that request's flows only, in the same
 batch as requests with other steering or none. Requests beyond --parallel wait in a bounded queue
 (429 with Retry-After when it is full). The event loop never waits on generation; a client that disconnects,
-streaming or not, frees its sequence at the next step. Every request's KV cells are its own and
-start empty: no prompt prefix is reused between requests (docs/EMBEDDING.md says what that costs). Each response
+streaming or not, frees its sequence at the next step. A finished request's KV cells stay with its
+sequence, and a later request with exactly the same steering starts on the free sequence holding
+the longest prefix of its prompt (a chat's history): only the rest is evaluated
+(`usage.prompt_tokens_details.cached_tokens`). Cells computed under other steering are never reused. Each response
 carries `steering_stats` counted for its own sequence alone.
 
 FastAPI and uvicorn are imported only here (the `[serve]` extra).
@@ -326,7 +328,7 @@ class Engine:
     """The server's state: loaded flows and presets over one batched generation engine."""
 
     def __init__(self, llm: Any, model_id: str, parallel: int = 4, queue: Optional[int] = None,
-                 n_ctx: Optional[int] = None, flows_dir: Optional[str] = None):
+                 n_ctx: Optional[int] = None, flows_dir: Optional[str] = None, keep_prefix: bool = True):
         from ..runtime.engine import Engine as BatchEngine
 
         if getattr(llm, "flows", None):  # they would steer every request, whatever it asks for
@@ -340,7 +342,7 @@ class Engine:
         self.flows_dir = Path(flows_dir).resolve(strict=True) if flows_dir is not None else None
         # one KV stream per request: each attends over its own cells exactly as it would alone, so
         # a request's reply rarely depends on what else shares the batch (and on CPU it is faster)
-        self.batch = BatchEngine(llm, n_parallel=parallel, n_ctx=n_ctx)
+        self.batch = BatchEngine(llm, n_parallel=parallel, n_ctx=n_ctx, keep_prefix=keep_prefix)
         self.queue_limit = 4 * parallel if queue is None else queue
         self._lock = threading.Lock()  # flows, presets and names being loaded; never held while loading
         self._loading: set[str] = set()
@@ -679,9 +681,10 @@ def create_app(engine: Engine) -> Any:
             return {"id": ident, "object": kind, "created": created, "model": model_id, "choices": [choice],
                     "steering": shown}
 
-        def usage() -> dict[str, int]:
+        def usage() -> dict[str, Any]:
             return {"prompt_tokens": len(tokens), "completion_tokens": len(job.tokens),
-                    "total_tokens": len(tokens) + len(job.tokens)}
+                    "total_tokens": len(tokens) + len(job.tokens),
+                    "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
         def failure() -> Optional[RequestError]:
             if job.finish_reason == "error":

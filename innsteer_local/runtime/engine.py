@@ -11,6 +11,11 @@ Sequences join and leave between steps (continuous batching); a joining sequence
 the step with the others' decode tokens, up to n_batch tokens a step. Each sequence gets a native
 steering slot, so the eval callback edits its rows with its own flows only (native/include/innsteer.h)
 and counts its own rows. Scoring jobs (tokens to evaluate, no sampling) run on the same engine.
+
+With keep_prefix (the server's choice, as llama-server's slots do), a finished sequence keeps its KV
+cells, and a new job with exactly the same steering starts on the free sequence that holds the
+longest prefix of its tokens: only the rest is evaluated (`Job.cached_tokens`). Cells computed under
+other steering are never reused: a flow changes every layer's keys and values above its own.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class Job:
         self.dists: list[np.ndarray] = []
         self.stats: dict[str, int] = {"tokens_evaluated": 0, "rows_steered": 0, "rows_rejected_nonfinite": 0}
         self.seq_id: Optional[int] = None  # the KV sequence it ran as
+        self.cached_tokens = 0  # prompt tokens whose KV cells an earlier job left (keep_prefix)
         self._done = threading.Event()
         self._cancelled = False
         self._on_done: list[Callable[["Job"], None]] = []
@@ -143,6 +149,7 @@ class _Running:
         self.emitted = 0
         self.data = b""  # the reply's bytes so far
         self.stops = tuple(job.sampling.stop)
+        self.mixed = False  # a strength changed mid-way (set_strength)
 
 
 def _valid_utf8(data: bytes) -> str:
@@ -189,7 +196,7 @@ class Engine:
     all (plain llama.cpp, the baseline of benchmarks)."""
 
     def __init__(self, llm: Any, n_parallel: int = 4, n_ctx: Optional[int] = None, n_batch: int = DEFAULT_BATCH,
-                 unified: bool = False, verbose: bool = False, steer: bool = True):
+                 unified: bool = False, verbose: bool = False, steer: bool = True, keep_prefix: bool = False):
         if not 1 <= n_parallel <= 256:
             raise ValueError(f"n_parallel must be in 1..256, got {n_parallel}")
         self.llm = llm
@@ -237,6 +244,10 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._running: list[_Running] = []
         self._free_seqs = list(range(n_parallel))
+        # keep_prefix: what each free sequence's cells hold, (tokens, steering); a unified cache
+        # shares its cells with the running sequences, so there it keeps nothing
+        self.keep_prefix = bool(keep_prefix) and (not self.unified or n_parallel == 1)
+        self._kept: dict[int, tuple[tuple[int, ...], tuple[tuple[int, float, str], ...]]] = {}
         self._reserved = 0
         self._flows: dict[int, EngineFlow] = {}
         self._lock = threading.Lock()  # the queue and the flows; step() holds _step_lock
@@ -278,6 +289,9 @@ class Engine:
             if users:
                 raise InnsteerError(f"{flow.path} steers {len(users)} unfinished sequence(s); cancel them first")
             self._flows.pop(flow.id, None)
+            # cells computed with this flow must not serve a later flow that reuses its id
+            for seq in [q for q, (_, steer) in self._kept.items() if any(f == flow.id for f, _, _ in steer)]:
+                self._forget(seq)
         with self._step_lock:
             self._steerer.detach(flow.id)
 
@@ -312,6 +326,7 @@ class Engine:
             running = next((r for r in self._running if r.job is job), None)
             if running is not None:
                 self._steerer.slot_put(running.slot, flow.id, new.strength, new.gate)
+                running.mixed = True  # its cells now hold two strengths: not a prefix for anyone
 
     # ---- jobs -----------------------------------------------------------------------------
 
@@ -488,8 +503,7 @@ class Engine:
             if self.unified and self._running and self._reserved + need > self.n_ctx_total:
                 break
             self._waiting.popleft()
-            # the lowest free id: the equal split batches runs of consecutive ids together
-            seq = min(self._free_seqs)
+            seq, reuse = self._pick_seq(job)
             self._free_seqs.remove(seq)
             job.seq_id = seq
             slot = self._steerer.new_slot()
@@ -502,8 +516,49 @@ class Engine:
                 self._end(job, "error", e)
                 continue
             sampler = None if job.scoring else self._sampler(job.sampling)
-            self._running.append(_Running(job, seq, slot, sampler, need))
+            r = _Running(job, seq, slot, sampler, need)
+            if reuse:
+                r.pending, r.n_past, job.cached_tokens = r.pending[reuse:], reuse, reuse
+            self._running.append(r)
             self._reserved += need
+
+    @staticmethod
+    def _signature(job: Job) -> tuple[tuple[int, float, str], ...]:
+        return tuple(sorted((s.flow.id, float(s.strength), s.gate) for s in job.steering if s.strength != 0.0))
+
+    def _pick_seq(self, job: Job) -> tuple[int, int]:
+        """A free sequence for the job and how many of its prompt tokens that sequence's cells
+        already hold (0 without keep_prefix). The rest of the sequence's cells are dropped."""
+        best, reuse = None, 0
+        if self.keep_prefix:
+            sig, prompt = self._signature(job), job.prompt_tokens
+            # at least the last prompt token is evaluated (its logits start the reply); a scored
+            # job also needs the logits of every scored position
+            limit = len(prompt) - 1 if not job.scoring else max(0, job.score_from - 1)
+            for seq in self._free_seqs:
+                tokens, steer = self._kept.get(seq, ((), ()))
+                if steer != sig or not tokens:
+                    continue
+                n = 0
+                for a, b in zip(tokens, prompt[:limit]):
+                    if a != b:
+                        break
+                    n += 1
+                if n > reuse:
+                    best, reuse = seq, n
+        if best is None:
+            # the lowest free id holding nothing worth keeping: the equal split batches runs of
+            # consecutive ids together
+            empty = [q for q in self._free_seqs if q not in self._kept]
+            best = min(empty or self._free_seqs)
+        if best in self._kept:
+            llama_cpp.llama_memory_seq_rm(self._mem, best, reuse, -1)
+            del self._kept[best]
+        return best, reuse
+
+    def _forget(self, seq: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._kept.pop(seq, None)
 
     def step(self) -> bool:
         """One llama_decode over every running sequence: a decode token for each that is
@@ -653,7 +708,11 @@ class Engine:
             piece, r.emitted = job.text[r.emitted:], len(job.text)
             _call(job.on_text, job, piece)
         job.stats = self._steerer.slot_stats(r.slot)
-        llama_cpp.llama_memory_seq_rm(self._mem, r.seq, -1, -1)
+        if self.keep_prefix and reason in ("stop", "length") and not r.mixed and r.n_past > 0:
+            # the cells hold positions 0..n_past-1: the prompt, then every reply token fed back
+            self._kept[r.seq] = (tuple((job.prompt_tokens + job.tokens)[:r.n_past]), self._signature(job))
+        else:
+            self._forget(r.seq)
         self._steerer.free_slot(r.slot)
         if r.sampler is not None:
             llama_cpp.llama_sampler_free(r.sampler)

@@ -136,19 +136,24 @@ def test_responses_carry_the_runtime_counters(server):
     url = server[0]
 
     def stats(model: str, stream: bool = False) -> dict:
+        """The request's counters, with the prompt tokens its cells held already (a prefix kept
+        from an earlier request with the same steering) as `cached`."""
         body = {"model": model, "messages": MESSAGES, "stream": stream, **GREEDY}
         if not stream:
-            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["steering_stats"]
-        lines = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).text.split("\n\n")
-        last = [json.loads(x[6:]) for x in lines if x.startswith("data: {")][-1]
-        return last["steering_stats"]
+            out = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        else:
+            lines = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).text.split("\n\n")
+            out = [json.loads(x[6:]) for x in lines if x.startswith("data: {")][-1]
+        return {**out["steering_stats"], "cached": out["usage"]["prompt_tokens_details"]["cached_tokens"]}
 
     plain, steered = stats("smollm2-135m"), stats("smollm2-135m+honesty")
-    assert plain["rows_steered"] == 0 and plain["tokens_evaluated"] > 16
+    assert plain["rows_steered"] == 0 and plain["tokens_evaluated"] + plain["cached"] > 16
     # one site: one steered row per evaluated token
     assert steered["rows_steered"] == steered["tokens_evaluated"] and steered["rows_steered_per_token"] == 1.0
     assert steered["rows_rejected_nonfinite"] == 0
-    assert stats("smollm2-135m+honesty", stream=True)["rows_steered"] == steered["rows_steered"]
+    again = stats("smollm2-135m+honesty", stream=True)  # the same prompt and steering: all but one token kept
+    assert again["rows_steered"] + again["cached"] == steered["rows_steered"] + steered["cached"]
+    assert again["cached"] > 0
 
 
 def test_playground_files_are_served_and_nothing_else(server):
@@ -236,10 +241,43 @@ def test_concurrent_requests_never_leak_steering(server, client):
     same = 0
     for i, out in zip(jobs, got):
         stats, n_flows = out["steering_stats"], len(configs[i] or [])
-        assert stats["tokens_evaluated"] > 16
+        assert stats["tokens_evaluated"] + out["usage"]["prompt_tokens_details"]["cached_tokens"] > 16
         assert stats["rows_steered"] == n_flows * stats["tokens_evaluated"], (configs[i], stats)
         same += out["choices"][0]["message"]["content"] == alone[i]["choices"][0]["message"]["content"]
     print(f"greedy replies identical to the request alone: {same}/{len(jobs)}")
+
+
+def test_a_chats_history_is_evaluated_once_per_steering(server):
+    """The next turn of a chat starts from the cells the previous turn left (same steering): only
+    the new tokens are evaluated, and the reply is the one a fresh model gives; other steering
+    never reuses them."""
+    url = server[0]
+    history = [{"role": "user", "content": "Tell me about lighthouses and the people who kept them in winter."}]
+
+    def post(messages, steering):
+        body = {"messages": messages, "steering": steering, **GREEDY}
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+
+    first = post(history, honesty(1.3))
+    turn = history + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                      {"role": "user", "content": "What did they eat?"}]
+    second = post(turn, honesty(1.3))
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= first["usage"]["prompt_tokens"] - 1, (cached, first["usage"])
+    assert second["steering_stats"]["tokens_evaluated"] < second["usage"]["prompt_tokens"] - cached + 16
+    other = post(turn, honesty(-1.3))
+    assert other["usage"]["prompt_tokens_details"]["cached_tokens"] < first["usage"]["prompt_tokens"] // 2
+
+    from innsteer_local.runtime.steered import SteeredLlama  # what a fresh model says to the whole turn
+
+    llm = SteeredLlama(str(server[1].llm.model_path), n_ctx=1024, seed=0, n_threads=1, n_threads_batch=1,
+                       verbose=False)
+    try:
+        llm.add_flow(SHIPPED["honesty"], strength=1.3)
+        fresh = llm.create_chat_completion(messages=turn, **GREEDY)["choices"][0]["message"]["content"]
+    finally:
+        llm.close()
+    assert second["choices"][0]["message"]["content"] == fresh
 
 
 def test_client_leaving_mid_stream_frees_the_model(server, client):
