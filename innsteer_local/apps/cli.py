@@ -138,11 +138,24 @@ def models_path(name: Optional[str]) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print everything as one JSON object")
 def inspect(file: str, as_json: bool) -> None:
-    """Show what a flow file holds: model, layers, method, ops, shift and provenance."""
+    """Show what a flow file holds: model, layers, method, ops, shift and provenance. Given a
+    model's GGUF instead, its architecture and how well it is supported (docs/ARCHITECTURES.md)."""
     from ..flow import Flow
+    from ..runtime import compat
 
+    if Path(file).is_file() and compat.model_architecture(file) not in ("innsteer", ""):
+        from .doctor import model_support
+
+        info = model_support(file)
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+        else:
+            click.echo(f"model       {file}  (a model, not a flow)\narchitecture {info['architecture']}\n"
+                       f"support     {info['level']}: {info['summary']}")
+        return
     flow = Flow.load(registry.resolve_flow(file, registry.default_model()))
     d = flow.describe()
+    d["support"] = {k: v for k, v in compat.support(d["model"]["architecture"]).items() if k != "row"}
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
@@ -151,6 +164,7 @@ def inspect(file: str, as_json: bool) -> None:
     click.echo(f"behavior    {d['behavior'] or '-'}")
     click.echo(f"method      {d['method']}")
     click.echo(f"model       {m['name']}  ({m['architecture']}, n_embd {m['n_embd']}, {m['n_layer']} layers)")
+    click.echo(f"support     {d['support']['level']}: {d['support']['summary']}")
     click.echo(f"layers      {', '.join(map(str, d['layers']))}")
     sel = d["provenance"].get("selection") or {}
     click.echo(f"strength    {d['default_strength']:g} (default)"
@@ -620,14 +634,17 @@ def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...]
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
-def doctor(as_json: bool) -> None:
-    """Check the installation: llama.cpp's build and CPU features, libraries, model cache.
+@click.option("--model", "-m", default=None,
+              help="also say how well this model's architecture is supported (a registry model or a .gguf path)")
+def doctor(as_json: bool, model: Optional[str]) -> None:
+    """Check the installation: llama.cpp's build and CPU features, libraries, model cache; with
+    --model, the support level of that model's architecture (docs/ARCHITECTURES.md).
 
     Exits with status 1 when it finds a combination known to crash (e.g. ggml's AMX path on a
     CPU with AMX) and prints the fix."""
     from .doctor import format_report, report
 
-    r = report()
+    r = report(model)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
     if any(p["severity"] == "error" for p in r["problems"]):
         sys.exit(1)

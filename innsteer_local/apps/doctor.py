@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..runtime import llama_build
 
@@ -28,8 +28,9 @@ def _module_version(name: str) -> str:
         return "installed"
 
 
-def report() -> dict[str, Any]:
-    """The facts, as plain data (`doctor --json`)."""
+def report(model: Optional[str] = None) -> dict[str, Any]:
+    """The facts, as plain data (`doctor --json`); with a model (a registry key or a GGUF path),
+    also what the compatibility matrix says about its architecture."""
     from .. import __version__
     from ..runtime.native import library_path
     from ..runtime.registry import cache_dir, entries, is_cached
@@ -73,6 +74,8 @@ def report() -> dict[str, Any]:
     if not out["native_library"]["exists"]:
         out["problems"].append({"severity": "error", "message": f"libinnsteer is missing at {library_path()}",
                                 "fix": "reinstall the package: pip install . (or ./quickstart.sh)"})
+    if model is not None:
+        out["model"] = model_support(model)
     return out
 
 
@@ -101,6 +104,15 @@ def _recorded_flags() -> Any:
         return None
 
 
+def model_support(model: str) -> dict[str, Any]:
+    """A model file's architecture and the matrix's verdict for it (docs/ARCHITECTURES.md)."""
+    from ..runtime import compat, registry
+
+    path = Path(model) if Path(model).is_file() else registry.resolve_model(model)[0]
+    arch = compat.model_architecture(path)
+    return {"path": str(path), "architecture": arch, **{k: v for k, v in compat.support(arch).items() if k != "row"}}
+
+
 def format_report(r: dict[str, Any]) -> str:
     lc = r["llama_cpp"]
     lines = [
@@ -120,6 +132,9 @@ def format_report(r: dict[str, Any]) -> str:
     for key, m in r["model_cache"]["models"].items():
         lines.append(f"  {key:<12} {'cached, verified' if m['cached'] else 'not downloaded'}  {m['path']}")
     lines.append("extras       " + ", ".join(f"{k} {v}" for k, v in r["extras"].items()))
+    if "model" in r:
+        lines.append(f"model        {r['model']['path']}")
+        lines.append(f"  support    {r['model']['level']}: {r['model']['summary']}")
     if r["problems"]:
         lines.append("")
         for p in r["problems"]:

@@ -18,11 +18,12 @@ from ..errors import InnsteerError
 
 
 def supported_architectures() -> list[str]:
-    """GGUF architectures transformers can load (its own list)."""
+    """GGUF architectures (general.architecture) transformers can load (its own list, whose
+    mixture-of-experts entries carry transformers' names: qwen2_moe is GGUF's qwen2moe)."""
     try:
         from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-        return sorted(k for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer"))
+        return sorted(k.replace("_moe", "moe") for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer"))
     except ImportError:  # moved in some release: name the ones we have checked
         return ["gemma3", "llama"]
 
