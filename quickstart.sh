@@ -22,8 +22,9 @@ setup() {
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # llama.cpp first, built our way: on Linux x86-64 without ggml's AMX path (it crashes with
   # SIGILL on CPUs with AMX) but with this CPU's vector extensions; your own CMAKE_ARGS (CUDA,
-  # Metal, ...) are added after ours. Built once per set of flags into ~/.cache/innsteer-local/wheels.
-  "$VENV/bin/python" innsteer_local/runtime/llama_build.py install --python "$VENV/bin/python"
+  # Metal, ...) are added after ours, and llama.cpp's RPC backend (--rpc: a model split across
+  # rpc-servers). Built once per set of flags into ~/.cache/innsteer-local/wheels.
+  "$VENV/bin/python" innsteer_local/runtime/llama_build.py install --rpc --python "$VENV/bin/python"
   echo ">> installing innsteer-local and its test tools"
   # scikit-build-core builds native/ through CMakeLists.txt into the wheel
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
@@ -31,8 +32,11 @@ setup() {
   # pip may have swapped llama.cpp for a wheel from its own cache: check what is installed now
   if ! "$VENV/bin/python" innsteer_local/runtime/llama_build.py check --python "$VENV/bin/python"; then
     echo ">> the installed llama.cpp is not the safe build; rebuilding it"
-    "$VENV/bin/python" innsteer_local/runtime/llama_build.py install --python "$VENV/bin/python" --force
+    "$VENV/bin/python" innsteer_local/runtime/llama_build.py install --rpc --python "$VENV/bin/python" --force
   fi
+  # rpc-server from the same llama.cpp source, for `--rpc` and its test (cached in ~/.cache/innsteer-local/bin)
+  PYTHON="$VENV/bin/python" scripts/build_rpc_server.sh > /dev/null \
+    || echo ">> warning: rpc-server was not built; the RPC test will be skipped"
 }
 
 case "${1:-demo}" in

@@ -8,7 +8,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -38,10 +38,11 @@ def _time_variant(llm: Any, tokens: list[int], n_prompt: int, n_gen: int) -> tup
 
 def run_bench(llm: Any, flow_paths: dict[str, Path], n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
               cvec_layer: int = 15, plain: Any = None,
-              progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+              progress: Optional[Callable[[str], None]] = None, paths: Sequence[str] = ()) -> dict[str, Any]:
     """Measures unsteered, llama.cpp's control vector, and each flow, interleaved `reps` times.
     `plain`: an optional llama_cpp.Llama of the same model without our callback, as a baseline
-    that shows what merely installing the callback costs."""
+    that shows what merely installing the callback costs. `paths`: time each flow on each of
+    these steering paths (e.g. host and device, every batch size on it) instead of the default."""
     import llama_cpp
 
     info = llm.model_info
@@ -57,10 +58,20 @@ def run_bench(llm: Any, flow_paths: dict[str, Path], n_prompt: int = 512, n_gen:
         llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, ptr, cvec.size if on else 0, info.n_embd,
                                          1 if on else -1, info.n_layer - 1 if on else -1)
 
-    def attach(path: Path) -> tuple[Callable[[], None], Callable[[], None]]:
+    def attach(path: Path, on: str = "") -> tuple[Callable[[], None], Callable[[], None]]:
         handle: list[Any] = []
-        return (lambda: handle.append(llm.add_flow(path)),
-                lambda: llm.remove_flow(handle.pop()))
+
+        def setup() -> None:
+            if on:
+                llm.native_steerer.set_path(on, min_rows=1)
+            handle.append(llm.add_flow(path))
+
+        def teardown() -> None:
+            llm.remove_flow(handle.pop())
+            if on:
+                llm.native_steerer.set_path("auto")
+
+        return setup, teardown
 
     variants = [Variant("unsteered", lambda: None, lambda: None)]
     if plain is not None:
@@ -68,7 +79,8 @@ def run_bench(llm: Any, flow_paths: dict[str, Path], n_prompt: int = 512, n_gen:
     variants += [
                 Variant(f"llama.cpp control vector (layer {cvec_layer})", lambda: set_cvec(True), lambda: set_cvec(False))]
     for name, path in flow_paths.items():
-        variants.append(Variant(name, *attach(path)))
+        for on in paths or ("",):
+            variants.append(Variant(f"{name} ({on} path)" if on else name, *attach(path, on)))
     for m in (llm, plain):
         if m is not None:
             _time_variant(m, tokens, min(n_prompt, 64), 8)  # warm-up

@@ -28,15 +28,23 @@ def finite_float(ctx: click.Context, param: click.Parameter, value: Optional[flo
     return value
 
 
+RPC_HELP = ("HOST:PORT[,HOST:PORT]: split the model's layers across these rpc-servers (llama.cpp's RPC backend; "
+            "scripts/build_rpc_server.sh builds rpc-server; keep it off untrusted networks)")
+
+
+def rpc_option(f: Any) -> Any:
+    return click.option("--rpc", default=None, metavar="HOST:PORT[,...]", help=RPC_HELP)(f)
+
+
 def load_steered(model: Optional[str], flows: tuple[str, ...], strength: Optional[float], n_ctx: int, seed: int,
-                 threads: Optional[int], gate: str = "off") -> Any:
+                 threads: Optional[int], gate: str = "off", rpc: Optional[str] = None) -> Any:
     from ..runtime.steered import SteeredLlama
 
     path, key = registry.resolve_model(model)
     n_threads = threads or os.cpu_count() or 1
     try:
         llm = SteeredLlama(str(path), n_ctx=n_ctx, seed=seed, n_threads=n_threads, n_threads_batch=n_threads,
-                           verbose=False)
+                           verbose=False, rpc=rpc)
     except ValueError as e:  # llama-cpp-python's word for a file llama.cpp cannot load
         raise ModelError(f"cannot load model {path}: {e} (not a llama.cpp GGUF model, corrupt, or an "
                          "unsupported architecture)") from None
@@ -72,6 +80,7 @@ def common_generation_options(f: Any) -> Any:
                      help="runtime gate for flows without their own @GATE: damp rows off the training support "
                           "(density), or move each row only as far as the positive class (target)"),
         click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]"),
+        click.option("--rpc", default=None, metavar="HOST:PORT[,...]", help=RPC_HELP),
     ]):
         f = opt(f)
     return f
@@ -191,9 +200,9 @@ def inspect(file: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with the text and the settings")
 def generate(prompt: str, model: Optional[str], flows: tuple[str, ...], strength: Optional[float], max_tokens: int,
              temperature: float, seed: int, repeat_penalty: float, n_ctx: int, gate: str, threads: Optional[int],
-             raw: bool, as_json: bool) -> None:
+             rpc: Optional[str], raw: bool, as_json: bool) -> None:
     """Generate one reply, steered by the given flows (none = unsteered)."""
-    llm = load_steered(model, flows, strength, n_ctx, seed, threads, gate)
+    llm = load_steered(model, flows, strength, n_ctx, seed, threads, gate, rpc)
     kwargs = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
     if raw:
         result = llm.create_completion(prompt, **kwargs)
@@ -222,8 +231,8 @@ def generate(prompt: str, model: Optional[str], flows: tuple[str, ...], strength
 @click.option("--compare", is_flag=True, help="print the unsteered and the steered reply to every turn")
 @click.option("--system", default=None, help="system message")
 def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float], max_tokens: int, temperature: float,
-         seed: int, repeat_penalty: float, n_ctx: int, gate: str, threads: Optional[int], compare: bool,
-         system: Optional[str]) -> None:
+         seed: int, repeat_penalty: float, n_ctx: int, gate: str, threads: Optional[int], rpc: Optional[str],
+         compare: bool, system: Optional[str]) -> None:
     """Chat with a steered model. Reads lines from stdin, so it also works piped:
 
     \b
@@ -231,7 +240,7 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
     """
     from .chat import ChatSession
 
-    llm = load_steered(model, flows, strength, n_ctx, seed, threads, gate)
+    llm = load_steered(model, flows, strength, n_ctx, seed, threads, gate, rpc)
     if not llm.metadata.get("tokenizer.chat_template"):
         click.echo("note: this model has no chat template (a base model); replies follow a generic format",
                    err=True)
@@ -255,15 +264,17 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
                    "unsteered, half steered by two flows, and one sequence at a time")
 @click.option("--server", is_flag=True,
               help="also: serve --parallel 8 through the OpenAI API, 8 clients at once vs one after another")
+@rpc_option
 @click.option("--json", "as_json", is_flag=True)
 def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[int], gen_tokens: Optional[int],
-          reps: Optional[int],
-          threads: Optional[int], with_training: bool, sequences: Optional[str], server: bool, as_json: bool) -> None:
+          reps: Optional[int], threads: Optional[int], with_training: bool, sequences: Optional[str], server: bool,
+          rpc: Optional[str], as_json: bool) -> None:
     """Prompt and decode tokens/s: unsteered, llama.cpp control vector and flows, side by side.
 
     \b
       innsteer-local bench                                   # one sequence: steered vs unsteered
       innsteer-local bench --sequences 1,4,8,16 --server     # many sequences at once, and the server
+      innsteer-local bench --rpc 127.0.0.1:50052,127.0.0.1:50053   # split across rpc-servers: host vs graph path
     """
     import tempfile
 
@@ -290,7 +301,7 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
                                      param_hint="--sequences") from None
         if not counts or counts[0] < 1 or counts[-1] > 256:
             raise click.BadParameter("sequence counts must be in 1..256", param_hint="--sequences")
-        llm = load_steered(model, (), None, 2048, 0, threads)
+        llm = load_steered(model, (), None, 2048, 0, threads, rpc=rpc)
         key = getattr(llm, "model_key", None)
         shipped = [registry.resolve_flow(f, key) for f in (flows or ("honesty.gguf", "positivity.gguf"))]
         out: dict[str, Any] = {}
@@ -311,15 +322,17 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
 
     prompt_tokens, gen_tokens, reps = prompt_tokens or 512, gen_tokens or 128, reps or 5
 
-    llm = load_steered(model, (), None, prompt_tokens + gen_tokens + 16, 0, threads)
+    llm = load_steered(model, (), None, prompt_tokens + gen_tokens + 16, 0, threads, rpc=rpc)
     n_threads = threads or os.cpu_count() or 1
     plain = llama_cpp.Llama(llm.model_path, n_ctx=prompt_tokens + gen_tokens + 16, n_threads=n_threads,
-                            n_threads_batch=n_threads, verbose=False)
+                            n_threads_batch=n_threads, verbose=False, n_gpu_layers=-1 if rpc else 0)
     with tempfile.TemporaryDirectory() as tmp:
         paths = ({Path(f).name: registry.resolve_flow(f, getattr(llm, "model_key", None)) for f in flows}
                  or default_flows(llm, Path(tmp)))
         result = run_bench(llm, paths, n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps, plain=plain,
-                           progress=lambda msg: click.echo(msg, err=True))
+                           progress=lambda msg: click.echo(msg, err=True), paths=("host", "cpu-graph") if rpc else ())
+        if rpc:
+            result["rpc"] = {"servers": rpc, "layer_devices": llm.layer_devices}
         click.echo("timing the flow kernels alone", err=True)
         result["isolation"] = flow_isolation({k: v for k, v in paths.items() if "linear" not in k}, llm.model_info.n_embd)
     if with_training:
@@ -578,10 +591,11 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
               help="requests that may wait for a free sequence before the server answers 429 [default: 4 x --parallel]")
 @click.option("--seed", "-s", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+@rpc_option
 def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...], host: Optional[str], port: int,
           api_key: Optional[str], api_key_file: Optional[str], flows_dir: Optional[str], cors: tuple[str, ...],
           allowed_hosts: tuple[str, ...], max_body: int, header_timeout: float, n_ctx: int, parallel: Optional[int], queue: Optional[int],
-          seed: int, threads: Optional[int]) -> None:
+          seed: int, threads: Optional[int], rpc: Optional[str]) -> None:
     """OpenAI-compatible server with a playground page at /; each request picks its own steering,
     by a `steering` field or by a model id such as smollm2-135m+honesty@2 (docs/EMBEDDING.md).
     Access rules and limits: docs/SECURITY.md.
@@ -628,7 +642,7 @@ def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...]
                    "model and its flows", err=True)
     policy = guard.Policy(host=host, api_key=api_key, allowed_hosts=allowed_hosts, cors=cors, max_body=max_body,
                           header_timeout=header_timeout)
-    llm = load_steered(model, (), None, n_ctx, seed, threads)
+    llm = load_steered(model, (), None, n_ctx, seed, threads, rpc=rpc)
     run_server(llm, specs, port, policy, presets=parsed, parallel=parallel, queue=queue, flows_dir=flows_dir)
 
 
@@ -636,7 +650,8 @@ def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...]
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @click.option("--model", "-m", default=None,
               help="also say how well this model's architecture is supported (a registry model or a .gguf path)")
-def doctor(as_json: bool, model: Optional[str]) -> None:
+@click.option("--rpc", default=None, metavar="HOST:PORT[,...]", help="also: which of these rpc-servers answer")
+def doctor(as_json: bool, model: Optional[str], rpc: Optional[str]) -> None:
     """Check the installation: llama.cpp's build and CPU features, libraries, model cache; with
     --model, the support level of that model's architecture (docs/ARCHITECTURES.md).
 
@@ -644,7 +659,7 @@ def doctor(as_json: bool, model: Optional[str]) -> None:
     CPU with AMX) and prints the fix."""
     from .doctor import format_report, report
 
-    r = report(model)
+    r = report(model, rpc)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
     if any(p["severity"] == "error" for p in r["problems"]):
         sys.exit(1)

@@ -28,7 +28,7 @@ def _module_version(name: str) -> str:
         return "installed"
 
 
-def report(model: Optional[str] = None) -> dict[str, Any]:
+def report(model: Optional[str] = None, rpc: Optional[str] = None) -> dict[str, Any]:
     """The facts, as plain data (`doctor --json`); with a model (a registry key or a GGUF path),
     also what the compatibility matrix says about its architecture."""
     from .. import __version__
@@ -76,6 +76,8 @@ def report(model: Optional[str] = None) -> dict[str, Any]:
                                 "fix": "reinstall the package: pip install . (or ./quickstart.sh)"})
     if model is not None:
         out["model"] = model_support(model)
+    if rpc is not None:
+        out["rpc"] = rpc_servers(rpc)
     return out
 
 
@@ -102,6 +104,24 @@ def _recorded_flags() -> Any:
         return json.loads(stamp.read_text())
     except (OSError, ValueError):
         return None
+
+
+def rpc_servers(rpc: str) -> dict[str, Any]:
+    """Which rpc-servers answer, with their devices and memory (llama.cpp's RPC backend)."""
+    from ..errors import InnsteerError
+    from ..runtime import rpc as rpc_backend
+
+    out: dict[str, Any] = {"built_with_rpc": rpc_backend.supported(), "servers": []}
+    for ep in rpc_backend.parse_endpoints(rpc):
+        try:
+            names = rpc_backend.add_servers([ep])
+            devs = [d for d in rpc_backend.devices() if d.name in names]
+            out["servers"].append({"endpoint": ep, "reached": True,
+                                   "devices": [{"name": d.name, "free_mib": d.free_mib, "total_mib": d.total_mib}
+                                               for d in devs]})
+        except InnsteerError as e:
+            out["servers"].append({"endpoint": ep, "reached": False, "error": str(e)})
+    return out
 
 
 def model_support(model: str) -> dict[str, Any]:
@@ -132,6 +152,11 @@ def format_report(r: dict[str, Any]) -> str:
     for key, m in r["model_cache"]["models"].items():
         lines.append(f"  {key:<12} {'cached, verified' if m['cached'] else 'not downloaded'}  {m['path']}")
     lines.append("extras       " + ", ".join(f"{k} {v}" for k, v in r["extras"].items()))
+    if "rpc" in r:
+        lines.append(f"RPC          {'built in' if r['rpc']['built_with_rpc'] else 'not built in (llama_build.py install --rpc)'}")
+        for srv in r["rpc"]["servers"]:
+            lines.append(f"  {srv['endpoint']:<21} " + (", ".join(f"{d['name']} {d['free_mib']} MiB free of {d['total_mib']}"
+                                                           for d in srv["devices"]) if srv["reached"] else srv["error"]))
     if "model" in r:
         lines.append(f"model        {r['model']['path']}")
         lines.append(f"  support    {r['model']['level']}: {r['model']['summary']}")

@@ -90,11 +90,16 @@ def safe_cmake_args(flags: set[str], linux_x86_64: bool) -> list[str]:
     return args + list(AMX_OFF)
 
 
-def build_args(user_args: str, flags: set[str], linux_x86_64: bool, force_safe: bool = False) -> list[str]:
+RPC_ARGS = ["-DGGML_RPC=ON"]  # llama.cpp's RPC backend: a model split across rpc-server hosts
+
+
+def build_args(user_args: str, flags: set[str], linux_x86_64: bool, force_safe: bool = False,
+               rpc: bool = False) -> list[str]:
     """The CMAKE_ARGS to build with: the safe options, then the user's own (later -D options win in
     CMake, so CUDA or Metal switches and deliberate choices pass through). force_safe puts the safe
-    options last instead, for the rebuild after a check found AMX compiled in."""
-    safe, user = safe_cmake_args(flags, linux_x86_64), shlex.split(user_args)
+    options last instead, for the rebuild after a check found AMX compiled in. rpc adds llama.cpp's
+    RPC backend (the wheel is cached by the whole list, so it is a build of its own)."""
+    safe, user = safe_cmake_args(flags, linux_x86_64) + (RPC_ARGS if rpc else []), shlex.split(user_args)
     return user + safe if force_safe else safe + user
 
 
@@ -198,11 +203,11 @@ def build_wheel(python: str, args: list[str]) -> Path:
     return final
 
 
-def install(python: str, user_args: str, force: bool = False) -> int:
+def install(python: str, user_args: str, force: bool = False, rpc: bool = False) -> int:
     """Makes the environment's llama-cpp-python the safe build; returns 0, or 1 if still unsafe."""
     flags, x86 = cpu_flags(), is_linux_x86_64()
     allow_amx = os.environ.get("INNSTEER_ALLOW_AMX") == "1"
-    args = build_args(user_args, flags, x86)
+    args = build_args(user_args, flags, x86, rpc=rpc)
     prefix = _prefix(python)
     stamp = prefix / STAMP
     state = probe(python)
@@ -229,7 +234,7 @@ def install(python: str, user_args: str, force: bool = False) -> int:
             break
         _say(f"the installed llama.cpp has AMX compiled in ({errors[0].message.split(';')[0]}); "
              "rebuilding it the safe way, without any cached wheel")
-        args = build_args(user_args, flags, x86, force_safe=True)
+        args = build_args(user_args, flags, x86, force_safe=True, rpc=rpc)
     _say("llama.cpp still reports AMX after a safe rebuild; set INNSTEER_ALLOW_AMX=1 to accept it")
     return 1
 
@@ -253,19 +258,22 @@ def check(python: str) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="build, install and check llama-cpp-python without ggml's AMX path")
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("cmake-args", help="print the CMAKE_ARGS a build here would use")
+    p = sub.add_parser("cmake-args", help="print the CMAKE_ARGS a build here would use")
+    p.add_argument("--rpc", action="store_true", help="with llama.cpp's RPC backend")
     for name in ("install", "check"):
         p = sub.add_parser(name)
         p.add_argument("--python", default=sys.executable, help="the environment's python [default: this one]")
         if name == "install":
             p.add_argument("--force", action="store_true", help="reinstall even if the build looks right")
+            p.add_argument("--rpc", action="store_true",
+                           help="with llama.cpp's RPC backend (serve/chat/bench --rpc HOST:PORT; scripts/build_rpc_server.sh)")
     ns = ap.parse_args(argv)
     user_args = os.environ.get("CMAKE_ARGS", "")
     if ns.command == "cmake-args":
-        print(" ".join(build_args(user_args, cpu_flags(), is_linux_x86_64())))
+        print(" ".join(build_args(user_args, cpu_flags(), is_linux_x86_64(), rpc=ns.rpc)))
         return 0
     if ns.command == "install":
-        return install(ns.python, user_args, ns.force)
+        return install(ns.python, user_args, ns.force, ns.rpc)
     return check(ns.python)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +107,29 @@ def check_fits(path: Union[str, os.PathLike[str]], meta: FlowInfo, info: ModelIn
             "mean the same here", UserWarning, stacklevel=4)
 
 
+_ASSIGNED = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
+
+
+@contextlib.contextmanager
+def _layer_assignments(into: dict[int, str]) -> Iterator[None]:
+    """Records llama.cpp's 'layer N assigned to device D' log lines (debug level) while a model
+    loads, passing every line on to llama-cpp-python's own logger."""
+    from llama_cpp import _logger
+
+    @llama_cpp.llama_log_callback
+    def record(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        m = _ASSIGNED.search(text.decode("utf-8", "replace"))
+        if m:
+            into[int(m.group(1))] = m.group(2)
+        _logger.llama_log_callback(level, text, user_data)
+
+    llama_cpp.llama_log_set(record, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 class SteeredLlama(Llama):
     """A `llama_cpp.Llama` (same constructor) whose context steers with flows:
 
@@ -114,8 +139,21 @@ class SteeredLlama(Llama):
         llm.set_strength(2.0, honesty); llm.disable()   # change at any time
     """
 
-    def __init__(self, model_path: str, *args: Any, **kwargs: Any):
-        super().__init__(model_path, *args, **kwargs)
+    def __init__(self, model_path: str, *args: Any, rpc: Optional[Sequence[str] | str] = None, **kwargs: Any):
+        """rpc: rpc-server endpoints (HOST:PORT) to split the model's layers across
+        (runtime/rpc.py); the layers are offloaded to them unless n_gpu_layers says otherwise.
+        `layer_devices` then says which device holds each layer (llama.cpp's own assignment)."""
+        self.layer_devices: dict[int, str] = {}
+        self._stack = contextlib.ExitStack()  # Llama.__del__ closes it even if loading fails below
+        if rpc:
+            from . import rpc as rpc_backend
+
+            self.rpc_devices = rpc_backend.add_servers(rpc_backend.parse_endpoints(rpc))
+            kwargs.setdefault("n_gpu_layers", -1)
+            with _layer_assignments(self.layer_devices):
+                super().__init__(model_path, *args, **kwargs)
+        else:
+            super().__init__(model_path, *args, **kwargs)
         self.model_info = model_info_of(self)
         self._steerer = new_steerer(self.model_info, self.context_params, int(self.context_params.n_ubatch))
         self._stack.callback(self._steerer.close)  # runs after the context below is freed

@@ -1,0 +1,148 @@
+"""A model split across machines with llama.cpp's RPC backend (docs/EMBEDDING.md, "Across machines").
+
+Each host runs `rpc-server` (scripts/build_rpc_server.sh builds it from the same llama.cpp);
+`add_servers(["10.0.0.2:50052", ...])` registers them as ggml devices, as llama.cpp's own `--rpc`
+does, and a model then loaded with its layers offloaded (n_gpu_layers=-1) is split across them by
+their free memory. Steering needs nothing more: llama.cpp calls the eval callback for tensors on
+any backend and forwards the callback's reads and writes to the server that holds them.
+
+Needs llama-cpp-python built with the RPC backend:
+`python innsteer_local/runtime/llama_build.py install --rpc --python .venv/bin/python`.
+rpc-server has no authentication: keep it on loopback or a trusted network.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import InnsteerError
+
+_ENDPOINT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+_lock = threading.Lock()
+_registered: dict[str, list[str]] = {}  # endpoint -> its device names
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    description: str
+    free_mib: int
+    total_mib: int
+
+
+def parse_endpoints(value: str | Sequence[str]) -> list[str]:
+    """'HOST:PORT[,HOST:PORT]' (or a list) -> endpoints, checked."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in (i.strip() for i in items):
+        m = _ENDPOINT.match(item)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise InnsteerError(f"RPC server '{item}' is not HOST:PORT (e.g. 127.0.0.1:50052)")
+        out.append(item)
+    if not out:
+        raise InnsteerError("no RPC servers given: --rpc HOST:PORT[,HOST:PORT]")
+    return out
+
+
+def _loaded_ggml() -> str:
+    """The path of the libggml that llama_cpp's libllama is linked to, as mapped in this process: a
+    wheel holds libggml.so, .so.0 and .so.0.x as separate copies, and registering a server in a copy
+    libllama does not use would do nothing."""
+    import llama_cpp  # noqa: F401  (maps libllama and its libggml)
+
+    try:
+        mapped = [line.split(None, 5)[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                  if line.count(" ") >= 5]
+    except OSError:
+        mapped = []
+    # libllama names its dependency by soname (libggml.so.0); other copies may be mapped too
+    for pattern in (r"/libggml\.so\.\d+$", r"/libggml\.(so[.0-9]*|dylib)$"):
+        found = [p for p in mapped if re.search(pattern, p)]
+        if found:
+            return found[0]
+    return "libggml.so.0"  # already loaded under its soname: dlopen returns that instance
+
+
+def _ggml() -> ctypes.CDLL:
+    try:
+        g = ctypes.CDLL(_loaded_ggml())
+    except OSError as e:
+        raise InnsteerError(f"llama.cpp's ggml library not found: {e}") from None
+    vp, cp = ctypes.c_void_p, ctypes.c_char_p
+    for fn, res, args in (("ggml_backend_reg_by_name", vp, [cp]), ("ggml_backend_reg_get_proc_address", vp, [vp, cp]),
+                          ("ggml_backend_register", None, [vp]), ("ggml_backend_dev_count", ctypes.c_size_t, []),
+                          ("ggml_backend_dev_get", vp, [ctypes.c_size_t]), ("ggml_backend_dev_name", cp, [vp]),
+                          ("ggml_backend_dev_description", cp, [vp]),
+                          ("ggml_backend_dev_memory", None, [vp, ctypes.POINTER(ctypes.c_size_t),
+                                                             ctypes.POINTER(ctypes.c_size_t)]),
+                          ("ggml_backend_reg_dev_count", ctypes.c_size_t, [vp]),
+                          ("ggml_backend_reg_dev_get", vp, [vp, ctypes.c_size_t])):
+        f = getattr(g, fn)
+        f.restype, f.argtypes = res, args
+    return g
+
+
+def supported() -> bool:
+    """Whether this llama.cpp build has the RPC backend."""
+    try:
+        return bool(_ggml().ggml_backend_reg_by_name(b"RPC"))
+    except (InnsteerError, OSError):
+        return False
+
+
+def add_servers(endpoints: Sequence[str]) -> list[str]:
+    """Registers each rpc-server (once per process) and returns their device names, in order.
+    Raises InnsteerError when the build has no RPC backend or a server does not answer."""
+    g = _ggml()
+    reg = g.ggml_backend_reg_by_name(b"RPC")
+    if not reg:
+        raise InnsteerError("this llama.cpp was built without the RPC backend: python innsteer_local/runtime/"
+                            "llama_build.py install --rpc --python $(which python)")
+    add = g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server")
+    if not add:
+        raise InnsteerError("this llama.cpp's RPC backend has no ggml_backend_rpc_add_server")
+    add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(add)
+    names = []
+    with _lock:
+        for ep in parse_endpoints(endpoints):
+            if ep not in _registered:
+                _reachable(ep)  # ggml aborts the whole process when it cannot connect
+                server = add_server(ep.encode())
+                n = g.ggml_backend_reg_dev_count(server) if server else 0
+                if not n:
+                    raise InnsteerError(f"RPC server {ep} did not answer (is rpc-server running there? "
+                                        "scripts/build_rpc_server.sh builds it)")
+                g.ggml_backend_register(server)
+                _registered[ep] = [g.ggml_backend_dev_name(g.ggml_backend_reg_dev_get(server, i)).decode()
+                                   for i in range(n)]
+            names += _registered[ep]
+    return names
+
+
+def _reachable(endpoint: str, timeout: float = 3.0) -> None:
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise InnsteerError(f"RPC server {endpoint} does not answer ({e.strerror or e}); start it there with "
+                            f"`rpc-server -H HOST -p {port}` (scripts/build_rpc_server.sh builds it)") from None
+
+
+def devices() -> list[Device]:
+    """Every ggml device this process knows, the registered RPC servers' included."""
+    g = _ggml()
+    out = []
+    for i in range(g.ggml_backend_dev_count()):
+        d = g.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        g.ggml_backend_dev_memory(d, ctypes.byref(free), ctypes.byref(total))
+        out.append(Device(g.ggml_backend_dev_name(d).decode(), g.ggml_backend_dev_description(d).decode(),
+                          free.value >> 20, total.value >> 20))
+    return out
