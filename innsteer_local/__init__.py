@@ -17,12 +17,6 @@ llama-cpp-python, gguf and numpy; training needs torch.
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.util
-import sys
-import warnings
-
 from .errors import (
     FlowFormatError,
     FlowMismatchError,
@@ -50,37 +44,4 @@ def __getattr__(name: str):
         from .runtime import engine
 
         return getattr(engine, name)
-    if name in _MOVED:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(name)
-
-
-# Module paths of earlier releases -> where the code lives now. They keep working, with a warning.
-_MOVED = {
-    "steered": "runtime.steered", "native": "runtime.native", "models": "runtime.registry",
-    "cbuild": "runtime.cbuild", "collect": "train.collect", "data": "train.data", "behaviors": "train.behaviors",
-    "baselines": "train.linear", "inn": "train.inn", "training": "train.pipeline", "evaluate": "eval.runner",
-    "eval_tasks": "eval.tasks", "eval_suites": "eval.suites", "scorers": "eval.scorers", "metrics": "eval.metrics",
-    "chat": "apps.chat", "server": "apps.server", "bench": "apps.bench", "cli": "apps.cli",
-    "gguf_read": "flow.gguf",
-}
-
-
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname, path, target=None):
-        prefix = __name__ + "."
-        if fullname.startswith(prefix) and fullname[len(prefix):] in _MOVED:
-            return importlib.util.spec_from_loader(fullname, self)
-        return None
-
-    def create_module(self, spec):
-        old = spec.name[len(__name__) + 1:]
-        new = f"{__name__}.{_MOVED[old]}"
-        warnings.warn(f"{spec.name} moved to {new}", DeprecationWarning, stacklevel=3)
-        return importlib.import_module(new)
-
-    def exec_module(self, module):
-        pass
-
-
-sys.meta_path.append(_MovedModules())
+    raise AttributeError(f"module 'innsteer_local' has no attribute {name!r}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 # training methods (`train --method`); "innsteer" is the default
 TRAIN_METHODS = ("innsteer", "vector", "mean-diff", "pca", "affine-ot")
 # what a flow file's innsteer.method may say besides those: imported control vectors, test flows
-FILE_METHODS = TRAIN_METHODS + ("cvec", "random")
 
 # runtime gates (docs/flow-format.md): off, damp rows off the training support, move rows only
 # as far as the positive class

@@ -27,7 +27,7 @@ from ..runtime.engine import EngineFlow, Job, Sampling, Steer
 from ..runtime.flowspec import FlowSpec
 from ..runtime.jobs import BATCH_PARALLEL, Driver, alone_score, fit, open_engine, perplexity, reply_score
 from ..runtime.prompts import reply_example
-from . import metrics
+from ..measure import metrics
 from .experiment import Arm, Experiment, experiment_cells
 from .records import Records
 from .summary import cell_fluency
@@ -204,8 +204,8 @@ class Runner:
     def _loglik(self, driver: Driver, p: _Pending, task: Task, item: Item, steering: list[Steer],
                 system: str = "") -> None:
         ab = task.id.startswith("ab:")
-        answers = unique([item.extra["match"], item.extra["other"]] if ab
-                         else sorted(set(item.extra["mc1"]) | set(item.extra["mc2"])))
+        answers = list(dict.fromkeys([item.extra["match"], item.extra["other"]] if ab
+                                     else sorted(set(item.extra["mc1"]) | set(item.extra["mc2"]))))
         p.row.update({"p_match": math.nan} if ab else {"mc1": math.nan, "mc2": math.nan})
         lls: dict[str, float] = {}
 
@@ -228,7 +228,7 @@ class Runner:
 
     # -- experiments --
     def run(self, exp: Experiment) -> None:
-        from .scorers import make_scorer
+        from ..measure.scorers import make_scorer
 
         task = exp.task
         items = task.limited(exp.limit)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
+from ..measure import metrics
 from .experiment import NONE, PROMPT, Experiment, experiment_cells
 from .records import Records
 

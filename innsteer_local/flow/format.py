@@ -358,16 +358,16 @@ def _read_site(kv: _Fields, tensors: _Tensors, si: int, layer: int, n_embd: int)
     return site
 
 
-def _sign_probes(rows: int) -> np.ndarray:
-    """The native loader's three +-1 probe vectors (xorshift32, low bit), shape (3, rows)."""
-    out = np.empty((3, rows))
+def _xorshift_states(n: int) -> np.ndarray:
+    """native/src/flow.c's probe generator: three xorshift32 streams of n states, shape (3, n)."""
+    out = np.empty((3, n), dtype=np.uint32)
     for p in range(3):
         s = (2463534242 + p * 7919) & 0xFFFFFFFF
-        for i in range(rows):
+        for i in range(n):
             s ^= (s << 13) & 0xFFFFFFFF
             s ^= s >> 17
             s ^= (s << 5) & 0xFFFFFFFF
-            out[p, i] = 1.0 if s & 1 else -1.0
+            out[p, i] = s
     return out
 
 
@@ -377,7 +377,7 @@ def rows_orthonormal(basis: np.ndarray, tol: float) -> bool:
     b = np.asarray(basis, np.float64)
     if not np.all(np.abs((b * b).sum(1) - 1.0) <= tol):
         return False
-    v = _sign_probes(b.shape[0])
+    v = np.where(_xorshift_states(b.shape[0]) & 1, 1.0, -1.0)  # three fixed +-1 vectors
     return bool(np.all(np.abs((v @ b) @ b.T - v) <= tol * np.sqrt(b.shape[0])))
 
 
@@ -394,14 +394,7 @@ def orthonormalise(basis: np.ndarray) -> np.ndarray:
 
 def _probe_rows(n: int) -> np.ndarray:
     """The native loader's probe rows (xorshift32), so both readers test the same inputs."""
-    rows = np.empty((3, n))
-    for p in range(3):
-        s = (2463534242 + p * 7919) & 0xFFFFFFFF
-        for i in range(n):
-            s ^= (s << 13) & 0xFFFFFFFF
-            s ^= s >> 17
-            s ^= (s << 5) & 0xFFFFFFFF
-            rows[p, i] = ((s & 0xFFFF) / 65535.0 - 0.5) * 4.0
+    rows = ((_xorshift_states(n) & 0xFFFF) / 65535.0 - 0.5) * 4.0
     return rows.astype(np.float32).astype(np.float64)
 
 

@@ -146,6 +146,22 @@ def check_runtime(model_path: str | Path, workdir: str | Path) -> dict[str, Any]
     return row
 
 
+def block_error(llm: Any, hf: Any, layer: int, example: Any) -> float:
+    """Median relative difference between llama.cpp's l_out-<layer> rows (captured by the native
+    steerer) and the transformers copy's block output, on the same tokens (the first, BOS, left out)."""
+    st = llm.native_steerer
+    st.capture(layer, post=False)
+    llm.reset()
+    llm.eval(example.tokens)
+    cpp = st.captured(layer)
+    st.capture(layer, post=False, on=False)
+    rows = hf.below(hf.batch([(example.tokens, example.start)]))[0].numpy()
+    if rows.shape != cpp.shape:
+        raise ValueError(f"block {layer}: transformers gave {rows.shape} rows, llama.cpp {cpp.shape}")
+    rel = np.linalg.norm(rows - cpp, axis=1) / np.maximum(np.linalg.norm(cpp, axis=1), 1e-12)
+    return float(np.median(rel[1:]))
+
+
 def check_training(model_path: str | Path, workdir: str | Path, steps: int = 2) -> dict[str, Any]:
     """Training rows: transformers loads the GGUF; block L's output agrees with llama.cpp's
     l_out-L; `train --pairs` through the model runs `steps` steps and writes a flow the runtime
@@ -168,15 +184,7 @@ def check_training(model_path: str | Path, workdir: str | Path, steps: int = 2) 
         except InnsteerError as e:
             return {"training": f"refused: {e}"}
         ex = chat_example(llm, "What is the capital of France?", "The capital of France is Paris, on the Seine.")
-        st = llm.native_steerer
-        st.capture(layer, post=False)
-        llm.reset()
-        llm.eval(ex.tokens)
-        cpp = st.captured(layer)
-        st.capture(layer, post=False, on=False)
-        rows = hf.below(hf.batch([(ex.tokens, ex.start)]))[0].numpy()
-        rel = np.linalg.norm(rows - cpp, axis=1) / np.maximum(np.linalg.norm(cpp, axis=1), 1e-12)
-        row["block_error"] = float(np.median(rel[1:]))
+        row["block_error"] = block_error(llm, hf, layer, ex)
         if not row["block_error"] <= BLOCK_TOLERANCE:
             row["training"] = f"FAIL: block {layer} differs from llama.cpp by {row['block_error']:.3g} (median, relative)"
             return row

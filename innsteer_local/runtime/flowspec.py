@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -36,9 +36,6 @@ class FlowSpec:
     name: str
     strength: Optional[float] = None
     gate: Optional[str] = None
-
-    def with_path(self, path: str) -> "FlowSpec":
-        return replace(self, path=path)
 
 
 def parse_flow_spec(spec: str) -> FlowSpec:

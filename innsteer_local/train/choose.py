@@ -54,7 +54,7 @@ def scorer_for(recipe: Optional[behaviors.Recipe], ds: Dataset) -> tuple[str, Ca
     """The recipe's scorer from the eval harness where its packages are installed, else the contrast
     scorer."""
     if recipe is not None and recipe.scorer:
-        from ..eval.scorers import make_scorer
+        from ..measure.scorers import make_scorer
 
         s = recipe.scorer
         try:

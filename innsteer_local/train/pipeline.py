@@ -206,9 +206,6 @@ def _train_from_activations(llm: Any, ds: Dataset, layers: Sequence[int], cfg: T
         # its delta moves negatives by |v| at strength 1: rescale to the common unit
         for site in out.flow.sites:
             site.delta = (site.delta * scale).astype(np.float32)
-            if site.gate is not None:
-                site.gate = Gate(center=site.gate.center, radius=site.gate.radius, softness=site.gate.softness,
-                                 target_pos=site.gate.target_pos, target_neg=site.gate.target_neg)
     else:
         out.flow = linear_flow(cfg.method, chosen, pos, neg, acts.pos_pair, acts.neg_pair, llm.model_info, **meta)
         site = out.flow.sites[0]

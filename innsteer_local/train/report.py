@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..eval.metrics import MATCHED_DISTINCT_FACTOR, MATCHED_PPL_FACTOR
+from ..measure.metrics import MATCHED_DISTINCT_FACTOR, MATCHED_PPL_FACTOR
 from .linear import LinearProbe
 from .pipeline import TrainOutcome, held_out_mask
 

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ..runtime.prompts import prompt_text
 
@@ -92,7 +92,7 @@ def replies(llm: Any, requests: Sequence[Request], chat: bool, cache: Optional[R
     from ..runtime.jobs import open_engine
 
     cache = cache or ReplyCache(None, "")
-    todo = unique(k for k in map(ReplyCache.key, requests) if k not in cache.replies)
+    todo = list(dict.fromkeys(k for k in map(ReplyCache.key, requests) if k not in cache.replies))  # in order, once
     if todo:
         by_key = {ReplyCache.key(r): r for r in requests}
         # room for the longest prompt and its reply (at least ROLLOUT_CTX, at most the model's context)
@@ -111,10 +111,3 @@ def replies(llm: Any, requests: Sequence[Request], chat: bool, cache: Optional[R
     elif progress:
         progress(len(requests), len(requests))
     return [cache.replies[ReplyCache.key(r)] for r in requests]
-
-
-def unique(items: Iterable[str]) -> list[str]:
-    seen: dict[str, None] = {}
-    for x in items:
-        seen.setdefault(x, None)
-    return list(seen)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ..eval import metrics
+from ..measure import metrics
 
 
 @dataclass

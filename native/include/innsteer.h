@@ -37,11 +37,7 @@
 extern "C" {
 #endif
 
-#if defined(_WIN32)
-#define INNSTEER_API __declspec(dllexport)
-#else
 #define INNSTEER_API __attribute__((visibility("default")))
-#endif
 
 #define INNSTEER_FORMAT_VERSION 1
 
@@ -162,11 +158,6 @@ INNSTEER_API innsteer_status innsteer_steerer_set_path(innsteer_steerer *st, inn
 INNSTEER_API const char *innsteer_steerer_device_name(const innsteer_steerer *st);
 /* Master switch over all attached flows. */
 INNSTEER_API void innsteer_steerer_set_active(innsteer_steerer *st, bool active);
-
-/* Call another eval callback as well (e.g. one the application already used). */
-INNSTEER_API void innsteer_steerer_chain(innsteer_steerer *st,
-                                         bool (*cb)(struct ggml_tensor *t, bool ask, void *user_data),
-                                         void *user_data);
 
 /* Capture rows of l_out-<layer> before (post=false) or after (post=true) steering, appended
  * in evaluation order. */

@@ -90,6 +90,14 @@ static innsteer_status load_mat(loader *L, const char *name, int rows, int cols,
     return load_tensor(L, name, rows, cols, false, (const void **)out);
 }
 
+/* The probe generator both readers share (innsteer_local/flow/format.py): xorshift32. */
+static uint32_t xorshift32(uint32_t *s) {
+    *s ^= *s << 13;
+    *s ^= *s >> 17;
+    *s ^= *s << 5;
+    return *s;
+}
+
 /* Nearly orthonormal rows, in O(rows * cols): every row's squared norm within tol of 1, and for
  * three fixed sign vectors v, B B^T v within tol * sqrt(rows) of v. The full Gram matrix would cost
  * rows^2 * cols; orthonormalise() makes the rows exactly orthonormal afterwards, so this only has
@@ -108,18 +116,12 @@ static bool rows_orthonormal(const float *b, int rows, int cols, float tol) {
         uint32_t s = 2463534242u + (uint32_t)p * 7919u;
         for (int k = 0; k < cols; k++) w[k] = 0.0;
         for (int i = 0; i < rows; i++) { /* w = B^T v, v_i = +-1 from xorshift32 */
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            const double v = (s & 1u) ? 1.0 : -1.0;
+            const double v = (xorshift32(&s) & 1u) ? 1.0 : -1.0;
             for (int k = 0; k < cols; k++) w[k] += v * b[(size_t)i * cols + k];
         }
         s = 2463534242u + (uint32_t)p * 7919u;
         for (int i = 0; i < rows && ok; i++) { /* (B w)_i against v_i */
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            const double v = (s & 1u) ? 1.0 : -1.0;
+            const double v = (xorshift32(&s) & 1u) ? 1.0 : -1.0;
             double acc = 0.0;
             for (int k = 0; k < cols; k++) acc += (double)b[(size_t)i * cols + k] * w[k];
             ok = fabs(acc - v) <= bound;
@@ -157,12 +159,7 @@ static bool orthonormalise(float *b, int rows, int cols) {
 /* Deterministic probe rows for the load-time invertibility check. */
 static void probe_row(float *v, int n, int seed) {
     uint32_t s = 2463534242u + (uint32_t)seed * 7919u;
-    for (int i = 0; i < n; i++) {
-        s ^= s << 13;
-        s ^= s >> 17;
-        s ^= s << 5;
-        v[i] = ((float)(s & 0xffff) / 65535.0f - 0.5f) * 4.0f;
-    }
+    for (int i = 0; i < n; i++) v[i] = ((float)(xorshift32(&s) & 0xffff) / 65535.0f - 0.5f) * 4.0f;
 }
 
 static innsteer_status load_op(loader *L, flow_site *s, int si, int k, gguf_str kind, int dim, int n_embd) {

@@ -74,8 +74,6 @@ struct innsteer_steerer {
     float *work[POOL_MAX_THREADS];
     size_t work_cap; /* floats per worker */
     pool workers;
-    bool (*chain_cb)(struct ggml_tensor *, bool, void *);
-    void *chain_ud;
     char last_error[256];
     /* graph path (flow_graph.c) */
     innsteer_path path;
@@ -303,14 +301,6 @@ innsteer_status innsteer_steerer_set_gate(innsteer_steerer *st, int id, innsteer
 
 void innsteer_steerer_set_active(innsteer_steerer *st, bool active) {
     if (st) atomic_store(&st->active, active);
-}
-
-void innsteer_steerer_chain(innsteer_steerer *st, bool (*cb)(struct ggml_tensor *, bool, void *), void *user_data) {
-    if (!st) return;
-    pthread_mutex_lock(&st->lock);
-    st->chain_cb = cb;
-    st->chain_ud = user_data;
-    pthread_mutex_unlock(&st->lock);
 }
 
 innsteer_status innsteer_steerer_capture(innsteer_steerer *st, int layer, bool post, bool on) {
@@ -947,9 +937,5 @@ bool innsteer_eval_callback(struct ggml_tensor *t, bool ask, void *user_data) {
         }
         pthread_mutex_unlock(&st->lock);
     }
-    if (!st->chain_cb) return ask ? ours : true;
-    bool chained = st->chain_cb(t, ask, st->chain_ud);
-    /* ask: compute up to this node if either of us wants it; otherwise continue unless the
-     * chained callback asked to stop */
-    return ask ? (ours || chained) : chained;
+    return ask ? ours : true;
 }

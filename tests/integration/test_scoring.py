@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from innsteer_local.eval import metrics
+from innsteer_local.measure import metrics
 
 
 def test_perplexity_matches_llama_cpp_logprobs(steered):

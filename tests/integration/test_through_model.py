@@ -61,17 +61,10 @@ def test_the_dequantized_copy_is_the_same_model(hf, model_path, copies):
 
 
 def test_block_output_matches_llama_cpp(hf, steered):
+    from innsteer_local.runtime.compat import block_error
+
     ex = chat_example(steered, "What is the capital of France?", "The capital of France is Paris, on the Seine.")
-    st = steered.native_steerer
-    st.capture(LAYER, post=False)
-    steered.reset()
-    steered.eval(ex.tokens)
-    cpp = st.captured(LAYER)
-    st.capture(LAYER, post=False, on=False)
-    rows = hf.below(hf.batch([(ex.tokens, ex.start)]))[0].numpy()
-    rel = np.linalg.norm(rows - cpp, axis=1) / np.linalg.norm(cpp, axis=1)
-    assert rows.shape == cpp.shape
-    assert np.median(rel[1:]) <= ROW_ERROR
+    assert block_error(steered, hf, LAYER, ex) <= ROW_ERROR
 
 
 def test_torch_and_llama_cpp_steer_the_logits_alike(hf, steered, model_info, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from innsteer_local import Flow, ModelInfo
-from innsteer_local.eval import metrics
+from innsteer_local.measure import metrics
 from innsteer_local.flow import Gate, random_flow
 
 INFO = ModelInfo("synthetic", "llama", 48, 8)

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from innsteer_local.eval import metrics
-from innsteer_local.eval.scorers import is_refusal, make_scorer
+from innsteer_local.measure import metrics
+from innsteer_local.measure.scorers import is_refusal, make_scorer
 
 
 def test_mc1_picks_the_true_answer_only_when_it_is_most_likely():
