@@ -608,7 +608,7 @@ def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...]
            -d '{"model": "smollm2-135m+honesty@2", "messages": [{"role": "user", "content": "Hi"}]}'
       innsteer-local serve --host 0.0.0.0 --api-key-file key.txt --flows-dir ./flows   # on a network
     """
-    from . import guard
+    from .server import guard
     from .model_ids import parse_preset
     from .server import _require_fastapi
     from .server import serve as run_server

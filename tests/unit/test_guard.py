@@ -1,10 +1,10 @@
-"""The server's access rules on their own (apps/guard.py; the real server: test_server_security.py)."""
+"""The server's access rules on their own (apps/server/guard.py; the real server: test_server_security.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from innsteer_local.apps.guard import Policy
+from innsteer_local.apps.server.guard import Policy
 
 
 @pytest.mark.parametrize("bound, header, ok", [
