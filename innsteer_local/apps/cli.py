@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -324,8 +325,12 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
 
     llm = load_steered(model, (), None, prompt_tokens + gen_tokens + 16, 0, threads, rpc=rpc)
     n_threads = threads or os.cpu_count() or 1
-    plain = llama_cpp.Llama(llm.model_path, n_ctx=prompt_tokens + gen_tokens + 16, n_threads=n_threads,
-                            n_threads_batch=n_threads, verbose=False, n_gpu_layers=-1 if rpc else 0)
+    from ..runtime import rpc as rpc_backend
+
+    # the baseline on the same devices: over the same rpc-servers when there are any
+    with rpc_backend.loading_onto(rpc_backend.add_servers(rpc)) if rpc else contextlib.nullcontext():
+        plain = llama_cpp.Llama(llm.model_path, n_ctx=prompt_tokens + gen_tokens + 16, n_threads=n_threads,
+                                n_threads_batch=n_threads, verbose=False, n_gpu_layers=-1 if rpc else 0)
     with tempfile.TemporaryDirectory() as tmp:
         paths = ({Path(f).name: registry.resolve_flow(f, getattr(llm, "model_key", None)) for f in flows}
                  or default_flows(llm, Path(tmp)))

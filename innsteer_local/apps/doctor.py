@@ -114,8 +114,7 @@ def rpc_servers(rpc: str) -> dict[str, Any]:
     out: dict[str, Any] = {"built_with_rpc": rpc_backend.supported(), "servers": []}
     for ep in rpc_backend.parse_endpoints(rpc):
         try:
-            names = rpc_backend.add_servers([ep])
-            devs = [d for d in rpc_backend.devices() if d.name in names]
+            devs = rpc_backend.add_servers([ep])
             out["servers"].append({"endpoint": ep, "reached": True,
                                    "devices": [{"name": d.name, "free_mib": d.free_mib, "total_mib": d.total_mib}
                                                for d in devs]})

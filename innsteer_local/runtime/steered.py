@@ -148,9 +148,10 @@ class SteeredLlama(Llama):
         if rpc:
             from . import rpc as rpc_backend
 
-            self.rpc_devices = rpc_backend.add_servers(rpc_backend.parse_endpoints(rpc))
+            devices = rpc_backend.add_servers(rpc_backend.parse_endpoints(rpc))
+            self.rpc_devices = [d.name for d in devices]
             kwargs.setdefault("n_gpu_layers", -1)
-            with _layer_assignments(self.layer_devices):
+            with _layer_assignments(self.layer_devices), rpc_backend.loading_onto(devices):
                 super().__init__(model_path, *args, **kwargs)
         else:
             super().__init__(model_path, *args, **kwargs)
