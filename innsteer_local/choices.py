@@ -4,6 +4,8 @@ for the C loader; tests/unit/test_choices.py keeps the two equal)."""
 
 from __future__ import annotations
 
+from .errors import InvalidArgument
+
 # training methods (`train --method`); "innsteer" is the default
 TRAIN_METHODS = ("innsteer", "vector", "mean-diff", "pca", "affine-ot")
 # what a flow file's innsteer.method may say besides those: imported control vectors, test flows
@@ -38,5 +40,5 @@ MAX_META_STRING = 4096  # general.name, innsteer.behavior, .method, .model.name,
 
 def check_gate(gate: str) -> str:
     if gate not in GATES:
-        raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
+        raise InvalidArgument(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
     return gate

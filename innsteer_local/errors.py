@@ -19,3 +19,14 @@ class ModelError(InnsteerError):
 
 class SteeringError(InnsteerError, RuntimeError):
     """Steering could not be applied (e.g. the model never computes the steered tensor)."""
+
+
+class InvalidArgument(InnsteerError, ValueError):
+    """A value passed to the library is out of range, of the wrong kind, or names nothing known."""
+
+
+class UnknownFlow(InnsteerError, KeyError):
+    """A flow (an attached flow, or a flow's site at a layer) that is not there."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

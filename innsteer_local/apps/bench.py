@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..flow import Flow, random_flow
+from ..errors import InnsteerError
 
 
 @dataclass
@@ -176,7 +177,7 @@ def training_cost(model_path: str, threads: Optional[int] = None,
                                       env=env, capture_output=True, text=True)
                 row[f"{run}_seconds"] = time.perf_counter() - t0
                 if proc.returncode != 0:
-                    raise RuntimeError(f"{label} failed: {proc.stderr[-2000:]}")
+                    raise InnsteerError(f"{label} failed: {proc.stderr[-2000:]}")
                 phases = json.loads((report / "metrics.json").read_text())["seconds"]
                 row[f"{run}_phases"] = {k: round(v, 1) for k, v in phases.items()}
         rows.append(row)

@@ -14,6 +14,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Optional
+from ..errors import InvalidArgument
 
 
 @dataclass
@@ -49,7 +50,7 @@ def _split(base_url: str) -> tuple[str, int, str]:
     u = urllib.parse.urlsplit(base_url)
     if u.scheme != "http":
         # a benchmark against localhost has no use for TLS, and http.client's HTTPS needs certificates
-        raise ValueError(f"only http:// base URLs are supported, got {base_url!r}")
+        raise InvalidArgument(f"only http:// base URLs are supported, got {base_url!r}")
     return u.hostname or "127.0.0.1", u.port or 80, u.path.rstrip("/")
 
 
@@ -80,7 +81,7 @@ def drive(base_url: str, bodies: list[dict], concurrency: int, api_key: str | No
     concurrency=1 sends them strictly one after another. The wall time covers the whole batch, so
     tokens_per_s is the aggregate throughput a server sustains under that load."""
     if concurrency < 1:
-        raise ValueError("concurrency must be >= 1")
+        raise InvalidArgument("concurrency must be >= 1")
     host, port, prefix = _split(base_url)
     path = f"{prefix}/v1/chat/completions"
     headers = _headers(api_key)
@@ -150,7 +151,7 @@ def chat_bodies(prompts: list[str], max_tokens: int, model: str, steering: list 
     merged into every body for server-specific keys, e.g. llama-server's `{"ignore_eos": True}`
     to make each request generate exactly max_tokens tokens."""
     if steering is not None and len(steering) != len(prompts):
-        raise ValueError(f"steering has {len(steering)} entries for {len(prompts)} prompts")
+        raise InvalidArgument(f"steering has {len(steering)} entries for {len(prompts)} prompts")
     bodies = []
     for i, prompt in enumerate(prompts):
         body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}],

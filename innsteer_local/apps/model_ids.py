@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..runtime.flowspec import parse_flow_spec
+from ..errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,11 @@ def parse_preset(text: str) -> Preset:
     """`NAME=FLOW:STRENGTH[@GATE]` (or `FLOW:STRENGTH`, listed as FLOW@STRENGTH); ValueError says why."""
     spec = parse_flow_spec(text)
     if spec.strength is None:
-        raise ValueError(f"--preset '{text}' needs a strength: NAME=FLOW:STRENGTH, e.g. calm=honesty:2")
+        raise InvalidArgument(f"--preset '{text}' needs a strength: NAME=FLOW:STRENGTH, e.g. calm=honesty:2")
     named = text.strip().startswith(spec.name + "=")
     name = spec.name if named else f"{spec.path}@{spec.strength:g}"
     if "+" in name:
-        raise ValueError(f"--preset '{text}': a preset name cannot contain '+' (it separates flows in a model id)")
+        raise InvalidArgument(f"--preset '{text}': a preset name cannot contain '+' (it separates flows in a model id)")
     return Preset(name=name, flow=spec.path, strength=spec.strength, gate=spec.gate)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from ..errors import InvalidArgument, InnsteerError
 
 # the shape every tiny model shares: wide enough for Q4_K blocks (256) in the feed-forward rows
 N_EMBD = 64
@@ -159,7 +160,7 @@ def write_tiny_model(name: str, path: str | Path, seed: int = 0, quant: Optional
     a = ARCHITECTURES[name]
     quant = quant or a.quant
     if quant not in QUANTS:
-        raise ValueError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+        raise InvalidArgument(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     source = Path(tokenizer_from) if tokenizer_from else registry.resolve_model("smollm2-135m")[0]
     tok = _tokenizer_fields(source)
     if a.extra_tokens:
@@ -225,4 +226,4 @@ def _quantize(src: Path, dst: Path, quant: str) -> None:
     with suppress_stdout_stderr(disable=False):  # a line for every tensor that keeps another type
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({quant}) failed with {rc}")
+        raise InnsteerError(f"llama_model_quantize({quant}) failed with {rc}")

@@ -32,6 +32,7 @@ from .experiment import Arm, Experiment, experiment_cells
 from .records import Records
 from .summary import cell_fluency
 from .tasks import Item, Task
+from ..errors import InvalidArgument
 
 JUDGE_CTX = 512  # tokens per judged text (prompt + reply)
 # sampling when --temperature > 0 (greedy ignores it)
@@ -150,7 +151,7 @@ class Runner:
         flow = self._flow(spec)
         gate = spec.gate or "off"
         if gate != "off" and not flow.info.has_gate:
-            raise ValueError(f"{spec.path} carries no gate parameters, so gate '{gate}' is not available "
+            raise InvalidArgument(f"{spec.path} carries no gate parameters, so gate '{gate}' is not available "
                              "(train it with this version, or use gate 'off')")
 
     def steering(self, flow: Optional[FlowSpec], strength: float, relative: bool = False) -> tuple[list[Steer], float]:

@@ -12,6 +12,7 @@ import numpy as np
 from ..choices import FORMAT_VERSION
 from .ops import Coupling, Subspace
 from .site import Site
+from ..errors import InvalidArgument, UnknownFlow
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Flow:
         for s in self.sites:
             if s.layer == layer:
                 return s
-        raise KeyError(f"flow has no site at layer {layer} (layers: {self.layers})")
+        raise UnknownFlow(f"flow has no site at layer {layer} (layers: {self.layers})")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Flow":
@@ -64,7 +65,7 @@ class Flow:
         multiplied by it (phi is unchanged, so the map at each strength is exactly the old map at
         factor times that strength); the default strength is divided by it."""
         if not (math.isfinite(factor) and factor > 0):
-            raise ValueError(f"rescale needs a finite positive factor, got {factor!r}")
+            raise InvalidArgument(f"rescale needs a finite positive factor, got {factor!r}")
         for site in self.sites:
             site.delta = (site.delta.astype(np.float64) * factor).astype(np.float32)
             if site.edit_scale is not None:

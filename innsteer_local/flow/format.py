@@ -28,7 +28,7 @@ from ..choices import (
     MAX_STRING,
     MAX_WIDTH,
 )
-from ..errors import FlowFormatError
+from ..errors import FlowFormatError, InvalidArgument
 from . import gguf
 from .core import Flow, ModelInfo
 from .ops import Affine, Coupling, Linear, Op, Permute, Subspace
@@ -45,7 +45,7 @@ def write_flow(flow: Flow, path: str | os.PathLike[str], dtype: str = "f32") -> 
     import gguf
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise InvalidArgument(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     float_type = DTYPES[dtype]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ def write_flow(flow: Flow, path: str | os.PathLike[str], dtype: str = "f32") -> 
         def put_str(key: str, value: str) -> None:
             cap = MAX_META_STRING if key in META_KEYS else MAX_STRING
             if len(value.encode("utf-8")) > cap:
-                raise ValueError(f"{key} is {len(value.encode('utf-8'))} bytes long, a flow file allows {cap}")
+                raise InvalidArgument(f"{key} is {len(value.encode('utf-8'))} bytes long, a flow file allows {cap}")
             # GGUFWriter.add_string drops empty strings; a flow file always has its keys
             w.add_key_value(key, value, gguf.GGUFValueType.STRING)
 

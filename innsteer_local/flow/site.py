@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ops import Op, Subspace
+from ..errors import InvalidArgument
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Site:
         d = np.broadcast_to(d, z.shape).copy()
         if gate != "off":
             if self.gate is None:
-                raise ValueError(f"site at layer {self.layer} has no gate parameters")
+                raise InvalidArgument(f"site at layer {self.layer} has no gate parameters")
             w = self.gate.weight(z, self.delta, strength, gate)
             d = d * (strength * w).reshape(z.shape[:-1] + (1,)) if z.ndim > 1 else d * strength * w[0]
         else:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from ..errors import InvalidArgument, InnsteerError
 
 MATRIX = Path(__file__).with_name("architectures.json")  # written by scripts/architecture_matrix.py
 PROMPT = "The lighthouse keeper wrote in the log that the storm"
@@ -51,7 +52,7 @@ def _set_cvec(llm: Any, layer: int, v: Optional[np.ndarray], n_embd: int, n_laye
         rc = llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                                               data.size, n_embd, 1, n_layer - 1)
     if rc != 0:
-        raise RuntimeError(f"llama_set_adapter_cvec returned {rc}")
+        raise InnsteerError(f"llama_set_adapter_cvec returned {rc}")
 
 
 def check_runtime(model_path: str | Path, workdir: str | Path) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def block_error(llm: Any, hf: Any, layer: int, example: Any) -> float:
     st.capture(layer, post=False, on=False)
     rows = hf.below(hf.batch([(example.tokens, example.start)]))[0].numpy()
     if rows.shape != cpp.shape:
-        raise ValueError(f"block {layer}: transformers gave {rows.shape} rows, llama.cpp {cpp.shape}")
+        raise InvalidArgument(f"block {layer}: transformers gave {rows.shape} rows, llama.cpp {cpp.shape}")
     rel = np.linalg.norm(rows - cpp, axis=1) / np.maximum(np.linalg.norm(cpp, axis=1), 1e-12)
     return float(np.median(rel[1:]))
 

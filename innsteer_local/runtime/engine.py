@@ -33,7 +33,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 
-from ..errors import InnsteerError, SteeringError
+from ..errors import InnsteerError, InvalidArgument, SteeringError
 from .native import SPLIT_EQUAL, SPLIT_SIMPLE, FlowInfo, NativeFlow, Steerer, eval_callback_address
 from .prompts import Example, finish_reply, prompt_text, reply_stops
 
@@ -198,7 +198,7 @@ class Engine:
     def __init__(self, llm: Any, n_parallel: int = 4, n_ctx: Optional[int] = None, n_batch: int = DEFAULT_BATCH,
                  unified: bool = False, verbose: bool = False, steer: bool = True, keep_prefix: bool = False):
         if not 1 <= n_parallel <= 256:
-            raise ValueError(f"n_parallel must be in 1..256, got {n_parallel}")
+            raise InvalidArgument(f"n_parallel must be in 1..256, got {n_parallel}")
         self.llm = llm
         self.n_parallel = n_parallel
         from .steered import model_info_of, new_steerer
@@ -318,7 +318,7 @@ class Engine:
         """Changes one sequence's strength of a flow; takes effect at the next layer it reaches."""
         value = float(strength)
         if not math.isfinite(value):
-            raise ValueError(f"strength must be a finite number, got {strength!r}")
+            raise InvalidArgument(f"strength must be a finite number, got {strength!r}")
         with self._lock:
             old = next((s for s in job.steering if s.flow.id == flow.id), None)
             new = Steer(flow, value, gate or (old.gate if old else "off"))
@@ -369,15 +369,15 @@ class Engine:
     def _check(self, job: Job) -> None:
         n = len(job.prompt_tokens)
         if n == 0:
-            raise ValueError("a job needs at least one token")
+            raise InvalidArgument("a job needs at least one token")
         room = self.n_ctx_seq
         if n > room or (not job.scoring and n >= room and job.sampling.max_tokens > 0):
-            raise ValueError(f"Requested tokens ({n}) exceed context window of {room}")
+            raise InvalidArgument(f"Requested tokens ({n}) exceed context window of {room}")
         for s in job.steering:
             if s.flow.id not in self._flows:
                 raise InnsteerError(f"flow {s.flow.path} is not attached to this engine")
             if not math.isfinite(s.strength):
-                raise ValueError(f"strength must be a finite number, got {s.strength!r}")
+                raise InvalidArgument(f"strength must be a finite number, got {s.strength!r}")
 
     def run(self, jobs: Sequence[Job], progress: Optional[Callable[[int, int], None]] = None) -> list[Job]:
         """Runs the jobs to the end (on this thread, or on the engine's thread once start()ed)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..choices import GATES
+from ..errors import InvalidArgument
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _WORD = re.compile(r"^[A-Za-z_-]+$")
@@ -42,7 +43,7 @@ def parse_flow_spec(spec: str) -> FlowSpec:
     """Parses [NAME=]FILE[:STRENGTH][@GATE]; ValueError with the reason on a malformed value."""
     text = spec.strip()
     if not text:
-        raise ValueError("--flow needs a file or a shipped flow name")
+        raise InvalidArgument("--flow needs a file or a shipped flow name")
     name = ""
     head, eq, tail = text.partition("=")
     if eq and _NAME.match(head):
@@ -51,7 +52,7 @@ def parse_flow_spec(spec: str) -> FlowSpec:
     body, at, word = text.rpartition("@")
     if at and body and _WORD.match(word):
         if word not in GATES:
-            raise ValueError(f"--flow '{spec}': unknown gate '{word}'; gates: {', '.join(GATES)}")
+            raise InvalidArgument(f"--flow '{spec}': unknown gate '{word}'; gates: {', '.join(GATES)}")
         gate, text = word, body
     strength = None
     body, colon, value = text.rpartition(":")
@@ -65,10 +66,10 @@ def parse_flow_spec(spec: str) -> FlowSpec:
                 gate, text = value, body
         else:
             if not math.isfinite(strength):
-                raise ValueError(f"--flow '{spec}': strength {value} is not a finite number")
+                raise InvalidArgument(f"--flow '{spec}': strength {value} is not a finite number")
             text = body
     if not text:
-        raise ValueError(f"--flow '{spec}' names no file")
+        raise InvalidArgument(f"--flow '{spec}' names no file")
     return FlowSpec(path=text, name=name or Path(text).stem, strength=strength, gate=gate)
 
 

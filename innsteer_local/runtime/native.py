@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..choices import GATES, PATHS, check_gate
-from ..errors import FlowFormatError, FlowMismatchError, InnsteerError
+from ..errors import FlowFormatError, FlowMismatchError, InnsteerError, InvalidArgument
 from ..flow import ModelInfo
 from ..flow.format import parse_provenance
 from . import paths
@@ -198,7 +198,7 @@ def gate_code(gate: str) -> int:
 
 def path_code(path: str) -> int:
     if path not in PATHS:
-        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+        raise InvalidArgument(f"path must be one of {', '.join(PATHS)}, got {path!r}")
     return PATHS.index(path)
 
 
@@ -207,7 +207,7 @@ def _rows(a: np.ndarray, n_embd: int) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != n_embd:
-        raise ValueError(f"expected rows of width {n_embd}, got shape {a.shape}")
+        raise InvalidArgument(f"expected rows of width {n_embd}, got shape {a.shape}")
     return arr
 
 
@@ -339,9 +339,11 @@ class Steerer:
         self._check(self._l.innsteer_steerer_set_enabled(self.ptr, fid, enabled), f"enable flow {fid}")
 
     def set_gate(self, fid: int, gate: str) -> None:
-        if self._l.innsteer_steerer_set_gate(self.ptr, fid, gate_code(gate)) != OK:
-            raise ValueError(f"flow {fid} carries no gate parameters, so gate '{gate}' is not available "
+        st = self._l.innsteer_steerer_set_gate(self.ptr, fid, gate_code(gate))
+        if st == ERR_UNSUPPORTED:
+            raise InvalidArgument(f"flow {fid} carries no gate parameters, so gate '{gate}' is not available "
                              "(train it with this version, or use gate 'off')")
+        self._check(st, f"set gate of flow {fid}")
 
     def set_threads(self, n_threads: int) -> None:
         self._check(self._l.innsteer_steerer_set_threads(self.ptr, int(n_threads)), f"set {n_threads} threads")
@@ -408,7 +410,7 @@ class Steerer:
         """Flow fid at this strength and gate in the slot (strength 0 takes it out)."""
         err = ctypes.create_string_buffer(_ERR_LEN)
         if self._l.innsteer_slot_put(self.ptr, slot, fid, ctypes.c_float(strength), gate_code(gate), err, _ERR_LEN) != OK:
-            raise ValueError(f"slot {slot}: {err.value.decode(errors='replace')}")
+            raise InvalidArgument(f"slot {slot}: {err.value.decode(errors='replace')}")
 
     def slot_clear(self, slot: int) -> None:
         self._check(self._l.innsteer_slot_clear(self.ptr, slot), f"clear slot {slot}")

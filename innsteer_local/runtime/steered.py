@@ -18,7 +18,7 @@ from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 
 from ..choices import PATHS
-from ..errors import FlowMismatchError, SteeringError
+from ..errors import FlowMismatchError, InvalidArgument, SteeringError, UnknownFlow
 from ..flow import ModelInfo
 from .native import FlowInfo, NativeFlow, Steerer, eval_callback_address
 
@@ -39,13 +39,16 @@ class AttachedFlow:
         return self.flow.layers
 
 
+# A flow as the methods below take it: the AttachedFlow that add_flow returned, its id, or its file
+# path. None means every attached flow; for enable() and disable() that is the master switch, which
+# also holds for flows attached later (disable() then leaves the model bit-identical to unsteered).
 FlowRef = Union[AttachedFlow, int, str, None]
 
 
 def _finite(strength: float) -> float:
     value = float(strength)
     if not math.isfinite(value):
-        raise ValueError(f"strength must be a finite number, got {strength!r}")
+        raise InvalidArgument(f"strength must be a finite number, got {strength!r}")
     return value
 
 
@@ -81,9 +84,9 @@ def path_from_environment(steerer: Steerer) -> None:
     if not path and not rows:
         return
     if path and path not in PATHS:
-        raise ValueError(f"INNSTEER_PATH must be one of {', '.join(PATHS)}, got {path!r}")
+        raise InvalidArgument(f"INNSTEER_PATH must be one of {', '.join(PATHS)}, got {path!r}")
     if rows and not (rows.isdigit() and int(rows) >= 1):
-        raise ValueError(f"INNSTEER_DEVICE_MIN_ROWS must be a positive integer, got {rows!r}")
+        raise InvalidArgument(f"INNSTEER_DEVICE_MIN_ROWS must be a positive integer, got {rows!r}")
     steerer.set_path(path or "auto", int(rows) if rows else 32)
 
 
@@ -220,7 +223,7 @@ class SteeredLlama(Llama):
         for a in self._attached:
             if a is ref or a.id == ref or (isinstance(ref, str) and a.path == ref):
                 return [a]
-        raise KeyError(f"no attached flow matches {ref!r}")
+        raise UnknownFlow(f"no attached flow matches {ref!r}")
 
     def set_strength(self, strength: float, flow: FlowRef = None) -> None:
         """Sets the strength of one flow, or of every attached flow. Takes effect at the next token."""

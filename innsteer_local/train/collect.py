@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..errors import SteeringError
+from ..errors import InvalidArgument, SteeringError
 from ..runtime.prompts import Example, reply_example
 
 
@@ -20,7 +20,7 @@ def capture(llm: Any, examples: Sequence[Example], layers: Iterable[int], positi
     progress(done, total) is called after each example.
     """
     if positions not in ("completion", "last", "all"):
-        raise ValueError(f"positions must be completion, last or all; got {positions!r}")
+        raise InvalidArgument(f"positions must be completion, last or all; got {positions!r}")
     layers = sorted(set(int(l) for l in layers))
     st = llm.native_steerer
     last_layer = llm.model_info.n_layer - 1

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..choices import ACTIVATIONS
-from ..errors import InnsteerError
+from ..errors import InnsteerError, InvalidArgument
 from ..flow import Affine, Coupling, Linear, Permute, Site, Subspace
 
 
@@ -52,9 +52,9 @@ class InnConfig:
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+            raise InvalidArgument(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.rank < 0 or self.blocks < 0 or self.hidden < 1:
-            raise ValueError("rank and blocks must be >= 0 and hidden >= 1")
+            raise InvalidArgument("rank and blocks must be >= 0 and hidden >= 1")
 
 
 class Couplings(nn.Module):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..flow import Flow, ModelInfo, Site
+from ..errors import InvalidArgument
 
 
 def pair_targets(pos: np.ndarray, neg: np.ndarray, pos_pair: np.ndarray, neg_pair: np.ndarray,
@@ -66,7 +67,7 @@ def linear_flow(method: str, layer: int, pos: np.ndarray, neg: np.ndarray, pos_p
         site = Site(layer=layer, ops=[], delta=delta, edit_scale=edit)
         meta.setdefault("provenance", {})["full_transport_strength"] = full
     else:
-        raise ValueError(f"unknown linear method {method!r}")
+        raise InvalidArgument(f"unknown linear method {method!r}")
     return Flow(model=model, sites=[site], method=method, **meta)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..choices import TRAIN_METHODS
-from ..errors import InnsteerError
+from ..errors import InnsteerError, InvalidArgument
 from ..flow import Flow, Gate
 from . import behaviors
 from .collect import Activations, collect_dataset
@@ -76,7 +76,7 @@ class TrainOutcome:
 
 def load_data(behavior: Optional[str], pairs: Optional[str]) -> Dataset | behaviors.Recipe:
     if (behavior is None) == (pairs is None):
-        raise ValueError("give exactly one of --behavior NAME or --pairs FILE")
+        raise InvalidArgument("give exactly one of --behavior NAME or --pairs FILE")
     return behaviors.recipe(behavior) if behavior else load_file(pairs)  # type: ignore[arg-type]
 
 
@@ -121,7 +121,7 @@ def _check_layer(llm: Any, layer: int | str) -> Sequence[int]:
         return candidate_layers(llm.model_info.n_layer)
     value = int(layer)
     if not 0 <= value < llm.model_info.n_layer - 1:
-        raise ValueError(f"layer {value} is outside 0..{llm.model_info.n_layer - 2} for this model "
+        raise InvalidArgument(f"layer {value} is outside 0..{llm.model_info.n_layer - 2} for this model "
                          f"({llm.model_info.n_layer} layers; the last one cannot be captured)")
     return [value]
 
@@ -141,9 +141,9 @@ def train(llm: Any, data: Dataset | behaviors.Recipe, layer: int | str, cfg: Opt
     cfg = cfg or TrainConfig()
     progress = progress or Progress()
     if cfg.method not in TRAIN_METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
+        raise InvalidArgument(f"unknown method {cfg.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
     if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        raise InvalidArgument(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     layers = _check_layer(llm, layer)
     recipe = data if isinstance(data, behaviors.Recipe) else None
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def train(llm: Any, data: Dataset | behaviors.Recipe, layer: int | str, cfg: Opt
     seconds = {"data": time.perf_counter() - t0}
     through = cfg.method == "vector" or (cfg.method == "innsteer" and cfg.objective == "model")
     if through and len(layers) > 1:
-        raise ValueError("training through the model needs one --layer (auto sweeps layers for the "
+        raise InvalidArgument("training through the model needs one --layer (auto sweeps layers for the "
                          "activation-based methods only)")
     meta = dict(behavior=ds.name, name=ds.name,
                 provenance={"data": ds.name, "data_sha256": ds.digest(), "pairs": len(ds.pairs),
@@ -180,7 +180,7 @@ def _train_from_activations(llm: Any, ds: Dataset, layers: Sequence[int], cfg: T
                            cache_dir=None if cache_dir is None else cache_dir / "activations",
                            progress=lambda done, total: progress.update(done))
     if not len(acts.pos[layers[0]]) or not len(acts.neg[layers[0]]):
-        raise ValueError("the data gave no behaviour rows (empty replies?)")
+        raise InvalidArgument("the data gave no behaviour rows (empty replies?)")
     seconds = {"collect": time.perf_counter() - t0}
     sweep = layer_sweep(acts, cfg.seed) if len(layers) > 1 else []
     chosen = max(sweep, key=lambda r: r["score"])["layer"] if sweep else layers[0]

@@ -141,7 +141,8 @@ INNSTEER_API innsteer_status innsteer_steerer_attach(innsteer_steerer *st, innst
 INNSTEER_API innsteer_status innsteer_steerer_detach(innsteer_steerer *st, int id);
 INNSTEER_API innsteer_status innsteer_steerer_set_strength(innsteer_steerer *st, int id, float strength);
 INNSTEER_API innsteer_status innsteer_steerer_set_enabled(innsteer_steerer *st, int id, bool enabled);
-/* INNSTEER_ERR_ARG if the flow has no gate parameters and gate is not OFF. */
+/* INNSTEER_ERR_ARG for an unknown id or gate value; INNSTEER_ERR_UNSUPPORTED if the flow carries
+ * no gate parameters and gate is not OFF. */
 INNSTEER_API innsteer_status innsteer_steerer_set_gate(innsteer_steerer *st, int id, innsteer_gate gate);
 /* Threads for prompt batches (default: the online CPUs, at most 32). They sleep between batches
  * and run only while llama.cpp waits for the callback. */

@@ -290,11 +290,10 @@ innsteer_status innsteer_steerer_set_gate(innsteer_steerer *st, int id, innsteer
     if (!st || gate < INNSTEER_GATE_OFF || gate > INNSTEER_GATE_TARGET) return INNSTEER_ERR_ARG;
     pthread_mutex_lock(&st->lock);
     attachment *a = find(st, id);
-    innsteer_status status = INNSTEER_ERR_ARG;
-    if (a && (gate == INNSTEER_GATE_OFF || innsteer_flow_has_gate(a->flow))) {
-        atomic_store(&a->gate, gate);
-        status = INNSTEER_OK;
-    }
+    innsteer_status status = INNSTEER_OK;
+    if (!a) status = INNSTEER_ERR_ARG;
+    else if (gate != INNSTEER_GATE_OFF && !innsteer_flow_has_gate(a->flow)) status = INNSTEER_ERR_UNSUPPORTED;
+    else atomic_store(&a->gate, gate);
     pthread_mutex_unlock(&st->lock);
     return status;
 }

@@ -31,3 +31,26 @@ def test_gates_paths_and_splits():
     assert {p: native.path_code(p) for p in PATHS} == {p: paths[p.upper().replace("-", "_")] for p in PATHS}
     splits = c_enum("INNSTEER_SPLIT")
     assert (native.SPLIT_SIMPLE, native.SPLIT_EQUAL) == (splits["SIMPLE"], splits["EQUAL"])
+
+
+def test_set_gate_tells_its_two_failures_apart(tmp_path):
+    """An unknown flow id is a bad argument; a flow without gate parameters cannot take a gate."""
+    import numpy as np
+    import pytest
+
+    from innsteer_local import Flow, ModelInfo
+    from innsteer_local.errors import InnsteerError
+    from innsteer_local.runtime.native import NativeFlow, Steerer
+
+    model = ModelInfo("SmolLM2", "llama", 576, 30)
+    Flow.linear({5: np.ones(576, np.float32)}, model).save(tmp_path / "lin.gguf")
+    st = Steerer(576, 30, 64)
+    nf = NativeFlow(tmp_path / "lin.gguf")
+    fid = st.attach(nf, 1.0)
+    nf.close()
+    with pytest.raises(ValueError, match="carries no gate parameters"):
+        st.set_gate(fid, "density")
+    with pytest.raises(InnsteerError, match="invalid argument"):
+        st.set_gate(fid + 999, "off")
+    st.set_gate(fid, "off")
+    st.close()

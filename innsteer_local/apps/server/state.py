@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ...choices import GATES
-from ...errors import FlowFormatError, FlowMismatchError, InnsteerError
+from ...errors import FlowFormatError, FlowMismatchError, InnsteerError, InvalidArgument
 from ...runtime import registry
 from ..model_ids import Preset, UnknownModel, listed_ids, parse_model_id
 from .requests import RequestError, SteeringChoice, applied, parse_steering
@@ -65,7 +65,7 @@ class Engine:
         from ...runtime.engine import Engine as BatchEngine
 
         if getattr(llm, "flows", None):  # they would steer every request, whatever it asks for
-            raise ValueError("Engine needs a SteeredLlama without attached flows; load flows with load_flow")
+            raise InvalidArgument("Engine needs a SteeredLlama without attached flows; load flows with load_flow")
         self.llm = llm
         self.model_id = model_id
         self.flows: dict[str, LoadedFlow] = {}
