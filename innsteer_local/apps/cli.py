@@ -18,9 +18,8 @@ from ..choices import GATES, TRAIN_METHODS
 from ..errors import InnsteerError, ModelError
 from ..runtime import registry
 from ..runtime.flowspec import FlowSpec, parse_flow_spec
+from . import options
 
-MODEL_HELP = "registry model (see `models list`) or a local .gguf path [default: smollm2-135m]"
-FLOW_HELP = "[NAME=]FILE[:STRENGTH][@GATE]: a flow file or shipped flow name; repeatable"
 
 
 def finite_float(ctx: click.Context, param: click.Parameter, value: Optional[float]) -> Optional[float]:
@@ -28,13 +27,6 @@ def finite_float(ctx: click.Context, param: click.Parameter, value: Optional[flo
         raise click.BadParameter(f"{value} is not a finite number")
     return value
 
-
-RPC_HELP = ("HOST:PORT[,HOST:PORT]: split the model's layers across these rpc-servers (llama.cpp's RPC backend; "
-            "scripts/build_rpc_server.sh builds rpc-server; keep it off untrusted networks)")
-
-
-def rpc_option(f: Any) -> Any:
-    return click.option("--rpc", default=None, metavar="HOST:PORT[,...]", help=RPC_HELP)(f)
 
 
 def load_steered(model: Optional[str], flows: tuple[str, ...], strength: Optional[float], n_ctx: int, seed: int,
@@ -67,21 +59,21 @@ def flow_specs(values: tuple[str, ...], option: str = "--flow") -> list[FlowSpec
 
 def common_generation_options(f: Any) -> Any:
     for opt in reversed([
-        click.option("--model", "-m", default=None, help=MODEL_HELP),
-        click.option("--flow", "-f", "flows", multiple=True, help=FLOW_HELP),
+        options.model,
+        click.option("--flow", "-f", "flows", multiple=True, help=options.FLOW_HELP),
         click.option("--strength", "-a", type=float, default=None, callback=finite_float,
                      help="strength for flows without their own :STRENGTH [default: the flow's default]"),
         click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True),
         click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True,
                      help="0 = greedy"),
-        click.option("--seed", "-s", type=int, default=0, show_default=True),
+        options.seed,
         click.option("--repeat-penalty", type=click.FloatRange(0.0), default=1.1, show_default=True),
         click.option("--n-ctx", type=click.IntRange(64), default=2048, show_default=True),
         click.option("--gate", type=click.Choice(GATES), default="off", show_default=True,
                      help="runtime gate for flows without their own @GATE: damp rows off the training support "
                           "(density), or move each row only as far as the positive class (target)"),
-        click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]"),
-        click.option("--rpc", default=None, metavar="HOST:PORT[,...]", help=RPC_HELP),
+        options.threads,
+        options.rpc,
     ]):
         f = opt(f)
     return f
@@ -251,12 +243,12 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
 
 
 @cli.command()
-@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@options.model
 @click.option("--flow", "-f", "flows", multiple=True, help="flow files to time (default: a linear and an INN flow)")
 @click.option("--prompt-tokens", type=click.IntRange(1), default=None, help="[default: 512; 64 with --sequences]")
 @click.option("--gen-tokens", type=click.IntRange(1), default=None, help="[default: 128; 64 with --sequences]")
 @click.option("--reps", type=click.IntRange(1), default=None, help="[default: 5; 3 with --sequences]")
-@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+@options.threads
 @click.option("--with-training", is_flag=True,
               help="also time `train --behavior refusal` and `train --pairs` on a 60-pair file, each from an empty "
                    "cache and again with it kept (new processes, as a user runs them)")
@@ -265,7 +257,7 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
                    "unsteered, half steered by two flows, and one sequence at a time")
 @click.option("--server", is_flag=True,
               help="also: serve --parallel 8 through the OpenAI API, 8 clients at once vs one after another")
-@rpc_option
+@options.rpc
 @click.option("--json", "as_json", is_flag=True)
 def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[int], gen_tokens: Optional[int],
           reps: Optional[int], threads: Optional[int], with_training: bool, sequences: Optional[str], server: bool,
@@ -369,7 +361,7 @@ def behaviors_show(name: str) -> None:
 
 
 @cli.command()
-@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@options.model
 @click.option("--behavior", "-b", default=None, help="built-in behaviour (see `behaviors list`)")
 @click.option("--pairs", "-p", default=None, type=click.Path(dir_okay=False),
               help="JSONL pairs or CAA A/B JSON file (see docs/training.md)")
@@ -382,7 +374,7 @@ def behaviors_show(name: str) -> None:
               help="innsteer only: train through the frozen model on what it says (model), or on activation "
                    "geometry alone (geometry: no transformers, any architecture llama.cpp loads)")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="flow file to write")
-@click.option("--seed", type=int, default=0, show_default=True)
+@options.seed
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="torch device for training through the model")
 @click.option("--steps", type=click.IntRange(1), default=None,
@@ -410,7 +402,7 @@ def behaviors_show(name: str) -> None:
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
               help="write report.md, metrics.json and plots here")
 @click.option("--no-cache", is_flag=True, help="write the data and collect activations again even if cached")
-@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+@options.threads
 def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], layer: str, method: str,
           objective: str, output: str, seed: int, device: str, steps: Optional[int], coupling_steps: Optional[int],
           precision: str, lr: Optional[float],
@@ -566,7 +558,7 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
 
 
 @cli.command()
-@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@options.model
 @click.option("--flow", "-f", "flows", multiple=True,
               help="[NAME=]FILE[:STRENGTH][@GATE] (or a shipped flow name) that requests can pick by NAME; repeatable")
 @click.option("--preset", "presets", multiple=True,
@@ -594,9 +586,9 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
               help="requests decoded together in one batch, each with its own steering [default: 8 on CPU, 16 with a GPU]")
 @click.option("--queue", type=click.IntRange(0), default=None,
               help="requests that may wait for a free sequence before the server answers 429 [default: 4 x --parallel]")
-@click.option("--seed", "-s", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
-@rpc_option
+@options.seed
+@options.threads
+@options.rpc
 def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...], host: Optional[str], port: int,
           api_key: Optional[str], api_key_file: Optional[str], flows_dir: Optional[str], cors: tuple[str, ...],
           allowed_hosts: tuple[str, ...], max_body: int, header_timeout: float, n_ctx: int, parallel: Optional[int], queue: Optional[int],

@@ -12,6 +12,7 @@ import click
 from ..eval.experiment import NONE
 from ..runtime import registry
 from ..runtime.flowspec import FlowSpec, parse_flow_spec
+from . import options
 
 
 class BarProgress:
@@ -83,7 +84,7 @@ def eval_flow(value: str, model_key: Optional[str], relative: bool) -> FlowSpec:
 
 
 @click.command("eval")
-@click.option("--model", "-m", default=None, help="registry model or local .gguf [default: smollm2-135m]")
+@options.model
 @click.option("--flow", "-f", "flows", multiple=True,
               help="[NAME=]FILE[:STRENGTH][@GATE]; repeatable; NAME labels the method, :STRENGTH is the unit of "
                    "--relative strengths. Shipped names work too.")
@@ -108,13 +109,13 @@ def eval_flow(value: str, model_key: Optional[str], relative: bool) -> FlowSpec:
 @click.option("--limit", type=click.IntRange(1), default=None, help="items per task group (e.g. harmful/harmless)")
 @click.option("--max-tokens", "-n", type=click.IntRange(1), default=None, help="new tokens per reply [default: 40; quick suite 32]")
 @click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy")
-@click.option("--seed", "-s", type=int, default=0, show_default=True)
+@options.seed
 @click.option("--probe", type=click.IntRange(1), default=8, show_default=True,
               help="neutral prompts generated per setting to measure fluency on likelihood tasks")
 @click.option("--no-prune", is_flag=True, help="run every strength even after a setting has degenerated")
 @click.option("--relevance", is_flag=True,
               help="also judge each reply after its prompt (the relevance column; doubles the judge's work)")
-@click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
+@options.threads
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="results directory (resumable)")
 def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[str], scorer: Optional[str],
                  description: str, topic_words: str, instruction: Optional[str], strengths: Optional[str],

@@ -1,5 +1,5 @@
 """The last step of `train`: which candidate to ship and what its strength 1 means, chosen by what
-the steered model writes on held-out prompts (train/select.py measures).
+the steered model writes on held-out prompts (train/held_out.py measures).
 
 Every candidate (a flow's checkpoints: its identity start, which is mean-diff's shift exactly, for
 an always-on behaviour; the end of its linear phase; the end of training; a linear method's one
@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import behaviors, select
+from . import behaviors, held_out
 from .data import Dataset
 
 _WORD = re.compile(r"[a-z']+")
@@ -96,10 +96,10 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
         candidates = [c for c in candidates if c[0] != 0] or candidates
     progress.phase(f"choosing and calibrating by generation ({name} score)", 1 + len(candidates) * len(LADDER))
     per_setting = len(prompts) + len(neutral)
-    judge = select.Judge(llm, scorer, chat, cfg.select_tokens,
+    judge = held_out.Judge(llm, scorer, chat, cfg.select_tokens,
                          parallel=min(64, per_setting * (1 + len(candidates) * len(LADDER))))
     done = 0
-    settings: list[select.Setting] = []
+    settings: list[held_out.Setting] = []
     with tempfile.TemporaryDirectory(prefix="innsteer-select-") as tmp:
         try:
             flows = []
@@ -119,8 +119,8 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
             stage = [(-1, 0.0)] + [(i, a) for i in range(len(candidates)) for a in LADDER]
             raws = measure(stage)
             base_raw = raws[0]
-            baseline = select.summarise(base_raw, base_raw, -1, 0.0)
-            settings = [select.summarise(r, base_raw, i, a) for (i, a), r in zip(stage[1:], raws[1:])]
+            baseline = held_out.summarise(base_raw, base_raw, -1, 0.0)
+            settings = [held_out.summarise(r, base_raw, i, a) for (i, a), r in zip(stage[1:], raws[1:])]
             settings = _smoothed(settings, baseline)
             # the ladder goes down where a candidate has no fluent setting (where its best is the top
             # rung, strength 1 is the rung below it: going up would not change it), unless a weaker
@@ -133,11 +133,11 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
                     and min((s for s in settings if s.candidate == i), key=lambda s: s.strength).score > best_fluent
                     for a in LADDER_DOWN]
             if more:
-                settings = _smoothed(settings + [select.summarise(r, base_raw, i, a) for (i, a), r in
+                settings = _smoothed(settings + [held_out.summarise(r, base_raw, i, a) for (i, a), r in
                                                  zip(more, measure(more))], baseline)
         finally:
             judge.close()
-    tops = [select.best([s for s in settings if s.candidate == i], baseline) for i in range(len(candidates))]
+    tops = [held_out.best([s for s in settings if s.candidate == i], baseline) for i in range(len(candidates))]
     pick = _pick(tops, [_held_out_loss(out, step) for step, _ in candidates], selective=bool(neutral),
                  prefer=next((i for i, (step, _) in enumerate(candidates) if _phase(out, step) == "linear"), None))
     chosen = tops[pick]
@@ -169,13 +169,13 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
     out.metrics["selection"] = flow.provenance["selection"]
 
 
-def _smoothed(settings: list[select.Setting], baseline: select.Setting) -> list[select.Setting]:
-    """Every candidate's settings with monotone fluency ratios (select.smooth)."""
+def _smoothed(settings: list[held_out.Setting], baseline: held_out.Setting) -> list[held_out.Setting]:
+    """Every candidate's settings with monotone fluency ratios (held_out.smooth)."""
     return [s for i in sorted({s.candidate for s in settings})
-            for s in select.smooth([s for s in settings if s.candidate == i], baseline)]
+            for s in held_out.smooth([s for s in settings if s.candidate == i], baseline)]
 
 
-def _pick(tops: list[select.Setting], losses: list[Optional[float]], selective: bool,
+def _pick(tops: list[held_out.Setting], losses: list[Optional[float]], selective: bool,
           prefer: Optional[int] = None) -> int:
     """The candidate with the best score at matched fluency. A few prompts cannot tell apart scores
     within a standard error of each other; among such ties the data decides. For a selective

@@ -9,7 +9,7 @@ Methods, all on the same data and layer:
 
 Strength scale: strength 1 shifts rows by DEFAULT_MOVE_FRACTION of their median norm along the
 mean difference (every method starts there); a trained flow's operating point is 1, and the
-file's default strength is the setting that selection by generation chose (train/select.py).
+file's default strength is the setting that selection by generation chose (train/held_out.py).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class TrainConfig:
     positions: str = "completion"
     device: str = "auto"
     select: bool = True  # choose checkpoint and default strength by generation
-    select_tokens: int = 40  # as long as eval's replies (select.SELECT_TOKENS)
+    select_tokens: int = 40  # as long as eval's replies (held_out.SELECT_TOKENS)
     select_prompts: int = 5  # held-out behaviour prompts per setting (an always-on behaviour: 3 candidates x 3 + 1 settings)
     select_neutral: int = 3  # a selective behaviour (data with neutral items): this many of each kind (2 candidates x 3 + 1 settings)
     through: Any = None  # ThroughConfig (torch) for the model objective

@@ -1,5 +1,5 @@
 """One prompt rule and one cut of a reply for everything that generates: eval's answers, the
-training replies (train/rollouts.py) and selection's held-out replies (train/select.py) ask a
+training replies (train/rollouts.py) and selection's held-out replies (train/held_out.py) ask a
 base-style model (no chat template) the same text and cut its reply at the end of its turn."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from innsteer_local.eval.tasks import Item, Task
 from innsteer_local.runtime.engine import Job, Sampling
 from innsteer_local.runtime.jobs import open_engine
 from innsteer_local.runtime.prompts import BASE_TURN_END, finish_reply, prompt_text
-from innsteer_local.train import rollouts, select
+from innsteer_local.train import held_out, rollouts
 
 # a transcript in the prompt: asked it as a plain transcript, the model answers ("Red.") and then
 # writes the user's next turn
@@ -45,7 +45,7 @@ def test_eval_rollouts_and_selection_ask_the_same_text(llm):
     try:
         jobs = {"eval": answer_job(engine, Item(id="0", prompt=PROMPT), EvalConfig(max_tokens=TOKENS, chat=False), []),
                 "rollouts": rollouts.reply_job(engine, rollouts.Request(PROMPT, max_tokens=TOKENS), chat=False),
-                "selection": select.reply_job(engine, PROMPT, False, TOKENS)}
+                "selection": held_out.reply_job(engine, PROMPT, False, TOKENS)}
         asked = {k: llm.detokenize(j.prompt_tokens).decode() for k, j in jobs.items()}
         assert len({tuple(j.prompt_tokens) for j in jobs.values()}) == 1, asked
         assert asked["eval"].endswith(f"User: {PROMPT}\nAssistant:")  # no space: the reply's first token has it
@@ -78,7 +78,7 @@ def test_eval_rollouts_and_selection_cut_the_reply_alike(llm, model_path, tmp_pa
     assert record["text"] == expected
 
     # selection: the unsteered setting's held-out replies
-    judge = select.Judge(llm, lambda text: 0.0, chat=False, max_tokens=TOKENS)
+    judge = held_out.Judge(llm, lambda text: 0.0, chat=False, max_tokens=TOKENS)
     try:
         (raw,) = judge.run([PROMPT], [], [(None, 0.0)])
     finally:

@@ -51,7 +51,7 @@ def test_rescale_refuses_a_meaningless_factor(factor):
 
 def test_selection_and_eval_share_the_fluency_rule():
     from innsteer_local.eval import summary
-    from innsteer_local.train.select import Setting, summarise
+    from innsteer_local.train.held_out import Setting, summarise
 
     assert summary.MATCHED_PPL_FACTOR == metrics.MATCHED_PPL_FACTOR
     assert summary.MATCHED_DISTINCT_FACTOR == metrics.MATCHED_DISTINCT_FACTOR
@@ -76,7 +76,7 @@ def test_fluency_ratios_are_geometric_for_perplexity_and_arithmetic_for_distinct
 
 def test_ties_between_checkpoints_go_by_the_kind_of_behaviour():
     from innsteer_local.train.choose import _pick
-    from innsteer_local.train.select import Setting
+    from innsteer_local.train.held_out import Setting
 
     def top(score: float, se: float, ppl: float = 1.0, d2: float = 1.0) -> Setting:
         return Setting(0, 1.0, score, 0.0, ppl, d2, 0.0, stderr=se)
@@ -98,7 +98,7 @@ def test_ties_between_checkpoints_go_by_the_kind_of_behaviour():
 def test_fluency_ratios_are_smoothed_to_be_monotone_in_strength():
     """A few prompts make the ratios jump (1.20, 1.57, 1.21); smoothed, pushing harder never reads
     as more fluent, and a setting that was fluent by luck past a disfluent one is not."""
-    from innsteer_local.train.select import Setting, _isotonic, smooth
+    from innsteer_local.train.held_out import Setting, _isotonic, smooth
 
     assert _isotonic([1.0, 1.2, 1.57, 1.21]) == pytest.approx([1.0, 1.2, 1.39, 1.39])
     assert _isotonic([3.0, 2.0, 1.0]) == pytest.approx([2.0, 2.0, 2.0])

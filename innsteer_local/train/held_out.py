@@ -1,8 +1,8 @@
-"""Measuring what a trained flow makes the model write: greedy replies to held-out prompts through
-llama.cpp (every setting side by side on the batched engine, asked and cut as eval asks and cuts),
-behaviour scored with the eval harness's scorers, fluency with its metrics (the unsteered model's
-perplexity of the reply alone, distinct-2, repeated 4-grams), judged by the eval's own rule for
-matched fluency (metrics.matched_fluency). train/choose.py decides with these measurements."""
+"""Held-out checks of a trained flow, what train/choose.py decides with: greedy replies to
+held-out prompts through llama.cpp (every setting side by side on the batched engine, asked and
+cut as eval asks and cuts), behaviour scored with the shared scorers, fluency with the shared
+metrics (the unsteered model's perplexity of the reply alone, distinct-2, repeated 4-grams),
+judged by the one rule for matched fluency (measure/metrics.matched_fluency)."""
 
 from __future__ import annotations
 
