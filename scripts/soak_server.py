@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 from innsteer_local.apps.load_client import wait_ready
@@ -34,9 +34,11 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     key = secrets.token_urlsafe(16)
+    # the server's log to a file: a pipe nobody reads would fill and block the server
+    log = Path(tempfile.mkdtemp(prefix="innsteer-soak-")) / "serve.log"
     proc = subprocess.Popen([cli, "serve", "-m", args.model, "--flow", "honesty.gguf", "--flow", "positivity.gguf",
                              "--port", str(port), "--api-key", key, "--n-ctx", "1024", "--parallel", "4"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, api_key=key)
@@ -57,6 +59,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(out, indent=2))
     growth = report.rss_growth
     ok = not report.server_errors and not report.leaks and growth is not None and growth <= 0.10
+    print(f"server log: {log}", file=sys.stderr)
     print(f"{'PASS' if ok else 'FAIL'}: {report.requests} requests in {report.seconds:.0f} s, "
           f"{len(report.server_errors)} 5xx, {len(report.leaks)} leaks, RSS {report.rss_start_kb} -> "
           f"{report.rss_end_kb} kB ({(growth or 0) * 100:+.1f} %)")

@@ -273,8 +273,10 @@ def server_config(engine: Engine, policy: guard.Policy, host: str, port: int, lo
     """uvicorn's settings for the app behind its guard (guard.py)."""
     import uvicorn
 
+    # timeout_graceful_shutdown: on SIGTERM, open streams get a few seconds, not forever
     return uvicorn.Config(guard.Guard(create_app(engine), policy), host=host, port=port, log_level=log_level,
-                          http=guard.protocol_class(policy.header_timeout), timeout_keep_alive=5)
+                          http=guard.protocol_class(policy.header_timeout), timeout_keep_alive=5,
+                          timeout_graceful_shutdown=5)
 
 
 def default_parallel() -> int:
