@@ -327,7 +327,7 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
         paths = ({Path(f).name: registry.resolve_flow(f, getattr(llm, "model_key", None)) for f in flows}
                  or default_flows(llm, Path(tmp)))
         result = run_bench(llm, paths, n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps, plain=plain,
-                           progress=lambda msg: click.echo(msg, err=True), paths=("host", "cpu-graph") if rpc else ())
+                           progress=lambda msg: click.echo(msg, err=True), paths=("host", "device", "cpu-graph") if rpc else ())
         if rpc:
             result["rpc"] = {"servers": rpc, "layer_devices": llm.layer_devices}
         click.echo("timing the flow kernels alone", err=True)

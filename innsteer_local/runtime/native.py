@@ -168,6 +168,7 @@ def lib() -> ctypes.CDLL:
             "innsteer_steerer_last_error": (c_char_p, [c_void_p]),
             "innsteer_flow_steer_graph": (c_int, [c_void_p, c_int, c_float, c_int, c_int, _F32P, _F32P, c_int64, c_char_p, c_size_t]),
             "innsteer_steerer_set_path": (c_int, [c_void_p, c_int, c_int, c_char_p, c_size_t]),
+            "innsteer_steerer_set_device": (c_int, [c_void_p, c_void_p]),
             "innsteer_steerer_device_name": (c_char_p, [c_void_p]),
             "innsteer_steerer_rows_on_device": (c_uint64, [c_void_p]),
             "innsteer_slot_new": (c_int, [c_void_p, ctypes.POINTER(c_int)]),
@@ -355,6 +356,11 @@ class Steerer:
         err = ctypes.create_string_buffer(_ERR_LEN)
         if self._l.innsteer_steerer_set_path(self.ptr, path_code(path), int(min_rows), err, _ERR_LEN) != OK:
             raise InnsteerError(f"steering path {path!r}: {err.value.decode(errors='replace')}")
+
+    def set_device(self, device: Optional[int]) -> None:
+        """The ggml device (a ggml_backend_dev_t) the "device" path runs on, e.g. a remote RPC
+        device (runtime/rpc.py); None: ggml's first GPU device."""
+        self._check(self._l.innsteer_steerer_set_device(self.ptr, device), "set the graph path's device")
 
     @property
     def device_name(self) -> str:

@@ -160,6 +160,8 @@ class SteeredLlama(Llama):
             super().__init__(model_path, *args, **kwargs)
         self.model_info = model_info_of(self)
         self._steerer = new_steerer(self.model_info, self.context_params, int(self.context_params.n_ubatch))
+        if rpc:  # the graph path, when asked for, runs on the first server (the flow's weights go there once)
+            self._steerer.set_device(devices[0].ptr)
         self._stack.callback(self._steerer.close)  # runs after the context below is freed
         self._install_callback()
         self._attached: list[AttachedFlow] = []

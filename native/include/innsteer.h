@@ -155,6 +155,11 @@ INNSTEER_API innsteer_status innsteer_steerer_set_threads(innsteer_steerer *st, 
  * come through the setters only. */
 INNSTEER_API innsteer_status innsteer_steerer_set_path(innsteer_steerer *st, innsteer_path path, int min_rows, char *err,
                                                        size_t err_size);
+/* The device the DEVICE path runs the flow's graph on (a ggml_backend_dev_t), e.g. a remote RPC
+ * device that is in no registry; NULL returns to ggml's first GPU device. Takes effect at the next
+ * batch on the graph path. */
+struct ggml_backend_device;
+INNSTEER_API innsteer_status innsteer_steerer_set_device(innsteer_steerer *st, struct ggml_backend_device *device);
 /* The ggml backend the graph path runs on, e.g. "CUDA0" ("" while none is started). */
 INNSTEER_API const char *innsteer_steerer_device_name(const innsteer_steerer *st);
 /* Master switch over all attached flows. */

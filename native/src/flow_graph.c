@@ -23,12 +23,15 @@ struct graph_backend {
     char name[64];
 };
 
-innsteer_status graph_backend_new(innsteer_path path, int n_threads, graph_backend **out, char *err, size_t err_size) {
+innsteer_status graph_backend_new(innsteer_path path, struct ggml_backend_device *device, int n_threads, graph_backend **out,
+                                  char *err, size_t err_size) {
     *out = NULL;
     const ggml_api *G = ggml_api_graph(err, err_size);
     if (!G) return INNSTEER_ERR_UNSUPPORTED;
     struct ggml_backend_device *dev = NULL;
-    if (path == INNSTEER_PATH_CPU_GRAPH) {
+    if (path == INNSTEER_PATH_DEVICE && device) {
+        dev = device; /* the application's choice, e.g. a remote RPC device that is in no registry */
+    } else if (path == INNSTEER_PATH_CPU_GRAPH) {
         dev = G->ggml_backend_dev_by_type(GGML_API_DEV_CPU);
     } else {
         dev = G->ggml_backend_dev_by_type(GGML_API_DEV_GPU);
@@ -522,8 +525,8 @@ innsteer_status innsteer_flow_steer_graph(const innsteer_flow *flow, int site, f
     if (gate != INNSTEER_GATE_OFF && !innsteer_flow_has_gate(flow)) return set_error(err, err_size, INNSTEER_ERR_ARG, "flow has no gate parameters");
     if (n_rows == 0) return INNSTEER_OK;
     graph_backend *b;
-    innsteer_status st = graph_backend_new(path == INNSTEER_PATH_AUTO ? INNSTEER_PATH_DEVICE : path, 0, &b, err, err_size);
-    if (st != INNSTEER_OK && path == INNSTEER_PATH_AUTO) st = graph_backend_new(INNSTEER_PATH_CPU_GRAPH, 0, &b, err, err_size);
+    innsteer_status st = graph_backend_new(path == INNSTEER_PATH_AUTO ? INNSTEER_PATH_DEVICE : path, NULL, 0, &b, err, err_size);
+    if (st != INNSTEER_OK && path == INNSTEER_PATH_AUTO) st = graph_backend_new(INNSTEER_PATH_CPU_GRAPH, NULL, 0, &b, err, err_size);
     if (st != INNSTEER_OK) return st;
     flow_graph *g;
     st = flow_graph_new(&flow->sites[site], flow->n_embd, b, &g, err, err_size);

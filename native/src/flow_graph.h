@@ -17,7 +17,9 @@ typedef struct graph_backend graph_backend;
  * INNSTEER_PATH_DEVICE, the CPU device for INNSTEER_PATH_CPU_GRAPH. INNSTEER_ERR_UNSUPPORTED (with
  * a message) when the process's ggml lacks a function the graph needs (ggml_api.h) or the
  * device. n_threads applies to the CPU backend only. */
-innsteer_status graph_backend_new(innsteer_path path, int n_threads, graph_backend **out, char *err, size_t err_size);
+/* device: for INNSTEER_PATH_DEVICE, the ggml device to use (NULL: ggml's first GPU device) */
+innsteer_status graph_backend_new(innsteer_path path, struct ggml_backend_device *device, int n_threads, graph_backend **out,
+                                  char *err, size_t err_size);
 void graph_backend_free(graph_backend *b);
 const char *graph_backend_name(const graph_backend *b);
 

@@ -79,6 +79,7 @@ struct innsteer_steerer {
     innsteer_path path;
     int device_min_rows;
     graph_backend *backend; /* started at the first batch that takes the graph path */
+    struct ggml_backend_device *device; /* the DEVICE path's device if the application named one */
     bool backend_is_cpu;
     bool backend_failed;    /* no device: the host path from then on */
     atomic_uint_fast64_t rows_on_device;
@@ -351,13 +352,27 @@ innsteer_status innsteer_steerer_set_path(innsteer_steerer *st, innsteer_path pa
     st->device_min_rows = min_rows;
     innsteer_status status = INNSTEER_OK;
     if ((path == INNSTEER_PATH_DEVICE || path == INNSTEER_PATH_CPU_GRAPH) && !st->backend) {
-        status = graph_backend_new(path, st->n_threads, &st->backend, err, err_size);
+        status = graph_backend_new(path, st->device, st->n_threads, &st->backend, err, err_size);
         if (status != INNSTEER_OK) st->path = INNSTEER_PATH_HOST;
         st->backend_is_cpu = want_cpu;
     }
     pthread_mutex_unlock(&st->lock);
     return status;
 }
+innsteer_status innsteer_steerer_set_device(innsteer_steerer *st, struct ggml_backend_device *device) {
+    if (!st) return INNSTEER_ERR_ARG;
+    pthread_mutex_lock(&st->lock);
+    if (st->backend && !st->backend_is_cpu && device != st->device) { /* restarted on the new device when next used */
+        for (int i = 0; i < st->n_att; i++) free_graphs(&st->att[i]);
+        graph_backend_free(st->backend);
+        st->backend = NULL;
+    }
+    st->device = device;
+    st->backend_failed = false;
+    pthread_mutex_unlock(&st->lock);
+    return INNSTEER_OK;
+}
+
 const char *innsteer_steerer_last_error(const innsteer_steerer *st) { return st ? st->last_error : ""; }
 
 /* ---- slots and begun batches ---------------------------------------------------------------- */
@@ -769,7 +784,7 @@ static bool graph_backend_ready(innsteer_steerer *st) {
     char err[200];
     innsteer_path want = st->path == INNSTEER_PATH_CPU_GRAPH ? INNSTEER_PATH_CPU_GRAPH : INNSTEER_PATH_DEVICE;
     st->backend_is_cpu = want == INNSTEER_PATH_CPU_GRAPH;
-    if (graph_backend_new(want, st->n_threads, &st->backend, err, sizeof err) != INNSTEER_OK) {
+    if (graph_backend_new(want, st->device, st->n_threads, &st->backend, err, sizeof err) != INNSTEER_OK) {
         st->backend_failed = true;
         if (st->path != INNSTEER_PATH_AUTO) {
             set_error(st->last_error, sizeof st->last_error, INNSTEER_ERR_UNSUPPORTED, "graph path: %s; using the host path", err);

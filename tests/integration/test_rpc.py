@@ -84,9 +84,14 @@ def test_steering_across_two_rpc_servers_equals_the_local_model(servers, model_p
             llm.add_flow(honesty, strength=1.5)
         steered = logits(local, tokens)
         assert np.abs(steered - base).max() > 0.5, "the flow must move the logits"
-        for path in ("host", "cpu-graph"):  # the callback on the host, and the flow as a ggml graph on the CPU
+        # the callback on the host; the flow as a ggml graph on this process's CPU; and on the first
+        # rpc-server itself (its device, the flow's weights uploaded there)
+        for path in ("host", "cpu-graph", "device"):
             remote.native_steerer.set_path(path, min_rows=1)
             assert np.array_equal(logits(remote, tokens), steered), path  # same kernels, same numbers
+            if path == "device":
+                assert remote.native_steerer.device_name.startswith("RPC"), remote.native_steerer.device_name
+                assert remote.native_steerer.rows_on_device > 0
         assert remote.steering_stats["rows_steered"] > 0
         assert remote.create_completion("The sea is", **greedy)["choices"][0]["text"] == \
             local.create_completion("The sea is", **greedy)["choices"][0]["text"]
