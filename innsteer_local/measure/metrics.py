@@ -1,4 +1,4 @@
-"""Evaluation metrics: pure NumPy, checked on hand-made cases in tests/test_metrics.py."""
+"""Evaluation metrics: pure NumPy, checked on hand-made cases in tests/unit/test_metrics.py."""
 
 from __future__ import annotations
 
