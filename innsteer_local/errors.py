@@ -25,6 +25,10 @@ class InvalidArgument(InnsteerError, ValueError):
     """A value passed to the library is out of range, of the wrong kind, or names nothing known."""
 
 
+class ContextLengthError(InvalidArgument):
+    """A prompt (with the reply it asks for) does not fit a sequence's context window."""
+
+
 class UnknownFlow(InnsteerError, KeyError):
     """A flow (an attached flow, or a flow's site at a layer) that is not there."""
 

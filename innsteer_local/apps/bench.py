@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import statistics
 import time
@@ -44,20 +43,16 @@ def run_bench(llm: Any, flow_paths: dict[str, Path], n_prompt: int = 512, n_gen:
     `plain`: an optional llama_cpp.Llama of the same model without our callback, as a baseline
     that shows what merely installing the callback costs. `paths`: time each flow on each of
     these steering paths (e.g. host and device, every batch size on it) instead of the default."""
-    import llama_cpp
+    from ..runtime.compat import set_control_vector
 
     info = llm.model_info
     rng = np.random.default_rng(0)
     vocab = llm.n_vocab()
     tokens = [int(t) for t in rng.integers(100, min(vocab, 30000), size=n_prompt + n_gen)]
     v = rng.normal(0, 1, info.n_embd).astype(np.float32)
-    cvec = np.zeros((info.n_layer, info.n_embd), dtype=np.float32)
-    cvec[cvec_layer - 1] = v
 
     def set_cvec(on: bool) -> None:
-        ptr = cvec.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if on else None
-        llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, ptr, cvec.size if on else 0, info.n_embd,
-                                         1 if on else -1, info.n_layer - 1 if on else -1)
+        set_control_vector(llm, cvec_layer, v if on else None, info.n_embd, info.n_layer)
 
     def attach(path: Path, on: str = "") -> tuple[Callable[[], None], Callable[[], None]]:
         handle: list[Any] = []

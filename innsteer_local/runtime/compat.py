@@ -41,14 +41,16 @@ def _logits(llm: Any, tokens: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
-def _set_cvec(llm: Any, layer: int, v: Optional[np.ndarray], n_embd: int, n_layer: int) -> None:
+def set_control_vector(llm: Any, layer: int, v: Optional[np.ndarray], n_embd: int, n_layer: int) -> None:
+    """llama.cpp's own control vector (llama_set_adapter_cvec) on a llama_cpp.Llama: v added to
+    l_out-<layer>, or none with v None. The oracle a linear flow must equal bit for bit."""
     import llama_cpp
 
     if v is None:
         rc = llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, None, 0, n_embd, -1, -1)
     else:
         data = np.zeros((n_layer, n_embd), dtype=np.float32)
-        data[layer - 1] = v  # row il-1 belongs to l_out-il
+        data[layer - 1] = v  # row il-1 belongs to l_out-il; llama.cpp has no direction for layer 0
         rc = llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                                               data.size, n_embd, 1, n_layer - 1)
     if rc != 0:
@@ -102,7 +104,7 @@ def check_runtime(model_path: str | Path, workdir: str | Path) -> dict[str, Any]
         Flow.linear({layer: v}, info, method="mean-diff").save(linear)
         plain = llama_cpp.Llama(str(model_path), n_ctx=256, n_batch=128, logits_all=True, seed=0, verbose=False)
         try:
-            _set_cvec(plain, layer, v, info.n_embd, info.n_layer)
+            set_control_vector(plain, layer, v, info.n_embd, info.n_layer)
             oracle = _logits(plain, tokens)
         finally:
             plain.close()

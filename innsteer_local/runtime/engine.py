@@ -33,7 +33,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 
-from ..errors import InnsteerError, InvalidArgument, SteeringError
+from ..errors import ContextLengthError, InnsteerError, InvalidArgument, SteeringError
 from .native import SPLIT_EQUAL, SPLIT_SIMPLE, FlowInfo, NativeFlow, Steerer, eval_callback_address
 from .prompts import Example, finish_reply, prompt_text, reply_stops
 
@@ -372,7 +372,7 @@ class Engine:
             raise InvalidArgument("a job needs at least one token")
         room = self.n_ctx_seq
         if n > room or (not job.scoring and n >= room and job.sampling.max_tokens > 0):
-            raise InvalidArgument(f"Requested tokens ({n}) exceed context window of {room}")
+            raise ContextLengthError(f"Requested tokens ({n}) exceed context window of {room}")
         for s in job.steering:
             if s.flow.id not in self._flows:
                 raise InnsteerError(f"flow {s.flow.path} is not attached to this engine")

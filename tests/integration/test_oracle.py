@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 
 import llama_cpp
 import numpy as np
 import pytest
 
 from innsteer_local import Flow
+from innsteer_local.runtime.compat import set_control_vector as set_cvec
 
 PROMPT = b"The quick brown fox jumps over the lazy dog. Then the fox"
 
@@ -18,18 +18,6 @@ def plain(model_path):
     llm = llama_cpp.Llama(str(model_path), n_ctx=512, n_batch=256, logits_all=True, seed=0, verbose=False)
     yield llm
     llm.close()
-
-
-def set_cvec(llm: llama_cpp.Llama, layer: int, v: np.ndarray | None, n_embd: int, n_layer: int) -> None:
-    if v is None:
-        rc = llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, None, 0, n_embd, -1, -1)
-    else:
-        # cvec data row il-1 belongs to l_out-il; llama.cpp has no direction for layer 0
-        data = np.zeros((n_layer, n_embd), dtype=np.float32)
-        data[layer - 1] = v
-        rc = llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                                              data.size, n_embd, 1, n_layer - 1)
-    assert rc == 0
 
 
 def greedy(llm, n: int = 32) -> str:

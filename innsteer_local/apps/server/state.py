@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ...choices import GATES
-from ...errors import FlowFormatError, FlowMismatchError, InnsteerError, InvalidArgument
+from ...errors import ContextLengthError, FlowFormatError, FlowMismatchError, InnsteerError, InvalidArgument
 from ...runtime import registry
 from ..model_ids import Preset, UnknownModel, listed_ids, parse_model_id
 from .requests import RequestError, SteeringChoice, applied, parse_steering
@@ -104,14 +104,14 @@ class Engine:
         if sum(lf.by_api for lf in self.flows.values()) >= API_FLOW_LIMIT:
             raise RequestError(f"{API_FLOW_LIMIT} flows are loaded over the API already (the cap); unload one with "
                                "DELETE /v1/steering/NAME", "name", status=409, code="too_many_flows")
-        path, fd = self._open_in_flows_dir(file)
+        fd = self._open_in_flows_dir(file)
         try:
             # the loader reads the descriptor's file: nothing can swap it between the checks and the read
             return self._attach(name, f"/dev/fd/{fd}", file, strength, gate, by_api=True)
         finally:
             os.close(fd)
 
-    def _open_in_flows_dir(self, file: Any) -> tuple[Path, int]:
+    def _open_in_flows_dir(self, file: Any) -> int:
         """The flow file `file` names in the flows folder (or a shipped flow), opened read-only
         and non-blocking, a regular file. Whatever the reason a name is refused (absolute, '..',
         a symlink out of the folder, missing, unreadable), the answer is the same words: a client
@@ -141,7 +141,7 @@ class Engine:
                 os.close(fd)
                 raise RequestError("that flow file is not a regular file (a FIFO, device or folder)", "path",
                                    code="not_a_regular_file")
-            return real, fd
+            return fd
         raise hidden
 
     def _attach(self, name: Any, path: str, file: str, strength: Optional[float], gate: str,
@@ -254,14 +254,12 @@ class Engine:
             raise RequestError(f"the server is busy: {load['running']} requests are running and {load['waiting']} "
                                f"waiting (queue limit {self.queue_limit}); retry later", status=429,
                                kind="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
-        room = self.batch.n_ctx_seq
-        if len(job.prompt_tokens) >= room:
-            raise RequestError(f"the prompt is {len(job.prompt_tokens)} tokens; a request's context window holds "
-                               f"{room} (prompt and reply)", "messages", code="context_length_exceeded")
         try:
             self.batch.submit(job)
-        except ValueError as e:  # e.g. prompt and max_tokens together longer than a sequence's context
-            raise RequestError(str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
+        except ContextLengthError as e:
+            raise RequestError(str(e), "messages", code="context_length_exceeded") from None
+        except ValueError as e:
+            raise RequestError(str(e)) from None
 
 
 def request_stats(job: Any) -> dict[str, Any]:
