@@ -84,10 +84,24 @@ def _ggml() -> ctypes.CDLL:
                           ("ggml_backend_dev_memory", None, [vp, ctypes.POINTER(ctypes.c_size_t),
                                                              ctypes.POINTER(ctypes.c_size_t)]),
                           ("ggml_backend_reg_dev_count", ctypes.c_size_t, [vp]),
+                          ("ggml_backend_dev_by_type", vp, [ctypes.c_int]),
                           ("ggml_backend_reg_dev_get", vp, [vp, ctypes.c_size_t])):
         f = getattr(g, fn)
         f.restype, f.argtypes = res, args
     return g
+
+
+GGML_DEVICE_GPU, GGML_DEVICE_IGPU = 1, 2  # enum ggml_backend_dev_type
+
+
+def local_gpu() -> bool:
+    """Whether ggml has a GPU device in this process. llama_supports_gpu_offload() also says yes
+    for any build with the RPC backend (quickstart.sh's), GPU or not."""
+    try:
+        g = _ggml()
+    except (InnsteerError, OSError):
+        return False
+    return bool(g.ggml_backend_dev_by_type(GGML_DEVICE_GPU) or g.ggml_backend_dev_by_type(GGML_DEVICE_IGPU))
 
 
 def supported() -> bool:

@@ -281,11 +281,10 @@ def server_config(engine: Engine, policy: guard.Policy, host: str, port: int, lo
 
 def default_parallel() -> int:
     """Sequences decoded together by default: on a few CPU cores the aggregate gain flattens out
-    near 8 (docs/PERFORMANCE.md); a GPU build keeps gaining, so it gets more."""
-    import llama_cpp
+    near 8 (docs/PERFORMANCE.md); a GPU keeps gaining, so it gets more."""
+    from ...runtime.rpc import local_gpu
 
-    gpu = bool(getattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)())
-    return 16 if gpu else 8
+    return 16 if local_gpu() else 8
 
 
 def serve(llm: Any, flows: list[FlowSpec], port: int, policy: guard.Policy, log_level: str = "info",
