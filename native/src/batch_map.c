@@ -1,6 +1,7 @@
 #include "batch_map.h"
 
 #include "error.h"
+#include "grow.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -23,20 +24,12 @@ static bool grow(batch_map *m, size_t n) {
     if (n <= m->cap) return true;
     size_t cap = m->cap ? m->cap : 64;
     while (cap < n) cap *= 2;
-    void **bufs[] = {(void **)&m->order, (void **)&m->out_order, (void **)&m->ub_start, (void **)&m->ub_out,
-                     (void **)&m->seq, (void **)&m->slot, (void **)&m->by_seq};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
-        /* ub_start and ub_out hold one entry more than there can be ubatches */
-        void *grown = realloc(*bufs[i], sizeof(int32_t) * (cap + 1));
-        if (!grown) return false;
-        *bufs[i] = grown;
-    }
-    int8_t *out = realloc(m->output, cap);
-    if (!out) return false;
-    m->output = out;
-    uint8_t *used = realloc(m->used, cap);
-    if (!used) return false;
-    m->used = used;
+    void **const ints[] = {(void **)&m->order, (void **)&m->out_order, (void **)&m->ub_start, (void **)&m->ub_out,
+                           (void **)&m->seq, (void **)&m->slot, (void **)&m->by_seq};
+    void **const bytes[] = {(void **)&m->output, (void **)&m->used};
+    /* ub_start and ub_out hold one entry more than there can be ubatches */
+    if (!grow_arrays(ints, sizeof ints / sizeof ints[0], sizeof(int32_t) * (cap + 1))) return false;
+    if (!grow_arrays(bytes, sizeof bytes / sizeof bytes[0], cap)) return false;
     m->cap = cap;
     return true;
 }

@@ -7,6 +7,7 @@
 #include "flow.h"
 #include "flow_graph.h"
 #include "ggml_api.h"
+#include "grow.h"
 #include "pool.h"
 
 #include <math.h>
@@ -469,18 +470,11 @@ static bool grow_batch_rows(innsteer_steerer *st, size_t n) {
         st->rows_cap = n;
     }
     if (n <= b->cap) return true;
-    void **ints[] = {(void **)&b->row_slot, (void **)&b->pending, (void **)&b->picked, (void **)&b->row_strength};
-    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
-        void *grown = realloc(*ints[i], 4 * n);
-        if (!grown) return false;
-        *ints[i] = grown;
-    }
-    int8_t *gates = realloc(b->row_gate, n);
-    if (!gates) return false;
-    b->row_gate = gates;
-    uint8_t *bad = realloc(b->bad, n);
-    if (!bad) return false;
-    b->bad = bad;
+    void **const ints[] = {(void **)&b->row_slot, (void **)&b->pending, (void **)&b->picked,
+                           (void **)&b->row_strength};
+    void **const bytes[] = {(void **)&b->row_gate, (void **)&b->bad};
+    if (!grow_arrays(ints, sizeof ints / sizeof ints[0], 4 * n)) return false;
+    if (!grow_arrays(bytes, sizeof bytes / sizeof bytes[0], n)) return false;
     float *gathered = realloc(b->gathered, sizeof(float) * n * (size_t)st->n_embd);
     if (!gathered) return false;
     b->gathered = gathered;
