@@ -19,6 +19,7 @@ from ..errors import InnsteerError, ModelError
 from ..runtime import registry
 from ..runtime.flowspec import FlowSpec, parse_flow_spec
 from . import options
+from .progress_bar import BarProgress
 
 
 
@@ -286,6 +287,7 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
         training_cost,
     )
 
+    progress = BarProgress()
     if sequences is not None or server:
         try:
             counts = tuple(sorted({int(x) for x in (sequences or "1,8").split(",")}))
@@ -300,10 +302,10 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
         out: dict[str, Any] = {}
         if sequences is not None:
             out["batched"] = batched_bench(llm, shipped, counts, n_prompt=prompt_tokens or 64, n_gen=gen_tokens or 64,
-                                           reps=reps or 3, progress=lambda msg: click.echo(msg, err=True))
+                                           reps=reps or 3, progress=progress)
         if server:
             out["server"] = server_bench(llm, {Path(p).stem: p for p in shipped},
-                                         progress=lambda msg: click.echo(msg, err=True))
+                                         progress=progress)
         if as_json:
             click.echo(json.dumps(out, indent=2))
             return
@@ -327,13 +329,13 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
         paths = ({Path(f).name: registry.resolve_flow(f, getattr(llm, "model_key", None)) for f in flows}
                  or default_flows(llm, Path(tmp)))
         result = run_bench(llm, paths, n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps, plain=plain,
-                           progress=lambda msg: click.echo(msg, err=True), paths=("host", "device", "cpu-graph") if rpc else ())
+                           progress=progress, paths=("host", "device", "cpu-graph") if rpc else ())
         if rpc:
             result["rpc"] = {"servers": rpc, "layer_devices": llm.layer_devices}
         click.echo("timing the flow kernels alone", err=True)
         result["isolation"] = flow_isolation({k: v for k, v in paths.items() if "linear" not in k}, llm.model_info.n_embd)
     if with_training:
-        result["training"] = training_cost(llm.model_path, threads, progress=lambda msg: click.echo(msg, err=True))
+        result["training"] = training_cost(llm.model_path, threads, progress=progress)
     result["peak_rss_mb"] = peak_rss_mb()
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
@@ -456,7 +458,11 @@ def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], l
     click.echo(f"{name}: model {llm.model_info.name} ({llm.model_info.n_layer} layers), method {method}"
                + (f" ({objective} objective)" if method == "innsteer" else ""), err=True)
     cache = None if no_cache else registry.cache_dir() / "training"
-    out = run_train(llm, data, layer, cfg, cache_dir=cache, progress=BarProgress())
+    progress = BarProgress()
+    try:
+        out = run_train(llm, data, layer, cfg, cache_dir=cache, progress=progress)
+    finally:
+        progress.finish()
     if out.sweep:
         click.echo("layer sweep (held-out):  layer  probe-acc  mean-diff-flip", err=True)
         for r in out.sweep:
@@ -468,44 +474,6 @@ def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], l
         write_report(out, Path(output), Path(report_dir))
     click.echo(summary(out))
     click.echo(f"wrote {output}" + (f" and a report in {report_dir}" if report_dir else ""))
-
-
-class BarProgress:
-    """Training progress on stderr: one bar per phase, with the objective's terms where given."""
-
-    SHOWN = ("loss", "preference", "likelihood", "preservation", "transport", "background", "nll", "val_loss")
-
-    def __init__(self) -> None:
-        self.bar: Any = None
-        self.info: dict[str, float] = {}
-
-    def phase(self, label: str, total: int) -> None:
-        self._close()
-        self.info = {}
-        self.bar = click.progressbar(length=max(total, 1), label=label.ljust(36), file=sys.stderr, show_pos=True,
-                                     show_eta=True, item_show_func=lambda _: self._terms())
-        self.bar.__enter__()
-
-    def _terms(self) -> str:
-        return "  ".join(f"{k} {v:.3f}" for k, v in self.info.items() if k in self.SHOWN)
-
-    def update(self, done: int, info: Optional[dict[str, float]] = None) -> None:
-        if self.bar is None:
-            return
-        if info:
-            self.info = {k: v for k, v in info.items() if isinstance(v, (int, float))}
-        self.bar.update(done - self.bar.pos, current_item=done)
-        if done >= self.bar.length:
-            self._close()
-
-    def message(self, text: str) -> None:
-        self._close()
-        click.echo(text, err=True)
-
-    def _close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
 
 
 @cli.command("import-cvec")

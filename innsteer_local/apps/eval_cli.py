@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,32 +12,7 @@ from ..eval.experiment import NONE
 from ..runtime import registry
 from ..runtime.flowspec import FlowSpec, parse_flow_spec
 from . import options
-
-
-class BarProgress:
-    """click progress bars on stderr, one per experiment."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
-
-    def start(self, label: str, total: int) -> None:
-        self.bar = click.progressbar(length=max(total, 1), label=label.ljust(22), file=sys.stderr, show_pos=True,
-                                     show_eta=True)
-        self.bar.__enter__()
-        if total == 0:
-            self.bar.update(1)
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-    def message(self, text: str) -> None:
-        click.echo(f"\n{text}", err=True)
+from .progress_bar import BarProgress
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -168,7 +142,7 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
         experiments = [Experiment(t.id + ("@relative" if relative else ""), t, specs,
                                   sweep or [0.0, 1.0, 2.0, 3.0, 4.0], limit, relative,
                                   (instruction if instruction is not None else t.instruction).strip())]
-    progress = BarProgress()
+    progress = BarProgress(label_width=22)
     runner: Any = None
     try:
         runner_meta = {"model": str(model_path), "model_sha256": _sha256(model_path),
@@ -189,7 +163,7 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
             n_layer = runner.llm.model_info.n_layer
             chosen = layer if layer is not None else (15 if n_layer == 30 else n_layer // 2)
             todo: Any = build(suite, runner.llm, model_key, out_dir, chosen, sweep, limit,
-                              only.split(",") if only else None, message=lambda m: click.echo(m, err=True))
+                              only.split(",") if only else None, message=progress.message)
         else:
             todo = iter(experiments)
         meta = {**runner_meta, "suite": suite, "strengths": sweep}
