@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..choices import TRAIN_METHODS
+from ..choices import OBJECTIVES, TRAIN_METHODS
 from ..errors import InnsteerError, InvalidArgument
 from ..flow import Flow, Gate
 from ..progress import Progress
@@ -33,7 +33,6 @@ from .linear import LinearProbe, linear_flow, mean_diff
 # strength 1 moves rows by this share of a typical activation norm: on smollm2-135m, mean-diff
 # honesty at layer 15 was visible and still fluent there
 DEFAULT_MOVE_FRACTION = 0.16
-OBJECTIVES = ("model", "geometry")
 
 
 @dataclass
