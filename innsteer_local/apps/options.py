@@ -2,7 +2,7 @@
 several commands share is declared here; one whose default is a config object's (a dataclass
 field, a function's keyword default) is a ConfigDefault, which leaves the value None unless it is
 given and shows that default in --help, read from the object itself, never restated by hand.
-tests/unit/test_options.py holds every command to this."""
+tests/unit/test_options.py and test_choices.py hold every command to this."""
 
 from __future__ import annotations
 
