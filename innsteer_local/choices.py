@@ -9,6 +9,16 @@ from .errors import InvalidArgument
 # training methods (`train --method`); "innsteer" is the default
 TRAIN_METHODS = ("innsteer", "vector", "mean-diff", "pca", "affine-ot")
 # what a flow file's innsteer.method may say besides those: imported control vectors, test flows
+# what an innsteer flow learns from (`train --objective`): what the frozen model says, or activation
+# geometry alone; "model" is the default
+OBJECTIVES = ("model", "geometry")
+# torch devices for training (`train --device`); "auto" picks cuda, then mps, then cpu
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# of the layers above the steered one while training through the model (`train --precision`)
+PRECISIONS = ("auto", "f32", "bf16")
+# token positions whose activations carry a behaviour (`train --positions`): the reply's tokens,
+# the final token, or every token
+POSITIONS = ("completion", "last", "all")
 
 # runtime gates (docs/flow-format.md): off, damp rows off the training support, move rows only
 # as far as the positive class

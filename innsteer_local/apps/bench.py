@@ -13,6 +13,7 @@ import numpy as np
 
 from ..flow import Flow, random_flow
 from ..errors import InnsteerError
+from ..progress import Progress
 
 
 @dataclass
@@ -38,7 +39,7 @@ def _time_variant(llm: Any, tokens: list[int], n_prompt: int, n_gen: int) -> tup
 
 def run_bench(llm: Any, flow_paths: dict[str, Path], n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
               cvec_layer: int = 15, plain: Any = None,
-              progress: Optional[Callable[[str], None]] = None, paths: Sequence[str] = ()) -> dict[str, Any]:
+              progress: Progress = Progress(), paths: Sequence[str] = ()) -> dict[str, Any]:
     """Measures unsteered, llama.cpp's control vector, and each flow, interleaved `reps` times.
     `plain`: an optional llama_cpp.Llama of the same model without our callback, as a baseline
     that shows what merely installing the callback costs. `paths`: time each flow on each of
@@ -82,8 +83,7 @@ def run_bench(llm: Any, flow_paths: dict[str, Path], n_prompt: int = 512, n_gen:
             _time_variant(m, tokens, min(n_prompt, 64), 8)  # warm-up
     for rep in range(reps):
         for var in variants:
-            if progress:
-                progress(f"rep {rep + 1}/{reps}: {var.name}")
+            progress.message(f"rep {rep + 1}/{reps}: {var.name}")
             var.setup()
             try:
                 p, d = _time_variant(var.model or llm, tokens, n_prompt, n_gen)
@@ -142,7 +142,7 @@ TRAINING_JOBS = (("train --behavior refusal", ["--behavior", "refusal"]),
 
 
 def training_cost(model_path: str, threads: Optional[int] = None,
-                  progress: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
+                  progress: Progress = Progress()) -> list[dict[str, Any]]:
     """Wall time of `innsteer-local train` as a user runs it (a new process, the defaults: the INN
     flow through the model, selection included), once from an empty cache (the dequantized copy,
     the encodings and a built-in behaviour's replies are made) and once with that cache kept."""
@@ -164,7 +164,7 @@ def training_cost(model_path: str, threads: Optional[int] = None,
             models.symlink_to(registry.cache_dir() / "models", target_is_directory=True)
             env = {**os.environ, "INNSTEER_CACHE": tmp}
             for run in ("first", "cached"):
-                progress(f"{label}: {run} run")
+                progress.message(f"{label}: {run} run")
                 report = Path(tmp) / f"report-{run}"
                 t0 = time.perf_counter()
                 proc = subprocess.run(cli + args + ["-o", str(Path(tmp) / "flow.gguf"), "--report", str(report)]
@@ -272,7 +272,7 @@ def _one_at_a_time(llm: Any, prompts: list[list[int]], n_gen: int, flows: list[A
 
 
 def batched_bench(llm: Any, flow_paths: list[Path], counts: tuple[int, ...] = (1, 4, 8, 16), n_prompt: int = 64,
-                  n_gen: int = 64, reps: int = 3, progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                  n_gen: int = 64, reps: int = 3, progress: Progress = Progress()) -> dict[str, Any]:
     """Aggregate prompt and decode tokens/s of n sequences at once, side by side in one process:
     plain llama.cpp batches (no callback), the engine unsteered, the engine with half the
     sequences steered by two flows at two strengths, and the old one-sequence-at-a-time path with
@@ -301,8 +301,7 @@ def batched_bench(llm: Any, flow_paths: list[Path], counts: tuple[int, ...] = (1
                     "one at a time": lambda: _one_at_a_time(llm, prompts[:n], n_gen, flows, attached),
                 }
                 for mode in BATCH_MODES:
-                    if progress:
-                        progress(f"rep {rep + 1}/{reps}: {n} sequences, {mode}")
+                    progress.message(f"rep {rep + 1}/{reps}: {n} sequences, {mode}")
                     samples.setdefault((mode, n), []).append(runs[mode]())
     finally:
         for a in attached:
@@ -345,7 +344,7 @@ def format_batched(result: dict[str, Any]) -> str:
 
 
 def server_bench(llm: Any, flow_paths: dict[str, Path], parallel: int = 8, n_requests: int = 8, max_tokens: int = 64,
-                 progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                 progress: Progress = Progress()) -> dict[str, Any]:
     """Through the OpenAI API on loopback: `serve --parallel N` with N concurrent clients (half
     steered by the given flows, half not) against the same N requests one after another, driven
     by the same client as scripts/llama_server_bench.py drives llama-server."""
@@ -365,11 +364,9 @@ def server_bench(llm: Any, flow_paths: dict[str, Path], parallel: int = 8, n_req
                         for i in range(n_requests)]
             bodies = chat_bodies(prompts, max_tokens, engine.model_id, steering, extra={"ignore_eos": True})
             drive(url, bodies[:1], 1)  # warm-up
-            if progress:
-                progress(f"{n_requests} requests, {parallel} at once")
+            progress.message(f"{n_requests} requests, {parallel} at once")
             together = drive(url, bodies, parallel)
-            if progress:
-                progress(f"{n_requests} requests, one after another")
+            progress.message(f"{n_requests} requests, one after another")
             alone = drive(url, bodies, 1)
     finally:
         engine.close()

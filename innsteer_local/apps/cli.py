@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -14,19 +14,17 @@ from typing import Any, Optional
 
 import click
 
-from ..choices import GATES, TRAIN_METHODS
+from ..choices import DEVICES, GATES, OBJECTIVES, POSITIONS, PRECISIONS, TRAIN_METHODS
 from ..errors import InnsteerError, ModelError
+from ..flow import Flow
+from ..flow.format import DTYPES
 from ..runtime import registry
 from ..runtime.flowspec import FlowSpec, parse_flow_spec
 from . import options
+from .progress_bar import BarProgress
 
 
-
-def finite_float(ctx: click.Context, param: click.Parameter, value: Optional[float]) -> Optional[float]:
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number")
-    return value
-
+EXPORT_TARGETS = ("cvec", "onnx")  # export --to
 
 
 def load_steered(model: Optional[str], flows: tuple[str, ...], strength: Optional[float], n_ctx: int, seed: int,
@@ -60,18 +58,16 @@ def flow_specs(values: tuple[str, ...], option: str = "--flow") -> list[FlowSpec
 def common_generation_options(f: Any) -> Any:
     for opt in reversed([
         options.model,
-        click.option("--flow", "-f", "flows", multiple=True, help=options.FLOW_HELP),
-        click.option("--strength", "-a", type=float, default=None, callback=finite_float,
-                     help="strength for flows without their own :STRENGTH [default: the flow's default]"),
-        click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True),
-        click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True,
-                     help="0 = greedy"),
+        options.flows,
+        options.strength,
+        options.max_tokens(256),
+        options.temperature,
         options.seed,
-        click.option("--repeat-penalty", type=click.FloatRange(0.0), default=1.1, show_default=True),
-        click.option("--n-ctx", type=click.IntRange(64), default=2048, show_default=True),
-        click.option("--gate", type=click.Choice(GATES), default="off", show_default=True,
-                     help="runtime gate for flows without their own @GATE: damp rows off the training support "
-                          "(density), or move each row only as far as the positive class (target)"),
+        options.option("--repeat-penalty", type=click.FloatRange(0.0), default=1.1),
+        options.n_ctx(2048),
+        options.option("--gate", type=click.Choice(GATES), default=GATES[0],
+                       help="runtime gate for flows without their own @GATE: damp rows off the training support "
+                            "(density), or move each row only as far as the positive class (target)"),
         options.threads,
         options.rpc,
     ]):
@@ -98,7 +94,7 @@ def models() -> None:
 
 
 @models.command("list")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@options.as_json
 def models_list(as_json: bool) -> None:
     """Known models and whether they are cached."""
     default = registry.default_model()
@@ -138,11 +134,10 @@ def models_path(name: Optional[str]) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="print everything as one JSON object")
+@options.as_json
 def inspect(file: str, as_json: bool) -> None:
     """Show what a flow file holds: model, layers, method, ops, shift and provenance. Given a
     model's GGUF instead, its architecture and how well it is supported (docs/ARCHITECTURES.md)."""
-    from ..flow import Flow
     from ..runtime import compat
 
     if Path(file).is_file() and compat.model_architecture(file) not in ("innsteer", ""):
@@ -190,7 +185,7 @@ def inspect(file: str, as_json: bool) -> None:
 @click.option("--prompt", "-p", required=True, help="the user message (or, with --raw, the text to continue)")
 @common_generation_options
 @click.option("--raw", is_flag=True, help="plain completion of the prompt text, no chat template")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object with the text and the settings")
+@options.as_json
 def generate(prompt: str, model: Optional[str], flows: tuple[str, ...], strength: Optional[float], max_tokens: int,
              temperature: float, seed: int, repeat_penalty: float, n_ctx: int, gate: str, threads: Optional[int],
              rpc: Optional[str], raw: bool, as_json: bool) -> None:
@@ -242,12 +237,24 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
     session.run(sys.stdin, interactive=sys.stdin.isatty())
 
 
+def _bench_sizes(param: str) -> Any:
+    """bench's default for a size: run_bench's, and batched_bench's for --sequences."""
+    def shown() -> str:
+        from .bench import batched_bench, run_bench
+
+        return (f"{options.keyword_default(run_bench, param)}; "
+                f"{options.keyword_default(batched_bench, param)} with --sequences")
+    return shown
+
+
 @cli.command()
 @options.model
-@click.option("--flow", "-f", "flows", multiple=True, help="flow files to time (default: a linear and an INN flow)")
-@click.option("--prompt-tokens", type=click.IntRange(1), default=None, help="[default: 512; 64 with --sequences]")
-@click.option("--gen-tokens", type=click.IntRange(1), default=None, help="[default: 128; 64 with --sequences]")
-@click.option("--reps", type=click.IntRange(1), default=None, help="[default: 5; 3 with --sequences]")
+@options.flows
+@options.option("--prompt-tokens", type=click.IntRange(1), default=_bench_sizes("n_prompt"),
+                help="prompt tokens per timing")
+@options.option("--gen-tokens", type=click.IntRange(1), default=_bench_sizes("n_gen"),
+                help="generated tokens per timing")
+@options.option("--reps", type=click.IntRange(1), default=_bench_sizes("reps"), help="repetitions of each timing")
 @options.threads
 @click.option("--with-training", is_flag=True,
               help="also time `train --behavior refusal` and `train --pairs` on a 60-pair file, each from an empty "
@@ -258,11 +265,13 @@ def chat(model: Optional[str], flows: tuple[str, ...], strength: Optional[float]
 @click.option("--server", is_flag=True,
               help="also: serve --parallel 8 through the OpenAI API, 8 clients at once vs one after another")
 @options.rpc
-@click.option("--json", "as_json", is_flag=True)
+@options.as_json
 def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[int], gen_tokens: Optional[int],
           reps: Optional[int], threads: Optional[int], with_training: bool, sequences: Optional[str], server: bool,
           rpc: Optional[str], as_json: bool) -> None:
     """Prompt and decode tokens/s: unsteered, llama.cpp control vector and flows, side by side.
+    The flows timed are the --flow files, by default a linear and an INN flow made for the model
+    (with --sequences or --server: the shipped honesty and positivity flows).
 
     \b
       innsteer-local bench                                   # one sequence: steered vs unsteered
@@ -286,6 +295,7 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
         training_cost,
     )
 
+    progress = BarProgress()
     if sequences is not None or server:
         try:
             counts = tuple(sorted({int(x) for x in (sequences or "1,8").split(",")}))
@@ -299,11 +309,11 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
         shipped = [registry.resolve_flow(f, key) for f in (flows or ("honesty.gguf", "positivity.gguf"))]
         out: dict[str, Any] = {}
         if sequences is not None:
-            out["batched"] = batched_bench(llm, shipped, counts, n_prompt=prompt_tokens or 64, n_gen=gen_tokens or 64,
-                                           reps=reps or 3, progress=lambda msg: click.echo(msg, err=True))
+            out["batched"] = batched_bench(llm, shipped, counts, progress=progress, **options.given(
+                n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps))
         if server:
             out["server"] = server_bench(llm, {Path(p).stem: p for p in shipped},
-                                         progress=lambda msg: click.echo(msg, err=True))
+                                         progress=progress)
         if as_json:
             click.echo(json.dumps(out, indent=2))
             return
@@ -313,7 +323,9 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
             click.echo(format_server(out["server"]))
         return
 
-    prompt_tokens, gen_tokens, reps = prompt_tokens or 512, gen_tokens or 128, reps or 5
+    sizes = {**{k: options.keyword_default(run_bench, k) for k in ("n_prompt", "n_gen", "reps")},
+             **options.given(n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps)}
+    prompt_tokens, gen_tokens = sizes["n_prompt"], sizes["n_gen"]
 
     llm = load_steered(model, (), None, prompt_tokens + gen_tokens + 16, 0, threads, rpc=rpc)
     n_threads = threads or os.cpu_count() or 1
@@ -326,14 +338,14 @@ def bench(model: Optional[str], flows: tuple[str, ...], prompt_tokens: Optional[
     with tempfile.TemporaryDirectory() as tmp:
         paths = ({Path(f).name: registry.resolve_flow(f, getattr(llm, "model_key", None)) for f in flows}
                  or default_flows(llm, Path(tmp)))
-        result = run_bench(llm, paths, n_prompt=prompt_tokens, n_gen=gen_tokens, reps=reps, plain=plain,
-                           progress=lambda msg: click.echo(msg, err=True), paths=("host", "device", "cpu-graph") if rpc else ())
+        result = run_bench(llm, paths, **sizes, plain=plain,
+                           progress=progress, paths=("host", "device", "cpu-graph") if rpc else ())
         if rpc:
             result["rpc"] = {"servers": rpc, "layer_devices": llm.layer_devices}
         click.echo("timing the flow kernels alone", err=True)
         result["isolation"] = flow_isolation({k: v for k, v in paths.items() if "linear" not in k}, llm.model_info.n_embd)
     if with_training:
-        result["training"] = training_cost(llm.model_path, threads, progress=lambda msg: click.echo(msg, err=True))
+        result["training"] = training_cost(llm.model_path, threads, progress=progress)
     result["peak_rss_mb"] = peak_rss_mb()
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
@@ -360,55 +372,86 @@ def behaviors_show(name: str) -> None:
     click.echo(behaviors.describe(name))
 
 
+def _train_config() -> Any:
+    from ..train.pipeline import TrainConfig
+
+    return TrainConfig()
+
+
+def _through_config() -> Any:
+    from ..train.through import ThroughConfig
+
+    return ThroughConfig()
+
+
+def _geometry_config() -> Any:
+    from ..train.geometry import GeometryConfig
+
+    return GeometryConfig()
+
+
+def _shift_lr() -> str:
+    from ..train.through import SHIFT_LR
+
+    return (f"{SHIFT_LR['vector']:g} while the shift learns alone (--method vector; a flow's first --steps), "
+            f"{SHIFT_LR['innsteer']:g} while a flow's couplings move; the couplings' "
+            f"{_through_config().coupling_lr:g}")
+
+
+def _shape(name: str) -> Any:
+    """The INN shape's default through the model, and for the geometry objective."""
+    return lambda: f"{getattr(_through_config().inn, name)}; geometry: {getattr(_geometry_config().inn, name)}"
+
+
 @cli.command()
 @options.model
 @click.option("--behavior", "-b", default=None, help="built-in behaviour (see `behaviors list`)")
-@click.option("--pairs", "-p", default=None, type=click.Path(dir_okay=False),
+@click.option("--pairs", default=None, type=click.Path(dir_okay=False),
               help="JSONL pairs or CAA A/B JSON file (see docs/training.md)")
-@click.option("--layer", "-l", default="15", show_default=True,
-              help="layer index, or auto to sweep (activation-based methods only)")
-@click.option("--method", type=click.Choice(TRAIN_METHODS), default="innsteer", show_default=True,
-              help="innsteer: the invertible flow; vector: one vector trained the same way; mean-diff, pca, "
-                   "affine-ot: linear baselines (no torch)")
-@click.option("--objective", type=click.Choice(["model", "geometry"]), default="model", show_default=True,
-              help="innsteer only: train through the frozen model on what it says (model), or on activation "
-                   "geometry alone (geometry: no transformers, any architecture llama.cpp loads)")
+@options.option("--layer", "-l", default="15",
+                help="layer index, or auto to sweep (activation-based methods only)")
+@options.option("--method", type=click.Choice(TRAIN_METHODS), default=lambda: _train_config().method,
+                help="innsteer: the invertible flow; vector: one vector trained the same way; mean-diff, pca, "
+                     "affine-ot: linear baselines (no torch)")
+@options.option("--objective", type=click.Choice(OBJECTIVES), default=lambda: _train_config().objective,
+                help="innsteer only: train through the frozen model on what it says (model), or on activation "
+                     "geometry alone (geometry: no transformers, any architecture llama.cpp loads)")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="flow file to write")
 @options.seed
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
-              help="torch device for training through the model")
-@click.option("--steps", type=click.IntRange(1), default=None,
-              help="optimiser steps of the shift through the model (all of --method vector; a flow's linear phase) "
-                   "[default: 40]")
-@click.option("--coupling-steps", type=click.IntRange(0), default=None,
-              help="innsteer: further steps in which the couplings move too [default: 20]")
-@click.option("--precision", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
-              help="of the layers above the steered one while training (auto: bf16 where it measures faster here)")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
-              help="learning rate of the shift through the model [default: 3e-3 for innsteer, 1e-2 for vector; couplings a third of it]")
-@click.option("--epochs", type=click.IntRange(0), default=None, help="geometry objective epochs [default: 60]")
-@click.option("--rank", type=click.IntRange(0), default=None,
-              help="INN subspace rank, 0 = the whole width [default: 0; geometry: 64]")
-@click.option("--blocks", type=click.IntRange(0), default=None, help="INN coupling blocks [default: 4]")
-@click.option("--hidden", type=click.IntRange(1), default=None, help="width of each coupling's network [default: 64]")
-@click.option("--positions", type=click.Choice(["completion", "last", "all"]), default="completion",
-              show_default=True, help="activation-based methods: token positions that carry the behaviour")
+@options.option("--device", type=click.Choice(DEVICES), default=lambda: _train_config().device,
+                help="torch device for training through the model")
+@options.option("--steps", type=click.IntRange(1), default=lambda: _through_config().steps,
+                help="optimiser steps of the shift through the model (all of --method vector; a flow's linear phase)")
+@options.option("--coupling-steps", type=click.IntRange(0), default=lambda: _through_config().coupling_steps,
+                help="innsteer: further steps in which the couplings move too")
+@options.option("--precision", type=click.Choice(PRECISIONS), default=lambda: _through_config().precision,
+                help="of the layers above the steered one while training (auto: bf16 where the CPU or GPU has it)")
+@options.option("--lr", type=click.FloatRange(0, min_open=True), default=_shift_lr,
+                help="learning rate of the shift through the model; given, the couplings learn at a third of it")
+@options.option("--epochs", type=click.IntRange(0), default=lambda: _geometry_config().epochs,
+                help="geometry objective epochs")
+@options.option("--rank", type=click.IntRange(0), default=_shape("rank"),
+                help="INN subspace rank, 0 = the whole width")
+@options.option("--blocks", type=click.IntRange(0), default=_shape("blocks"), help="INN coupling blocks")
+@options.option("--hidden", type=click.IntRange(1), default=_shape("hidden"), help="width of each coupling's network")
+@options.option("--positions", type=click.Choice(POSITIONS), default=lambda: _train_config().positions,
+                help="activation-based methods: token positions that carry the behaviour")
 @click.option("--max-pairs", type=click.IntRange(1), default=None,
               help="train on the first N contrastive pairs only (a quick trial)")
 @click.option("--no-select", is_flag=True,
               help="skip choosing the checkpoint and calibrating strength 1 by generation on held-out prompts "
                    "(strength 1 stays the trained unit)")
-@click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True)
+@options.option("--dtype", type=click.Choice(tuple(DTYPES)), default=lambda: options.keyword_default(Flow.save, "dtype"),
+                help="of the flow file's weights (f16 halves the size)")
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
               help="write report.md, metrics.json and plots here")
 @click.option("--no-cache", is_flag=True, help="write the data and collect activations again even if cached")
 @options.threads
-def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], layer: str, method: str,
-          objective: str, output: str, seed: int, device: str, steps: Optional[int], coupling_steps: Optional[int],
-          precision: str, lr: Optional[float],
-          epochs: Optional[int],
-          rank: Optional[int], blocks: Optional[int], hidden: Optional[int], positions: str,
-          max_pairs: Optional[int], no_select: bool, dtype: str, report_dir: Optional[str], no_cache: bool,
+def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], layer: str, method: Optional[str],
+          objective: Optional[str], output: str, seed: int, device: Optional[str], steps: Optional[int],
+          coupling_steps: Optional[int], precision: Optional[str], lr: Optional[float], epochs: Optional[int],
+          rank: Optional[int], blocks: Optional[int], hidden: Optional[int], positions: Optional[str],
+          max_pairs: Optional[int], no_select: bool, dtype: Optional[str], report_dir: Optional[str], no_cache: bool,
           threads: Optional[int]) -> None:
     """Train a steering flow from contrastive data on a GGUF model.
 
@@ -425,7 +468,10 @@ def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], l
             int(layer)
         except ValueError:
             raise click.BadParameter(f"'{layer}' is neither a layer index nor auto", param_hint="--layer") from None
-    through = method == "vector" or (method == "innsteer" and objective == "model")
+    cfg = TrainConfig(seed=seed, select=not no_select,
+                      **options.given(method=method, objective=objective, positions=positions, device=device))
+    method = cfg.method
+    through = method == "vector" or (method == "innsteer" and cfg.objective == "model")
     if through and layer == "auto":
         raise click.BadParameter("training through the model needs a layer index", param_hint="--layer")
     data = load_data(behavior, pairs)
@@ -435,85 +481,49 @@ def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], l
         else:
             data.pairs = data.pairs[:max_pairs]
     llm = load_steered(model, (), None, 4096, seed, threads)
-    cfg = TrainConfig(method=method, objective=objective, seed=seed, positions=positions, device=device,
-                      select=not no_select)
-    shape = {k: v for k, v in (("rank", rank), ("blocks", blocks), ("hidden", hidden)) if v is not None}
+    shape = options.given(rank=rank, blocks=blocks, hidden=hidden)
     if through:
         from ..train.inn import InnConfig
         from ..train.through import ThroughConfig
 
-        cfg.through = ThroughConfig(seed=seed, inn=InnConfig(seed=seed, **shape), precision=precision,
-                                    **({"steps": steps} if steps else {}),
-                                    **({"coupling_steps": coupling_steps} if coupling_steps is not None else {}),
+        cfg.through = ThroughConfig(seed=seed, inn=InnConfig(seed=seed, **shape),
+                                    **options.given(steps=steps, coupling_steps=coupling_steps, precision=precision),
                                     **({"lr": lr, "coupling_lr": lr / 3} if lr else {}))
     elif method == "innsteer":
         from ..train.geometry import GeometryConfig
-        from ..train.inn import InnConfig
 
-        cfg.geometry = GeometryConfig(seed=seed, inn=InnConfig(**{"rank": 64, "blocks": 4, "hidden": 128, **shape},
-                                                               seed=seed), **({"epochs": epochs} if epochs is not None else {}))
+        geometry = GeometryConfig(seed=seed, **options.given(epochs=epochs))
+        geometry.inn = dataclasses.replace(geometry.inn, seed=seed, **shape)
+        cfg.geometry = geometry
     name = data.name
     click.echo(f"{name}: model {llm.model_info.name} ({llm.model_info.n_layer} layers), method {method}"
-               + (f" ({objective} objective)" if method == "innsteer" else ""), err=True)
+               + (f" ({cfg.objective} objective)" if method == "innsteer" else ""), err=True)
     cache = None if no_cache else registry.cache_dir() / "training"
-    out = run_train(llm, data, layer, cfg, cache_dir=cache, progress=BarProgress())
+    progress = BarProgress()
+    try:
+        out = run_train(llm, data, layer, cfg, cache_dir=cache, progress=progress)
+    finally:
+        progress.finish()
     if out.sweep:
         click.echo("layer sweep (held-out):  layer  probe-acc  mean-diff-flip", err=True)
         for r in out.sweep:
             mark = "  <- chosen" if r["layer"] == out.layer else ""
             click.echo(f"                         {r['layer']:>5}  {r['probe_accuracy']:.3f}      "
                        f"{r['mean_diff_flip']:.3f}{mark}", err=True)
-    out.flow.save(output, dtype=dtype)
+    out.flow.save(output, **options.given(dtype=dtype))
     if report_dir:
         write_report(out, Path(output), Path(report_dir))
     click.echo(summary(out))
     click.echo(f"wrote {output}" + (f" and a report in {report_dir}" if report_dir else ""))
 
 
-class BarProgress:
-    """Training progress on stderr: one bar per phase, with the objective's terms where given."""
-
-    SHOWN = ("loss", "preference", "likelihood", "preservation", "transport", "background", "nll", "val_loss")
-
-    def __init__(self) -> None:
-        self.bar: Any = None
-        self.info: dict[str, float] = {}
-
-    def phase(self, label: str, total: int) -> None:
-        self._close()
-        self.info = {}
-        self.bar = click.progressbar(length=max(total, 1), label=label.ljust(36), file=sys.stderr, show_pos=True,
-                                     show_eta=True, item_show_func=lambda _: self._terms())
-        self.bar.__enter__()
-
-    def _terms(self) -> str:
-        return "  ".join(f"{k} {v:.3f}" for k, v in self.info.items() if k in self.SHOWN)
-
-    def update(self, done: int, info: Optional[dict[str, float]] = None) -> None:
-        if self.bar is None:
-            return
-        if info:
-            self.info = {k: v for k, v in info.items() if isinstance(v, (int, float))}
-        self.bar.update(done - self.bar.pos, current_item=done)
-        if done >= self.bar.length:
-            self._close()
-
-    def message(self, text: str) -> None:
-        self._close()
-        click.echo(text, err=True)
-
-    def _close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
 @cli.command("import-cvec")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False))
-@click.option("--model", "-m", default=None, help="model the vector belongs to (fills in the flow's model info)")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="flow file to write")
+@options.optional_model
 def import_cvec(file: str, output: str, model: Optional[str]) -> None:
-    """Turn a llama.cpp / repeng control-vector GGUF into a linear flow (same layer numbers)."""
+    """Turn a llama.cpp / repeng control-vector GGUF into a linear flow (same layer numbers);
+    --model names the model the vector belongs to and fills in the flow's model info."""
     from ..convert.cvec import read_cvec
 
     info = None
@@ -530,16 +540,14 @@ def import_cvec(file: str, output: str, model: Optional[str]) -> None:
 
 @cli.command()
 @click.argument("flow_file", type=click.Path(dir_okay=False))
-@click.option("--to", "target", type=click.Choice(["cvec", "onnx"]), required=True)
+@click.option("--to", "target", type=click.Choice(EXPORT_TARGETS), required=True)
 @click.option("--output", "-o", required=True, type=click.Path(),
               help="cvec: the .gguf file to write; onnx: the directory to write the graphs into")
-@click.option("--strength", "-a", type=float, default=None, callback=finite_float,
-              help="cvec only: strength baked into the vector [default: the flow's default]")
+@options.strength
 def export(flow_file: str, target: str, output: str, strength: Optional[float]) -> None:
-    """Export a flow: --to cvec writes a llama.cpp control vector (linear flows only); --to onnx
-    writes phi, phi^-1 and the steering map of every layer as ONNX graphs plus manifest.json."""
-    from ..flow import Flow
-
+    """Export a flow: --to cvec writes a llama.cpp control vector (linear flows only) with the
+    strength baked in; --to onnx writes phi, phi^-1 and the steering map of every layer as ONNX
+    graphs plus manifest.json."""
     flow = Flow.load(registry.resolve_flow(flow_file, registry.default_model()))
     if target == "onnx":
         from ..convert.onnx import export_onnx
@@ -557,15 +565,30 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
     click.echo(f"wrote {output}: llama.cpp --control-vector, layers {flow.layers}")
 
 
+def _policy() -> Any:
+    from .server.guard import Policy
+
+    return Policy()
+
+
+def _server_default(name: str) -> Any:
+    def shown() -> str:
+        from .server.app import DEFAULT_PARALLEL
+        from .server.state import QUEUE_PER_SEQUENCE
+
+        return {"parallel": f"{DEFAULT_PARALLEL['cpu']} on CPU, {DEFAULT_PARALLEL['gpu']} with a GPU",
+                "queue": f"{QUEUE_PER_SEQUENCE} x --parallel"}[name]
+    return shown
+
+
 @cli.command()
 @options.model
-@click.option("--flow", "-f", "flows", multiple=True,
-              help="[NAME=]FILE[:STRENGTH][@GATE] (or a shipped flow name) that requests can pick by NAME; repeatable")
+@options.flows
 @click.option("--preset", "presets", multiple=True,
               help="NAME=FLOW:STRENGTH[@GATE]: also serve the model id MODEL+NAME (FLOW a loaded flow's name); "
                    "repeatable")
-@click.option("--host", default=None, help="address to listen on [default: 127.0.0.1, this machine only]")
-@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@options.option("--host", default=lambda: _policy().host, help="address to listen on (the default: this machine only)")
+@options.option("--port", type=click.IntRange(0, 65535), default=8080)
 @click.option("--api-key", default=None, envvar="INNSTEER_API_KEY", show_envvar=True,
               help="every API request must send 'Authorization: Bearer KEY' (the playground asks for it)")
 @click.option("--api-key-file", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -576,26 +599,25 @@ def export(flow_file: str, target: str, output: str, strength: Optional[float]) 
               help="a web app's origin (e.g. http://localhost:3000) allowed to call the API from a browser; repeatable")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="a host name clients may use besides the listening address and localhost; repeatable")
-@click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
-              help="largest request body in bytes (413 above)")
-@click.option("--header-timeout", type=click.FloatRange(0.5), default=10.0, show_default=True,
-              help="seconds a connection may take to send a request's headers before it is closed")
-@click.option("--n-ctx", type=click.IntRange(64), default=4096, show_default=True,
-              help="tokens each request's sequence may hold (prompt and reply)")
-@click.option("--parallel", "-np", type=click.IntRange(1, 256), default=None,
-              help="requests decoded together in one batch, each with its own steering [default: 8 on CPU, 16 with a GPU]")
-@click.option("--queue", type=click.IntRange(0), default=None,
-              help="requests that may wait for a free sequence before the server answers 429 [default: 4 x --parallel]")
+@options.option("--max-body", type=click.IntRange(1024), default=lambda: _policy().max_body,
+                help="largest request body in bytes (413 above)")
+@options.option("--header-timeout", type=click.FloatRange(0.5), default=lambda: _policy().header_timeout,
+                help="seconds a connection may take to send a request's headers before it is closed")
+@options.n_ctx(4096)
+@options.option("--parallel", "-np", type=click.IntRange(1, 256), default=_server_default("parallel"),
+                help="requests decoded together in one batch, each with its own steering")
+@options.option("--queue", type=click.IntRange(0), default=_server_default("queue"),
+                help="requests that may wait for a free sequence before the server answers 429")
 @options.seed
 @options.threads
 @options.rpc
 def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...], host: Optional[str], port: int,
           api_key: Optional[str], api_key_file: Optional[str], flows_dir: Optional[str], cors: tuple[str, ...],
-          allowed_hosts: tuple[str, ...], max_body: int, header_timeout: float, n_ctx: int, parallel: Optional[int], queue: Optional[int],
-          seed: int, threads: Optional[int], rpc: Optional[str]) -> None:
+          allowed_hosts: tuple[str, ...], max_body: Optional[int], header_timeout: Optional[float], n_ctx: int,
+          parallel: Optional[int], queue: Optional[int], seed: int, threads: Optional[int], rpc: Optional[str]) -> None:
     """OpenAI-compatible server with a playground page at /; each request picks its own steering,
-    by a `steering` field or by a model id such as smollm2-135m+honesty@2 (docs/EMBEDDING.md).
-    Access rules and limits: docs/SECURITY.md.
+    by a `steering` field or by a model id such as smollm2-135m+honesty@2 (docs/EMBEDDING.md):
+    the --flow files, by NAME, at any strength and gate. Access rules and limits: docs/SECURITY.md.
 
     \b
       innsteer-local serve --flow honesty.gguf --preset honest=honesty:2
@@ -632,25 +654,23 @@ def serve(model: Optional[str], flows: tuple[str, ...], presets: tuple[str, ...]
     for origin in cors:
         if not re.fullmatch(r"https?://[^/\s]+", origin):
             raise click.BadParameter(f"'{origin}' is not an origin like http://localhost:3000", param_hint="--cors")
-    if host is None:
-        host = "127.0.0.1"
-    elif api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if host is not None and api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the "
                    "model and its flows", err=True)
-    policy = guard.Policy(host=host, api_key=api_key, allowed_hosts=allowed_hosts, cors=cors, max_body=max_body,
-                          header_timeout=header_timeout)
+    policy = guard.Policy(api_key=api_key, allowed_hosts=allowed_hosts, cors=cors,
+                          **options.given(host=host, max_body=max_body, header_timeout=header_timeout))
     llm = load_steered(model, (), None, n_ctx, seed, threads, rpc=rpc)
     run_server(llm, specs, port, policy, presets=parsed, parallel=parallel, queue=queue, flows_dir=flows_dir)
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
-@click.option("--model", "-m", default=None,
-              help="also say how well this model's architecture is supported (a registry model or a .gguf path)")
-@click.option("--rpc", default=None, metavar="HOST:PORT[,...]", help="also: which of these rpc-servers answer")
+@options.as_json
+@options.optional_model
+@options.rpc
 def doctor(as_json: bool, model: Optional[str], rpc: Optional[str]) -> None:
     """Check the installation: llama.cpp's build and CPU features, libraries, model cache; with
-    --model, the support level of that model's architecture (docs/ARCHITECTURES.md).
+    --model, the support level of that model's architecture (docs/ARCHITECTURES.md); with --rpc,
+    which of those rpc-servers answer.
 
     Exits with status 1 when it finds a combination known to crash (e.g. ggml's AMX path on a
     CPU with AMX) and prints the fix."""

@@ -3,42 +3,30 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import click
 
 from ..eval.experiment import NONE
+from ..eval.suites import QUICK_MAX_TOKENS, SUITES
+from ..measure.scorers import SCORERS
 from ..runtime import registry
 from ..runtime.flowspec import FlowSpec, parse_flow_spec
 from . import options
+from .progress_bar import BarProgress
 
 
-class BarProgress:
-    """click progress bars on stderr, one per experiment."""
+TASK_STRENGTHS = (0.0, 1.0, 2.0, 3.0, 4.0)  # the sweep of --task without --strengths
+# the fluency judge, of another family than the model evaluated, and the judge of that model
+JUDGES = {"": "gemma3-270m", "gemma3-270m": "smollm2-135m"}
+SUITE_LAYER = {30: 15}  # the layer a suite trains at, by the model's layer count; else half the layers
 
-    def __init__(self) -> None:
-        self.bar: Any = None
 
-    def start(self, label: str, total: int) -> None:
-        self.bar = click.progressbar(length=max(total, 1), label=label.ljust(22), file=sys.stderr, show_pos=True,
-                                     show_eta=True)
-        self.bar.__enter__()
-        if total == 0:
-            self.bar.update(1)
+def _eval_config() -> Any:
+    from ..eval.runner import EvalConfig
 
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-    def message(self, text: str) -> None:
-        click.echo(f"\n{text}", err=True)
+    return EvalConfig()
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -85,33 +73,32 @@ def eval_flow(value: str, model_key: Optional[str], relative: bool) -> FlowSpec:
 
 @click.command("eval")
 @options.model
-@click.option("--flow", "-f", "flows", multiple=True,
-              help="[NAME=]FILE[:STRENGTH][@GATE]; repeatable; NAME labels the method, :STRENGTH is the unit of "
-                   "--relative strengths. Shipped names work too.")
+@options.flows
 @click.option("--task", default=None, help="ab:PATH | truthfulqa[:PATH] | open:PATH (or open:neutral) | refusal")
-@click.option("--scorer", type=click.Choice(["sentiment", "refusal", "similarity", "topic"]), default=None,
-              help="how open: generations are scored")
+@click.option("--scorer", type=click.Choice(SCORERS), default=None, help="how open: generations are scored")
 @click.option("--description", default="", help="behaviour description for --scorer similarity")
 @click.option("--topic-words", default="", help="comma-separated words for --scorer topic")
 @click.option("--instruction", default=None,
               help="ask for the behaviour in words too: adds the prompting baseline (the instruction as a system "
                    "message; a line before the prompt for base models) and every flow steering on top of it "
                    "[default: the task file's \"instruction\", if any; suites: each task's own]")
-@click.option("--strengths", default=None, help="comma-separated sweep [default: 0,1,2,3,4; suites: see docs/RESULTS.md]")
+@options.option("--strengths", default=lambda: ",".join(f"{v:g}" for v in TASK_STRENGTHS) + "; suites: see docs/RESULTS.md",
+                help="comma-separated sweep")
 @click.option("--relative", is_flag=True, help="strengths are multiples of each flow's default strength (suites: always)")
-@click.option("--suite", type=click.Choice(["quick", "full", "pairs"]), default=None,
+@click.option("--suite", type=click.Choice(SUITES), default=None,
               help="preset experiments (see docs/RESULTS.md); full and pairs train every method (need torch)")
 @click.option("--only", default=None, help="comma-separated experiment names of the suite to run")
-@click.option("--layer", type=int, default=None, help="layer the suite trains at [default: 15 for 30 layers, else half]")
-@click.option("--judge", default=None,
-              help="fluency judge of another family (registry name or .gguf); 'none' to use only the model itself "
-                   "[default: gemma3-270m, or smollm2-135m when evaluating gemma3-270m]")
+@options.option("--layer", type=int, help="layer the suite trains at",
+                default=lambda: "".join(f"{v} for {k} layers, " for k, v in SUITE_LAYER.items()) + "else half the layers")
+@options.option("--judge", help="fluency judge of another family (registry name or .gguf); 'none' to use only the "
+                "model itself", default=lambda: "".join(f"{v} when evaluating {k}, " for k, v in JUDGES.items() if k)
+                + f"else {JUDGES['']}")
 @click.option("--limit", type=click.IntRange(1), default=None, help="items per task group (e.g. harmful/harmless)")
-@click.option("--max-tokens", "-n", type=click.IntRange(1), default=None, help="new tokens per reply [default: 40; quick suite 32]")
-@click.option("--temperature", "-t", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy")
+@options.max_tokens(lambda: f"{_eval_config().max_tokens}; quick suite {QUICK_MAX_TOKENS}")
+@options.temperature
 @options.seed
-@click.option("--probe", type=click.IntRange(1), default=8, show_default=True,
-              help="neutral prompts generated per setting to measure fluency on likelihood tasks")
+@options.option("--probe", type=click.IntRange(1), default=lambda: _eval_config().probe_prompts,
+                help="neutral prompts generated per setting to measure fluency on likelihood tasks")
 @click.option("--no-prune", is_flag=True, help="run every strength even after a setting has degenerated")
 @click.option("--relevance", is_flag=True,
               help="also judge each reply after its prompt (the relevance column; doubles the judge's work)")
@@ -121,9 +108,10 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
                  description: str, topic_words: str, instruction: Optional[str], strengths: Optional[str],
                  relative: bool, suite: Optional[str],
                  only: Optional[str], layer: Optional[int], judge: Optional[str], limit: Optional[int], max_tokens: Optional[int],
-                 temperature: float, seed: int, probe: int, no_prune: bool, relevance: bool, threads: Optional[int],
+                 temperature: float, seed: int, probe: Optional[int], no_prune: bool, relevance: bool, threads: Optional[int],
                  output: str) -> None:
     """Compare steering methods over strength sweeps: behaviour score, fluency, 95 % intervals.
+    A --flow's NAME labels it (the method) and its :STRENGTH is the unit of --relative strengths.
 
     \b
     innsteer-local eval --suite quick -o eval-quick
@@ -147,15 +135,13 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
         raise click.UsageError("--suite chooses its own flows; use --task to compare your own")
     model_path, model_key = registry.resolve_model(model)
     if judge is None:
-        judge = "smollm2-135m" if model_key == "gemma3-270m" else "gemma3-270m"
+        judge = JUDGES.get(model_key or "", JUDGES[""])
     judge_path = None if judge.lower() == "none" else registry.resolve_model(judge)[0]
     if judge_path is not None and judge_path.resolve() == model_path.resolve():
         raise click.UsageError("the judge must be another model than the one evaluated (ideally of another family)")
     out_dir = Path(output)
     if max_tokens is None:
-        from ..eval.suites import QUICK_MAX_TOKENS
-
-        max_tokens = QUICK_MAX_TOKENS if suite == "quick" else 40
+        max_tokens = QUICK_MAX_TOKENS if suite == "quick" else _eval_config().max_tokens
     sweep = parse_strengths(strengths) if strengths else None
     experiments: list[Any] = []
     if not suite:  # check the task and the flows before loading any model
@@ -166,17 +152,17 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
         if len({s.name for s in specs}) != len(specs):
             raise click.UsageError("two --flow entries have the same label; name them LABEL=FILE")
         experiments = [Experiment(t.id + ("@relative" if relative else ""), t, specs,
-                                  sweep or [0.0, 1.0, 2.0, 3.0, 4.0], limit, relative,
+                                  sweep or list(TASK_STRENGTHS), limit, relative,
                                   (instruction if instruction is not None else t.instruction).strip())]
-    progress = BarProgress()
+    progress = BarProgress(label_width=22)
     runner: Any = None
     try:
         runner_meta = {"model": str(model_path), "model_sha256": _sha256(model_path),
                        "judge": str(judge_path) if judge_path else None,
                        "judge_sha256": _sha256(judge_path) if judge_path else None,
                        "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-        cfg = EvalConfig(max_tokens=max_tokens, temperature=temperature, seed=seed, probe_prompts=probe,
-                         prune=not no_prune, relevance=relevance)
+        cfg = EvalConfig(max_tokens=max_tokens, temperature=temperature, seed=seed, prune=not no_prune,
+                         relevance=relevance, **options.given(probe_prompts=probe))
         runner = Runner(str(model_path), str(judge_path) if judge_path else None, out_dir, cfg, progress, threads)
         cfg.chat = bool(runner.llm.metadata.get("tokenizer.chat_template"))
         runner_meta["chat"] = cfg.chat
@@ -187,9 +173,9 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
             from ..eval.suites import build
 
             n_layer = runner.llm.model_info.n_layer
-            chosen = layer if layer is not None else (15 if n_layer == 30 else n_layer // 2)
+            chosen = layer if layer is not None else SUITE_LAYER.get(n_layer, n_layer // 2)
             todo: Any = build(suite, runner.llm, model_key, out_dir, chosen, sweep, limit,
-                              only.split(",") if only else None, message=lambda m: click.echo(m, err=True))
+                              only.split(",") if only else None, message=progress.message)
         else:
             todo = iter(experiments)
         meta = {**runner_meta, "suite": suite, "strengths": sweep}

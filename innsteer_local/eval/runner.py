@@ -28,6 +28,7 @@ from ..runtime.flowspec import FlowSpec
 from ..runtime.jobs import BATCH_PARALLEL, Driver, alone_score, fit, open_engine, perplexity, reply_score
 from ..runtime.prompts import reply_example
 from ..measure import metrics
+from ..progress import Progress
 from .experiment import Arm, Experiment, experiment_cells
 from .records import Records
 from .summary import cell_fluency
@@ -49,15 +50,6 @@ class EvalConfig:
     chat: bool = True  # chat template (instruct models) or plain completions (base models)
     parallel: int = BATCH_PARALLEL  # sequences decoded together
     relevance: bool = False  # also the judge's perplexity of each reply after its prompt
-
-
-class Progress:
-    """What the runner reports; the CLI draws bars from it."""
-
-    def start(self, label: str, total: int) -> None: ...
-    def advance(self, n: int = 1) -> None: ...
-    def finish(self) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 def sampling_for(cfg: EvalConfig, item: Item) -> Sampling:
@@ -132,6 +124,7 @@ class Runner:
             self.judge = open_engine(self.judge_llm, JUDGE_CTX, cfg.parallel)
         self.records = Records(out_dir / "records.jsonl")
         self.progress = progress or Progress()
+        self._done = 0  # records written in the current experiment (its bar)
         self._flows: dict[str, EngineFlow] = {}
 
     def close(self) -> None:
@@ -239,7 +232,8 @@ class Runner:
         cells = experiment_cells(exp)
         total = sum(1 for arm, s in cells for it in items + probe if not self.records.has(
             exp.name if it in items else exp.name + "/fluency", arm.name, s, it.id))
-        self.progress.start(f"{exp.name}", total)
+        self.progress.phase(exp.name, total)
+        self._done = 0
         pruned: set[tuple[str, int]] = set()
         for wave in waves(cells):
             todo = [(arm, s) for arm, s in wave if (arm.name, int(np.sign(s))) not in pruned]
@@ -295,7 +289,8 @@ class Runner:
             for p in plan[written:n]:
                 p.row["seconds"] = round(share, 3)
                 self.records.add(p.row)
-                self.progress.advance()
+                self._done += 1
+                self.progress.update(self._done)
             written, clock = n, now
 
         driver.run(after=flush)

@@ -112,6 +112,10 @@ def _pairs_plans() -> list[Plan]:
     ]
 
 
+# preset experiments (`eval --suite`, docs/RESULTS.md)
+SUITES = ("quick", "full", "pairs")
+
+
 def plans(suite: str, chat: bool) -> list[Plan]:
     if suite == "pairs":
         return _pairs_plans()
@@ -126,7 +130,7 @@ def plans(suite: str, chat: bool) -> list[Plan]:
                 ("mean-diff", "positivity-mean-diff.gguf", "off")]),
         ]
     if suite != "full":
-        raise InnsteerError(f"unknown suite {suite!r}; choose quick, full or pairs")
+        raise InnsteerError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
     coarse = dict(prompted_strengths=FULL_PROMPTED_STRENGTHS)
     open_ended = [
         Plan("positivity", lambda: open_task("neutral", "sentiment"), behavior="positivity", limit=100,

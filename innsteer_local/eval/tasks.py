@@ -147,7 +147,9 @@ def parse_task(spec: str, scorer: Optional[str] = None, description: str = "",
         if not arg:
             raise InnsteerError("open: needs a prompt file, e.g. open:prompts.jsonl (or open:neutral)")
         if not scorer:
-            raise InnsteerError("open: tasks need --scorer sentiment|refusal|similarity|topic")
+            from ..measure.scorers import SCORERS
+
+            raise InnsteerError(f"open: tasks need --scorer {'|'.join(SCORERS)}")
         return open_task(arg, scorer, description, topic_words)
     if kind == "ab":
         if not arg:

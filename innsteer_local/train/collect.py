@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..choices import POSITIONS
 from ..errors import InvalidArgument, SteeringError
 from ..runtime.prompts import Example, reply_example
 
@@ -19,8 +20,8 @@ def capture(llm: Any, examples: Sequence[Example], layers: Iterable[int], positi
     positions: 'completion' (tokens from Example.start), 'last' (final token) or 'all'.
     progress(done, total) is called after each example.
     """
-    if positions not in ("completion", "last", "all"):
-        raise InvalidArgument(f"positions must be completion, last or all; got {positions!r}")
+    if positions not in POSITIONS:
+        raise InvalidArgument(f"positions must be one of {', '.join(POSITIONS)}; got {positions!r}")
     layers = sorted(set(int(l) for l in layers))
     st = llm.native_steerer
     last_layer = llm.model_info.n_layer - 1

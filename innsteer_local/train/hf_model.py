@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from ..choices import DEVICES, PRECISIONS
 from ..errors import InnsteerError
 
 
@@ -52,8 +53,8 @@ def resolve_device(device: str) -> str:
         raise InnsteerError("--device cuda: torch sees no CUDA device (is this a CPU build of torch?)")
     if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         raise InnsteerError("--device mps: torch sees no Apple GPU")
-    if device not in ("cpu", "cuda", "mps"):
-        raise InnsteerError(f"unknown device {device!r}; choose cpu, cuda, mps or auto")
+    if device not in DEVICES:
+        raise InnsteerError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     return device
 
 
@@ -331,8 +332,8 @@ class HFModel:
 # the time on CPUs with bf16 instructions (AVX512-BF16, AMX) and on GPUs; norms, softmax and the
 # objective stay float32. On smollm2-135m the reply tokens' log-probabilities moved by 0.03 nat on
 # average (KL 6e-4 nat) against a float32 pass, far below what steering changes, and the unsteered
-# reference (encode) is computed the same way, so log-ratios to it carry no offset.
-PRECISIONS = ("auto", "f32", "bf16")
+# reference (encode) is computed the same way, so log-ratios to it carry no offset. The names:
+# choices.PRECISIONS.
 
 
 def choose_precision(precision: str, device: str) -> str:

@@ -21,9 +21,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..choices import TRAIN_METHODS
+from ..choices import OBJECTIVES, TRAIN_METHODS
 from ..errors import InnsteerError, InvalidArgument
 from ..flow import Flow, Gate
+from ..progress import Progress
 from . import behaviors
 from .collect import Activations, collect_dataset
 from .data import Dataset, load_file
@@ -32,15 +33,6 @@ from .linear import LinearProbe, linear_flow, mean_diff
 # strength 1 moves rows by this share of a typical activation norm: on smollm2-135m, mean-diff
 # honesty at layer 15 was visible and still fluent there
 DEFAULT_MOVE_FRACTION = 0.16
-OBJECTIVES = ("model", "geometry")
-
-
-class Progress:
-    """What training reports; the CLI draws bars from it."""
-
-    def phase(self, label: str, total: int) -> None: ...
-    def update(self, done: int, info: Optional[dict[str, float]] = None) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 @dataclass

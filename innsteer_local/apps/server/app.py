@@ -279,12 +279,15 @@ def server_config(engine: Engine, policy: guard.Policy, host: str, port: int, lo
                           timeout_graceful_shutdown=5)
 
 
+# sequences decoded together by default: on a few CPU cores the aggregate gain flattens out near 8
+# (docs/PERFORMANCE.md); a GPU keeps gaining, so it gets more
+DEFAULT_PARALLEL = {"cpu": 8, "gpu": 16}
+
+
 def default_parallel() -> int:
-    """Sequences decoded together by default: on a few CPU cores the aggregate gain flattens out
-    near 8 (docs/PERFORMANCE.md); a GPU keeps gaining, so it gets more."""
     from ...runtime.rpc import local_gpu
 
-    return 16 if local_gpu() else 8
+    return DEFAULT_PARALLEL["gpu" if local_gpu() else "cpu"]
 
 
 def serve(llm: Any, flows: list[FlowSpec], port: int, policy: guard.Policy, log_level: str = "info",

@@ -57,6 +57,10 @@ class LoadedFlow:
         }
 
 
+# requests that may wait for a free sequence, per sequence, unless serve --queue says otherwise
+QUEUE_PER_SEQUENCE = 4
+
+
 class Engine:
     """The server's state: loaded flows and presets over one batched generation engine."""
 
@@ -76,7 +80,7 @@ class Engine:
         # one KV stream per request: each attends over its own cells exactly as it would alone, so
         # a request's reply rarely depends on what else shares the batch (and on CPU it is faster)
         self.batch = BatchEngine(llm, n_parallel=parallel, n_ctx=n_ctx, keep_prefix=keep_prefix)
-        self.queue_limit = 4 * parallel if queue is None else queue
+        self.queue_limit = QUEUE_PER_SEQUENCE * parallel if queue is None else queue
         self._lock = threading.Lock()  # flows, presets and names being loaded; never held while loading
         self._loading: set[str] = set()
         self.batch.start()
