@@ -31,7 +31,7 @@ def load_steered(model: Optional[str], flows: tuple[str, ...], strength: Optiona
                  threads: Optional[int], gate: str = "off", rpc: Optional[str] = None) -> Any:
     from ..runtime.steered import SteeredLlama
 
-    path, key = registry.resolve_model(model)
+    path, key = registry.resolve_model(model, progress=BarProgress())
     n_threads = threads or os.cpu_count() or 1
     try:
         llm = SteeredLlama(str(path), n_ctx=n_ctx, seed=seed, n_threads=n_threads, n_threads_batch=n_threads,
@@ -122,14 +122,14 @@ def models_list(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="download again even if cached")
 def models_pull(name: Optional[str], force: bool) -> None:
     """Download and verify a model (default: the default model)."""
-    click.echo(registry.pull(name or registry.default_model(), force=force))
+    click.echo(registry.pull(name or registry.default_model(), force=force, progress=BarProgress()))
 
 
 @models.command("path")
 @click.argument("name", required=False)
 def models_path(name: Optional[str]) -> None:
     """Print the cached path of a model, downloading it first if needed."""
-    click.echo(registry.pull(name or registry.default_model()))
+    click.echo(registry.pull(name or registry.default_model(), progress=BarProgress()))
 
 
 @cli.command()
@@ -530,7 +530,7 @@ def import_cvec(file: str, output: str, model: Optional[str]) -> None:
     if model:
         from ..runtime.steered import SteeredLlama
 
-        path, _ = registry.resolve_model(model)
+        path, _ = registry.resolve_model(model, progress=BarProgress())
         llm = SteeredLlama(str(path), n_ctx=64, verbose=False)
         info = llm.model_info
     flow = read_cvec(file, info)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..runtime import llama_build
+from .progress_bar import BarProgress
 
 
 def _module_version(name: str) -> str:
@@ -127,7 +128,7 @@ def model_support(model: str) -> dict[str, Any]:
     """A model file's architecture and the matrix's verdict for it (docs/ARCHITECTURES.md)."""
     from ..runtime import compat, registry
 
-    path = Path(model) if Path(model).is_file() else registry.resolve_model(model)[0]
+    path = Path(model) if Path(model).is_file() else registry.resolve_model(model, progress=BarProgress())[0]
     arch = compat.model_architecture(path)
     return {"path": str(path), "architecture": arch, **{k: v for k, v in compat.support(arch).items() if k != "row"}}
 

