@@ -109,6 +109,12 @@ class Affine(_OpKind):
             raise FlowFormatError(f"site {at.si} op {at.k} (affine): scale[{i}] = {scale[i]} is outside 1e-6..1e6 in magnitude")
         return cls(scale=scale, bias=tensors.get(f"{at.prefix}.bias", (at.dim,)))
 
+    @classmethod
+    def random(cls, width: int, n_embd: int, rng: np.random.Generator) -> Affine:
+        """Non-trivial weights, for tests and benchmarks (every kind has one)."""
+        return cls(scale=(rng.uniform(0.5, 2.0, width) * rng.choice([-1.0, 1.0], width)).astype(np.float32),
+                   bias=rng.normal(0, 0.5, width).astype(np.float32))
+
 
 @dataclass
 class Subspace(_OpKind):
@@ -147,6 +153,11 @@ class Subspace(_OpKind):
         if not rows_orthonormal(basis, 1e-2):
             raise FlowFormatError(f"site {at.si} op {at.k}: subspace basis rows are not orthonormal")
         return cls(basis=orthonormalise(basis))
+
+    @classmethod
+    def random(cls, width: int, n_embd: int, rng: np.random.Generator) -> Subspace:
+        rank = max(2, min(n_embd // 3, MAX_RANK))
+        return cls(basis=np.linalg.qr(rng.normal(size=(n_embd, rank)))[0].T.astype(np.float32))
 
 
 @dataclass
@@ -229,6 +240,13 @@ class Coupling(_OpKind):
             width = out
         return cls(weights=weights, biases=biases, clamp=clamp, activation=act)
 
+    @classmethod
+    def random(cls, width: int, n_embd: int, rng: np.random.Generator) -> Coupling:
+        widths = [width // 2, 16, 16, 2 * (width - width // 2)]
+        return cls(weights=[rng.normal(0, 0.8 / np.sqrt(a), (b, a)).astype(np.float32) for a, b in zip(widths, widths[1:])],
+                   biases=[rng.normal(0, 0.3, b).astype(np.float32) for b in widths[1:]],
+                   clamp=float(rng.uniform(0.5, 3.0)), activation=str(rng.choice(ACTIVATIONS)))
+
 
 @dataclass
 class Permute(_OpKind):
@@ -257,6 +275,10 @@ class Permute(_OpKind):
         if sorted(perm.tolist()) != list(range(at.dim)):
             raise FlowFormatError(f"tensor '{at.prefix}.perm' is not a permutation of 0..{at.dim - 1}")
         return cls(perm=perm)
+
+    @classmethod
+    def random(cls, width: int, n_embd: int, rng: np.random.Generator) -> Permute:
+        return cls(perm=rng.permutation(width).astype(np.int32))
 
 
 @dataclass
@@ -287,6 +309,12 @@ class Linear(_OpKind):
         return cls(matrix=tensors.get(f"{at.prefix}.matrix", (d, d)),
                    matrix_inv=tensors.get(f"{at.prefix}.matrix_inv", (d, d)),
                    bias=tensors.get(f"{at.prefix}.bias", (d,)))
+
+    @classmethod
+    def random(cls, width: int, n_embd: int, rng: np.random.Generator) -> Linear:
+        m = np.linalg.qr(rng.normal(size=(width, width)))[0] * rng.uniform(0.5, 2.0, width)
+        return cls(matrix=m.astype(np.float32), matrix_inv=np.linalg.inv(m).astype(np.float32),
+                   bias=rng.normal(0, 0.5, width).astype(np.float32))
 
 
 Op = Union[Affine, Subspace, Coupling, Permute, Linear]
