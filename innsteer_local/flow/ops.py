@@ -156,7 +156,7 @@ class Subspace(_OpKind):
 
     @classmethod
     def random(cls, width: int, n_embd: int, rng: np.random.Generator) -> Subspace:
-        rank = max(2, min(n_embd // 3, MAX_RANK))
+        rank = int(rng.integers(2, min(n_embd, MAX_RANK + 1)))
         return cls(basis=np.linalg.qr(rng.normal(size=(n_embd, rank)))[0].T.astype(np.float32))
 
 
@@ -242,7 +242,8 @@ class Coupling(_OpKind):
 
     @classmethod
     def random(cls, width: int, n_embd: int, rng: np.random.Generator) -> Coupling:
-        widths = [width // 2, 16, 16, 2 * (width - width // 2)]
+        hidden = int(rng.integers(3, 17))
+        widths = [width // 2] + [hidden] * int(rng.integers(0, 3)) + [2 * (width - width // 2)]
         return cls(weights=[rng.normal(0, 0.8 / np.sqrt(a), (b, a)).astype(np.float32) for a, b in zip(widths, widths[1:])],
                    biases=[rng.normal(0, 0.3, b).astype(np.float32) for b in widths[1:]],
                    clamp=float(rng.uniform(0.5, 3.0)), activation=str(rng.choice(ACTIVATIONS)))

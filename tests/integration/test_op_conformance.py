@@ -1,8 +1,8 @@
 """Every op kind in OP_KINDS through every backend, on the same rows: the NumPy reference
 (flow/site.py), the C host kernels (phi^-1 per row, phi and steering per block), the ggml graph
 on ggml's CPU backend, the ONNX export under onnxruntime and the torch modules (train/torch_ops.py).
-Each kind is tested alone in a site and in a mixed site holding every kind (the non-subspace kinds
-twice: before the subspace, at full width, and inside it). A new kind is covered by adding it to
+Each kind is tested alone in a site (at full width) and in a mixed site holding every kind in
+OP_KINDS order (the kinds after the subspace act inside it). A new kind is covered by adding it to
 OP_KINDS; a backend that lacks it fails here."""
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ def build_ops(kinds: list[str], rng: np.random.Generator) -> list:
 
 def sites() -> list:
     cases = [pytest.param([kind], id=kind) for kind in OP_KINDS]
-    inner = [k for k in OP_KINDS if k != "subspace"]  # at most one subspace per site
-    cases.append(pytest.param([*OP_KINDS, *inner], id="mixed"))
+    cases.append(pytest.param(list(OP_KINDS), id="mixed"))
     return cases
 
 
@@ -101,12 +100,13 @@ def test_backends_agree(kinds, rows, tmp_path):
         steer_t = {a: tsite.steer(torch.as_tensor(x), a).numpy() for a in STRENGTHS}
     assert row_rel(z_t, z_np) <= 1e-12
     assert row_rel(back_t, site.inverse(z_np)) <= 1e-12
-    assert row_rel(site.inverse(z_np), x) <= 1e-6  # invertible (f32 weights in float64)
+    round_trip = row_rel(site.inverse(z_np), x)  # not 0: a stored f32 matrix_inv is not matrix's exact inverse
+    assert round_trip <= 1e-4
     steer_np = {a: site.steer(x, a) for a in STRENGTHS}
     for a in STRENGTHS:
         # torch steers by the plain formula phi^-1(phi(h) + e), NumPy as h + dh: they differ by the
-        # round trip of the float32 weights (a stored matrix_inv is not exactly matrix's inverse)
-        assert row_rel(steer_t[a], steer_np[a]) <= 1e-6
+        # round trip of the float32 weights
+        assert row_rel(steer_t[a], steer_np[a]) <= 2 * round_trip + 1e-9
 
     # the C host path: phi per block, phi^-1 per row, steering per block
     z32 = z_np.astype(np.float32)
