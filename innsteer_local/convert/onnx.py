@@ -105,49 +105,53 @@ def _mlp(g: _Graph, op: Coupling, cond: str, d2: int) -> tuple[str, str]:
     return s, g.cols(h, d2, 2 * d2)
 
 
-def _forward(g: _Graph, op: Any, x: str, width: int) -> str:
-    if isinstance(op, Affine):
+class _AffineOnnx:
+    @staticmethod
+    def forward(g: _Graph, op: Affine, x: str, width: int) -> str:
         return g.op("Add", g.op("Mul", x, g.const(op.scale, "scale")), g.const(op.bias, "bias"))
-    if isinstance(op, Subspace):  # projection onto the basis; the site lifts back
+
+    @staticmethod
+    def inverse(g: _Graph, op: Affine, y: str, width: int) -> str:
+        return g.op("Div", g.op("Sub", y, g.const(op.bias, "bias")), g.const(op.scale, "scale"))
+
+    @staticmethod
+    def edit_back(g: _Graph, op: Affine, x_in: str, x_out: str, d: str, width: int) -> str:
+        return g.op("Div", d, g.const(op.scale, "scale"))
+
+
+class _SubspaceOnnx:
+    """Only the projection and the lift of the edit: phi_graph keeps the complement itself."""
+
+    @staticmethod
+    def forward(g: _Graph, op: Subspace, x: str, width: int) -> str:
         return g.op("MatMul", x, g.const(op.basis.T, "basis_t"), hint="project")
-    if isinstance(op, Coupling):
+
+    @staticmethod
+    def inverse(g: _Graph, op: Subspace, y: str, width: int) -> str:
+        raise InnsteerError("ONNX export: a subspace is inverted by its site, not on its own")
+
+    @staticmethod
+    def edit_back(g: _Graph, op: Subspace, x_in: str, x_out: str, d: str, width: int) -> str:
+        return g.op("MatMul", d, g.const(op.basis, "basis"), hint="lift")
+
+
+class _CouplingOnnx:
+    @staticmethod
+    def forward(g: _Graph, op: Coupling, x: str, width: int) -> str:
         d1 = width // 2
         s, t = _mlp(g, op, g.cols(x, 0, d1), width - d1)
         x2 = g.op("Add", g.op("Mul", g.cols(x, d1, width), g.op("Exp", s)), t)
         return g.op("Concat", g.cols(x, 0, d1), x2, axis=1)
-    if isinstance(op, Permute):
-        return g.op("Gather", x, g.const(op.perm, "perm", np.int64), axis=1)
-    if isinstance(op, Linear):
-        return g.op("Gemm", x, g.const(op.matrix, "matrix"), g.const(op.bias, "bias"), transB=1)
-    raise InnsteerError(f"ONNX export: op kind '{op.kind}' is not supported")
 
-
-def _inverse(g: _Graph, op: Any, y: str, width: int) -> str:
-    if isinstance(op, Affine):
-        return g.op("Div", g.op("Sub", y, g.const(op.bias, "bias")), g.const(op.scale, "scale"))
-    if isinstance(op, Coupling):
+    @staticmethod
+    def inverse(g: _Graph, op: Coupling, y: str, width: int) -> str:
         d1 = width // 2
         s, t = _mlp(g, op, g.cols(y, 0, d1), width - d1)
         x2 = g.op("Mul", g.op("Sub", g.cols(y, d1, width), t), g.op("Exp", g.op("Neg", s)))
         return g.op("Concat", g.cols(y, 0, d1), x2, axis=1)
-    if isinstance(op, Permute):
-        return g.op("Gather", y, g.const(np.argsort(op.perm), "perm_inv", np.int64), axis=1)
-    if isinstance(op, Linear):
-        return g.op("MatMul", g.op("Sub", y, g.const(op.bias, "bias")), g.const(op.matrix_inv.T, "matrix_inv_t"))
-    raise InnsteerError(f"ONNX export: op kind '{op.kind}' has no inverse here")
 
-
-def _edit_back(g: _Graph, op: Any, x_in: str, x_out: str, d: str, width: int) -> str:
-    """The edit of op's input from the edit d of its output (as op_inverse_delta_block)."""
-    if isinstance(op, Affine):
-        return g.op("Div", d, g.const(op.scale, "scale"))
-    if isinstance(op, Subspace):
-        return g.op("MatMul", d, g.const(op.basis, "basis"), hint="lift")
-    if isinstance(op, Permute):
-        return g.op("Gather", d, g.const(np.argsort(op.perm), "perm_inv", np.int64), axis=1)
-    if isinstance(op, Linear):
-        return g.op("MatMul", d, g.const(op.matrix_inv.T, "matrix_inv_t"))
-    if isinstance(op, Coupling):
+    @staticmethod
+    def edit_back(g: _Graph, op: Coupling, x_in: str, x_out: str, d: str, width: int) -> str:
         d1 = width // 2
         e1, e2 = g.cols(d, 0, d1), g.cols(d, d1, width)
         # condition on the moved first half; rows whose first half did not move take the exact
@@ -158,7 +162,59 @@ def _edit_back(g: _Graph, op: Any, x_in: str, x_out: str, d: str, width: int) ->
         general = g.op("Sub", moved_x2, g.cols(x_in, d1, width))
         moved = g.op("Greater", g.op("ReduceMax", g.op("Abs", e1), axes=[1], keepdims=1), g.const(0.0, "zero"))
         return g.op("Concat", e1, g.op("Where", moved, general, g.op("Mul", e2, inv_scale)), axis=1)
-    raise InnsteerError(f"ONNX export: op kind '{op.kind}' is not supported")
+
+
+class _PermuteOnnx:
+    @staticmethod
+    def forward(g: _Graph, op: Permute, x: str, width: int) -> str:
+        return g.op("Gather", x, g.const(op.perm, "perm", np.int64), axis=1)
+
+    @staticmethod
+    def inverse(g: _Graph, op: Permute, y: str, width: int) -> str:
+        return g.op("Gather", y, g.const(np.argsort(op.perm), "perm_inv", np.int64), axis=1)
+
+    @staticmethod
+    def edit_back(g: _Graph, op: Permute, x_in: str, x_out: str, d: str, width: int) -> str:
+        return _PermuteOnnx.inverse(g, op, d, width)
+
+
+class _LinearOnnx:
+    @staticmethod
+    def forward(g: _Graph, op: Linear, x: str, width: int) -> str:
+        return g.op("Gemm", x, g.const(op.matrix, "matrix"), g.const(op.bias, "bias"), transB=1)
+
+    @staticmethod
+    def inverse(g: _Graph, op: Linear, y: str, width: int) -> str:
+        return g.op("MatMul", g.op("Sub", y, g.const(op.bias, "bias")), g.const(op.matrix_inv.T, "matrix_inv_t"))
+
+    @staticmethod
+    def edit_back(g: _Graph, op: Linear, x_in: str, x_out: str, d: str, width: int) -> str:
+        return g.op("MatMul", d, g.const(op.matrix_inv.T, "matrix_inv_t"))
+
+
+# One emitter per op kind of flow/ops.py: forward, inverse, and edit_back (the edit of the op's
+# input from the edit d of its output, as the native op_inverse_delta_block).
+EMITTERS: dict[str, Any] = {"affine": _AffineOnnx, "subspace": _SubspaceOnnx, "coupling": _CouplingOnnx,
+                            "permute": _PermuteOnnx, "linear": _LinearOnnx}
+
+
+def _emitter(op: Any) -> Any:
+    em = EMITTERS.get(op.kind)
+    if em is None:
+        raise InnsteerError(f"ONNX export: op kind '{op.kind}' is not supported")
+    return em
+
+
+def _forward(g: _Graph, op: Any, x: str, width: int) -> str:
+    return _emitter(op).forward(g, op, x, width)
+
+
+def _inverse(g: _Graph, op: Any, y: str, width: int) -> str:
+    return _emitter(op).inverse(g, op, y, width)
+
+
+def _edit_back(g: _Graph, op: Any, x_in: str, x_out: str, d: str, width: int) -> str:
+    return _emitter(op).edit_back(g, op, x_in, x_out, d, width)
 
 
 # ---- whole sites --------------------------------------------------------------------------
@@ -232,7 +288,7 @@ def steer_graph(site: Site, n_embd: int, gate: str = "off") -> Any:
     acts, widths = ["h"], [n_embd]
     for op in site.ops:
         acts.append(_forward(g, op, acts[-1], widths[-1]))
-        widths.append(op.rank if isinstance(op, Subspace) else widths[-1])
+        widths.append(op.out_dim(widths[-1]))
     z = acts[-1]
     edit = g.const(site.delta, "delta")
     if site.edit_scale is not None:

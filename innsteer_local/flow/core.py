@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from ..choices import FORMAT_VERSION
-from .ops import Coupling, Subspace
 from .site import Site
 from ..errors import InvalidArgument, UnknownFlow
 
@@ -84,12 +83,7 @@ class Flow:
         for s in self.sites:
             ops = []
             for op in s.ops:
-                entry: dict[str, Any] = {"kind": op.kind}
-                if isinstance(op, Coupling):
-                    entry.update(clamp=op.clamp, activation=op.activation,
-                                 widths=[int(op.weights[0].shape[1])] + [int(w.shape[0]) for w in op.weights])
-                if isinstance(op, Subspace):
-                    entry["rank"] = op.rank
+                entry: dict[str, Any] = {"kind": op.kind, **op.describe()}
                 entry["tensors"] = {k: list(v.shape) for k, v in op.tensors().items()}
                 entry["parameters"] = int(sum(v.size for v in op.tensors().values()))
                 ops.append(entry)

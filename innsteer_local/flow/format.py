@@ -14,30 +14,23 @@ from typing import Any
 import numpy as np
 
 from ..choices import (
-    ACTIVATIONS,
     ARCHITECTURE,
     FORMAT_VERSION,
     MAX_EMBD,
     MAX_FILE_BYTES,
     MAX_LAYERS,
     MAX_META_STRING,
-    MAX_MLP_LAYERS,
     MAX_OPS,
-    MAX_RANK,
     MAX_SITES,
     MAX_STRING,
-    MAX_WIDTH,
 )
 from ..errors import FlowFormatError, InvalidArgument
 from . import gguf
 from .core import Flow, ModelInfo
-from .ops import Affine, Coupling, Linear, Op, Permute, Subspace
+from .ops import OP_KINDS, Op, Slot, orthonormalise, rows_orthonormal, xorshift_states  # noqa: F401  (re-exported)
 from .site import Gate, Site
 
 DTYPES = {"f32": np.float32, "f16": np.float16}
-# Kept in f32 whatever the dtype: rounded to f16, a basis is no longer orthonormal and a matrix
-# no longer the inverse of its stored inverse, so phi^-1(phi(h)) would drift (~1e-3).
-EXACT_F32 = ("basis", "matrix", "matrix_inv")
 
 
 def write_flow(flow: Flow, path: str | os.PathLike[str], dtype: str = "f32") -> None:
@@ -61,6 +54,14 @@ def write_flow(flow: Flow, path: str | os.PathLike[str], dtype: str = "f32") -> 
             # GGUFWriter.add_string drops empty strings; a flow file always has its keys
             w.add_key_value(key, value, gguf.GGUFValueType.STRING)
 
+        def put_meta(key: str, value: int | float | str) -> None:
+            if isinstance(value, str):
+                put_str(key, value)
+            elif isinstance(value, int):
+                w.add_uint32(key, value)
+            else:
+                w.add_float32(key, float(value))
+
         put_str("general.name", flow.name or flow.behavior or "flow")
         w.add_uint32("innsteer.format_version", FORMAT_VERSION)
         put_str("innsteer.model.name", flow.model.name)
@@ -80,14 +81,12 @@ def write_flow(flow: Flow, path: str | os.PathLike[str], dtype: str = "f32") -> 
             w.add_key_value(f"innsteer.site.{si}.ops", " ".join(op.kind for op in site.ops), gguf.GGUFValueType.STRING)
             for k, op in enumerate(site.ops):
                 prefix = f"site.{si}.op.{k}"
-                if isinstance(op, Coupling):
-                    w.add_uint32(f"innsteer.{prefix}.mlp_layers", len(op.weights))
-                    w.add_float32(f"innsteer.{prefix}.clamp", float(op.clamp))
-                    put_str(f"innsteer.{prefix}.activation", op.activation)
+                for key, value in op.metadata().items():
+                    put_meta(f"innsteer.{prefix}.{key}", value)
                 for name, arr in op.tensors().items():
-                    if name == "perm":
+                    if np.issubdtype(arr.dtype, np.integer):
                         data = arr.astype(np.int32)
-                    elif name in EXACT_F32:
+                    elif name in op.exact_f32:
                         data = np.ascontiguousarray(arr, dtype=np.float32)
                     else:
                         data = np.ascontiguousarray(arr, dtype=float_type)
@@ -290,59 +289,12 @@ def _read_site(kv: _Fields, tensors: _Tensors, si: int, layer: int, n_embd: int)
     dim = n_embd
     ops: list[Op] = []
     for k, kind in enumerate(kinds):
-        prefix = f"site.{si}.op.{k}"
-        if kind == "affine":
-            scale = tensors.get(f"{prefix}.scale", (dim,))
-            mag = np.abs(scale)
-            if not np.all((mag >= np.float32(1e-6)) & (mag <= np.float32(1e6))):
-                i = int(np.flatnonzero(~((mag >= np.float32(1e-6)) & (mag <= np.float32(1e6))))[0])
-                raise FlowFormatError(f"site {si} op {k} (affine): scale[{i}] = {scale[i]} is outside 1e-6..1e6 in magnitude")
-            ops.append(Affine(scale=scale, bias=tensors.get(f"{prefix}.bias", (dim,))))
-        elif kind == "subspace":
-            if any(isinstance(o, Subspace) for o in ops):
-                raise FlowFormatError(f"site {si}: more than one subspace op")
-            rank = tensors.rows(f"{prefix}.basis")
-            max_rank = min(n_embd, MAX_RANK)
-            if not 1 <= rank <= max_rank:
-                raise FlowFormatError(f"site {si} op {k}: subspace rank {rank} outside 1..{max_rank}")
-            basis = tensors.get(f"{prefix}.basis", (rank, n_embd))
-            if not rows_orthonormal(basis, 1e-2):
-                raise FlowFormatError(f"site {si} op {k}: subspace basis rows are not orthonormal")
-            ops.append(Subspace(basis=orthonormalise(basis)))
-            dim = rank
-        elif kind == "coupling":
-            if dim < 2:
-                raise FlowFormatError(f"site {si} op {k}: coupling needs width >= 2, got {dim}")
-            n_layers = kv.u32(f"innsteer.{prefix}.mlp_layers")
-            if not 1 <= n_layers <= MAX_MLP_LAYERS:
-                raise FlowFormatError(f"innsteer.{prefix}.mlp_layers must be in 1..{MAX_MLP_LAYERS}, found {n_layers}")
-            clamp = kv.f32(f"innsteer.{prefix}.clamp")
-            if not 0.0 < clamp <= 20.0:
-                raise FlowFormatError(f"innsteer.{prefix}.clamp must be in (0, 20], found {clamp}")
-            act = kv.str(f"innsteer.{prefix}.activation")
-            if act not in ACTIVATIONS:
-                raise FlowFormatError(f"innsteer.{prefix}.activation: unknown activation '{act[:40]}'")
-            d1, d2 = dim // 2, dim - dim // 2
-            width, weights, biases = d1, [], []
-            for j in range(n_layers):
-                out = 2 * d2 if j + 1 == n_layers else tensors.rows(f"{prefix}.w{j}")
-                if out > MAX_WIDTH:
-                    raise FlowFormatError(f"tensor '{prefix}.w{j}': hidden width above {MAX_WIDTH}")
-                weights.append(tensors.get(f"{prefix}.w{j}", (out, width)))
-                biases.append(tensors.get(f"{prefix}.b{j}", (out,)))
-                width = out
-            ops.append(Coupling(weights=weights, biases=biases, clamp=clamp, activation=act))
-        elif kind == "permute":
-            perm = tensors.get(f"{prefix}.perm", (dim,), integer=True)
-            if sorted(perm.tolist()) != list(range(dim)):
-                raise FlowFormatError(f"tensor '{prefix}.perm' is not a permutation of 0..{dim - 1}")
-            ops.append(Permute(perm=perm))
-        elif kind == "linear":
-            ops.append(Linear(matrix=tensors.get(f"{prefix}.matrix", (dim, dim)),
-                              matrix_inv=tensors.get(f"{prefix}.matrix_inv", (dim, dim)),
-                              bias=tensors.get(f"{prefix}.bias", (dim,))))
-        else:
+        cls = OP_KINDS.get(kind)
+        if cls is None:
             raise FlowFormatError(f"site {si} op {k}: unknown op kind '{kind[:40]}'")
+        op = cls.read(kv, tensors, Slot(si=si, k=k, dim=dim, n_embd=n_embd, before=tuple(ops)))
+        ops.append(op)
+        dim = op.out_dim(dim)
     delta = tensors.get(f"site.{si}.delta", (dim,))
     edit_scale = tensors.get(f"site.{si}.edit_scale", (dim,)) if tensors.has(f"site.{si}.edit_scale") else None
     gate = None
@@ -358,43 +310,9 @@ def _read_site(kv: _Fields, tensors: _Tensors, si: int, layer: int, n_embd: int)
     return site
 
 
-def _xorshift_states(n: int) -> np.ndarray:
-    """native/src/flow.c's probe generator: three xorshift32 streams of n states, shape (3, n)."""
-    out = np.empty((3, n), dtype=np.uint32)
-    for p in range(3):
-        s = (2463534242 + p * 7919) & 0xFFFFFFFF
-        for i in range(n):
-            s ^= (s << 13) & 0xFFFFFFFF
-            s ^= s >> 17
-            s ^= (s << 5) & 0xFFFFFFFF
-            out[p, i] = s
-    return out
-
-
-def rows_orthonormal(basis: np.ndarray, tol: float) -> bool:
-    """native/src/flow.c's test, in O(rows * cols): squared row norms within tol of 1, and
-    B B^T v within tol * sqrt(rows) of v for three fixed sign vectors v."""
-    b = np.asarray(basis, np.float64)
-    if not np.all(np.abs((b * b).sum(1) - 1.0) <= tol):
-        return False
-    v = np.where(_xorshift_states(b.shape[0]) & 1, 1.0, -1.0)  # three fixed +-1 vectors
-    return bool(np.all(np.abs((v @ b) @ b.T - v) <= tol * np.sqrt(b.shape[0])))
-
-
-def orthonormalise(basis: np.ndarray) -> np.ndarray:
-    """Modified Gram-Schmidt in float64, row by row: the same loop as native/src/flow.c, so both
-    readers end with the same basis (project/lift are exact only for orthonormal rows)."""
-    q = np.array(basis, dtype=np.float64)
-    for k in range(q.shape[0]):
-        for j in range(k):
-            q[k] -= (q[k] @ q[j]) * q[j]
-        q[k] /= np.sqrt(q[k] @ q[k])
-    return q.astype(np.float32)
-
-
 def _probe_rows(n: int) -> np.ndarray:
     """The native loader's probe rows (xorshift32), so both readers test the same inputs."""
-    rows = ((_xorshift_states(n) & 0xFFFF) / 65535.0 - 0.5) * 4.0
+    rows = ((xorshift_states(n) & 0xFFFF) / 65535.0 - 0.5) * 4.0
     return rows.astype(np.float32).astype(np.float64)
 
 

@@ -20,18 +20,9 @@ import numpy as np
 
 from ..choices import ACTIVATIONS
 from ..errors import InnsteerError, InvalidArgument
-from ..flow import Affine, Coupling, Linear, Permute, Site, Subspace
+from ..flow import Affine, Site, Subspace
+from .torch_ops import TorchCoupling, TorchLinear, TorchPermute, require_torch, torch  # noqa: F401  (re-exported)
 
-
-def require_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise InnsteerError("training flows needs torch: pip install 'innsteer-local[train]'") from None
-    return torch
-
-
-torch = require_torch()
 nn = torch.nn
 
 # Above this width the mixing between couplings is a permutation: an orthogonal matrix would add
@@ -58,8 +49,8 @@ class InnConfig:
 
 
 class Couplings(nn.Module):
-    """K affine couplings on width w: x[d1:] <- x[d1:] * exp(s) + t, (s_raw, t) = mlp(x[:d1]),
-    s = clamp * tanh(s_raw / clamp) (the flow file's coupling op)."""
+    """K affine couplings on width w (torch_ops.TorchCoupling), separated by fixed mixing
+    (TorchLinear with an orthogonal matrix, or TorchPermute): the flow file's ops, in order."""
 
     def __init__(self, width: int, cfg: InnConfig):
         super().__init__()
@@ -68,68 +59,62 @@ class Couplings(nn.Module):
         g = torch.Generator().manual_seed(cfg.seed)
         self.d1, self.d2 = width // 2, width - width // 2
         self.clamp, self.activation = cfg.clamp, cfg.activation
-        act = {"silu": nn.SiLU, "tanh": nn.Tanh, "relu": nn.ReLU}[cfg.activation]
         self.nets = nn.ModuleList()
         self.matrix_mix = width <= MAX_MATRIX_MIX
         for b in range(cfg.blocks):
-            first, last = nn.Linear(self.d1, cfg.hidden), nn.Linear(cfg.hidden, 2 * self.d2)
+            net = TorchCoupling([self.d1, cfg.hidden, 2 * self.d2], cfg.clamp, cfg.activation)
+            first, last = net.linears()
             with torch.no_grad():
                 first.weight.copy_(torch.randn(first.weight.shape, generator=g) / math.sqrt(self.d1))
                 first.bias.zero_()
                 last.weight.zero_()  # the coupling starts as the identity
                 last.bias.zero_()
-            self.nets.append(nn.Sequential(first, act(), last))
+            self.nets.append(net)
             if b + 1 < cfg.blocks:
                 if self.matrix_mix:
                     q, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
-                    self.register_buffer(f"mix{b}", q.to(torch.float32))
+                    q = q.to(torch.float32)
+                    mix = TorchLinear(q, q.T.contiguous(), torch.zeros(width))
                 else:
-                    self.register_buffer(f"mix{b}", torch.randperm(width, generator=g))
+                    mix = TorchPermute(torch.randperm(width, generator=g))
+                self.add_module(f"mix{b}", mix)
+        self._register_load_state_dict_pre_hook(self._legacy_mix)
 
-    def _mix(self, k: int, x: Any, inverse: bool) -> Any:
-        m = getattr(self, f"mix{k}")
-        if self.matrix_mix:
-            return x @ m if inverse else x @ m.T
-        if inverse:
-            return x[..., torch.argsort(m)]
-        return x[..., m]
-
-    def _couple(self, k: int, x: Any, inverse: bool) -> tuple[Any, Any]:
-        h = self.nets[k](x[..., : self.d1])
-        s = self.clamp * torch.tanh(h[..., : self.d2] / self.clamp)
-        t = h[..., self.d2:]
-        x2 = x[..., self.d1:]
-        x2 = (x2 - t) * torch.exp(-s) if inverse else x2 * torch.exp(s) + t
-        return torch.cat([x[..., : self.d1], x2], -1), s.sum(-1)
+    def _legacy_mix(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Checkpoints written before the mixing became op modules hold mix{b} as one tensor."""
+        for b in range(len(self.nets) - 1):
+            old = state.pop(f"{prefix}mix{b}", None)
+            if old is None:
+                continue
+            if self.matrix_mix:
+                state.update({f"{prefix}mix{b}.matrix": old, f"{prefix}mix{b}.matrix_inv": old.T.contiguous(),
+                              f"{prefix}mix{b}.bias": torch.zeros(len(old))})
+            else:
+                state[f"{prefix}mix{b}.perm"] = old
 
     def forward(self, y: Any) -> tuple[Any, Any]:
         """(z, log|det dz/dy|)."""
         logdet = torch.zeros(y.shape[:-1], dtype=y.dtype)
-        for k in range(len(self.nets)):
-            y, ld = self._couple(k, y, False)
-            logdet = logdet + ld
+        for k, net in enumerate(self.nets):
+            y, s = net.couple(y, False)
+            logdet = logdet + s.sum(-1)
             if k + 1 < len(self.nets):
-                y = self._mix(k, y, False)
+                y = getattr(self, f"mix{k}")(y)
         return y, logdet
 
     def inverse(self, z: Any) -> Any:
         for k in reversed(range(len(self.nets))):
             if k + 1 < len(self.nets):
-                z = self._mix(k, z, True)
-            z, _ = self._couple(k, z, True)
+                z = getattr(self, f"mix{k}").inverse(z)
+            z = self.nets[k].inverse(z)
         return z
 
     def ops(self) -> list[Any]:
         out: list[Any] = []
-        for k, seq in enumerate(self.nets):
-            out.append(Coupling(weights=[_np(seq[0].weight), _np(seq[2].weight)], biases=[_np(seq[0].bias), _np(seq[2].bias)],
-                                clamp=self.clamp, activation=self.activation))
+        for k, net in enumerate(self.nets):
+            out.append(net.to_op())
             if k + 1 < len(self.nets):
-                m = getattr(self, f"mix{k}").numpy()
-                if self.matrix_mix:
-                    out.append(Linear(matrix=m.copy(), matrix_inv=m.T.copy(), bias=np.zeros(len(m), np.float32)))
-                else:
-                    out.append(Permute(perm=m.astype(np.int32)))
+                out.append(getattr(self, f"mix{k}").to_op())
         return out
 
 

@@ -1,9 +1,8 @@
 /* Flow loading: every value from the file is validated before it is used, and validation costs
- * at most MAX_RANK operations per float of the file (a downloaded or uploaded file is untrusted). */
+ * at most MAX_RANK operations per float of the file (a downloaded or uploaded file is untrusted).
+ * What each op kind reads and checks is its entry of OP_KIND_IMPLS (flow_ops.c). */
 #define _POSIX_C_SOURCE 200809L /* open(O_NONBLOCK), fstat */
-#include "error.h"
-#include "flow.h"
-#include "gguf_read.h"
+#include "flow_ops.h"
 #include "kernels.h"
 
 #include <fcntl.h>
@@ -16,25 +15,9 @@
 
 #define ARENA_ALIGN 64
 
-/* the file's names of the op kinds, in op_kind order */
-static const char *const OP_NAMES[] = {"affine", "subspace", "coupling", "permute", "linear"};
-#define N_OP_KINDS ((int)(sizeof OP_NAMES / sizeof OP_NAMES[0]))
-
-typedef struct {
-    gguf_file g;
-    char *err;
-    size_t err_size;
-    uint8_t *arena;
-    size_t arena_used, arena_size;
-    int want_n_embd, want_n_layer; /* the model's, checked before any tensor is read; 0: any */
-} loader;
-
-/* the loader's error: st, with the message in the caller's buffer */
-#define FAIL(L, st, ...) set_error((L)->err, (L)->err_size, st, __VA_ARGS__)
-
 /* Looks a tensor up, checks its shape (ne[0] = cols, ne[1] = rows) and copies it into the arena as
  * f32 (or i32), rejecting non-finite values. */
-static innsteer_status load_tensor(loader *L, const char *name, int rows, int cols, bool is_int, const void **out) {
+innsteer_status flow_load_tensor(flow_loader *L, const char *name, int rows, int cols, bool is_int, const void **out) {
     const gguf_tensor *t = gguf_find_tensor(&L->g, name);
     if (!t) return FAIL(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
     uint64_t want_rows = (uint64_t)rows;
@@ -82,78 +65,12 @@ static innsteer_status load_tensor(loader *L, const char *name, int rows, int co
     return INNSTEER_OK;
 }
 
-static innsteer_status load_vec(loader *L, const char *name, int n, const float **out) {
-    return load_tensor(L, name, 1, n, false, (const void **)out);
+innsteer_status flow_load_vec(flow_loader *L, const char *name, int n, const float **out) {
+    return flow_load_tensor(L, name, 1, n, false, (const void **)out);
 }
 
-static innsteer_status load_mat(loader *L, const char *name, int rows, int cols, const float **out) {
-    return load_tensor(L, name, rows, cols, false, (const void **)out);
-}
-
-/* The probe generator both readers share (innsteer_local/flow/format.py): xorshift32. */
-static uint32_t xorshift32(uint32_t *s) {
-    *s ^= *s << 13;
-    *s ^= *s >> 17;
-    *s ^= *s << 5;
-    return *s;
-}
-
-/* Nearly orthonormal rows, in O(rows * cols): every row's squared norm within tol of 1, and for
- * three fixed sign vectors v, B B^T v within tol * sqrt(rows) of v. The full Gram matrix would cost
- * rows^2 * cols; orthonormalise() makes the rows exactly orthonormal afterwards, so this only has
- * to refuse a basis that is not one. innsteer_local/flow/format.py runs the same test. */
-static bool rows_orthonormal(const float *b, int rows, int cols, float tol) {
-    for (int i = 0; i < rows; i++) {
-        double acc = 0.0;
-        for (int k = 0; k < cols; k++) acc += (double)b[(size_t)i * cols + k] * b[(size_t)i * cols + k];
-        if (!(fabs(acc - 1.0) <= tol)) return false;
-    }
-    double *w = malloc(sizeof(double) * (size_t)cols);
-    if (!w) return false;
-    bool ok = true;
-    const double bound = tol * sqrt((double)rows);
-    for (int p = 0; p < 3 && ok; p++) {
-        uint32_t s = 2463534242u + (uint32_t)p * 7919u;
-        for (int k = 0; k < cols; k++) w[k] = 0.0;
-        for (int i = 0; i < rows; i++) { /* w = B^T v, v_i = +-1 from xorshift32 */
-            const double v = (xorshift32(&s) & 1u) ? 1.0 : -1.0;
-            for (int k = 0; k < cols; k++) w[k] += v * b[(size_t)i * cols + k];
-        }
-        s = 2463534242u + (uint32_t)p * 7919u;
-        for (int i = 0; i < rows && ok; i++) { /* (B w)_i against v_i */
-            const double v = (xorshift32(&s) & 1u) ? 1.0 : -1.0;
-            double acc = 0.0;
-            for (int k = 0; k < cols; k++) acc += (double)b[(size_t)i * cols + k] * w[k];
-            ok = fabs(acc - v) <= bound;
-        }
-    }
-    free(w);
-    return ok;
-}
-
-/* Modified Gram-Schmidt in double, in place: the project/lift pair is exact only for an
- * orthonormal basis, and f16 storage or rounding leaves it slightly off. The Python reader
- * (innsteer_local/flow/format.py) runs the same loop, so both readers end with the same basis. */
-static bool orthonormalise(float *b, int rows, int cols) {
-    double *q = malloc(sizeof(double) * (size_t)rows * (size_t)cols);
-    if (!q) return false;
-    for (int k = 0; k < rows; k++) {
-        double *v = q + (size_t)k * cols;
-        for (int i = 0; i < cols; i++) v[i] = b[(size_t)k * cols + i];
-        for (int j = 0; j < k; j++) {
-            const double *u = q + (size_t)j * cols;
-            double d = 0.0;
-            for (int i = 0; i < cols; i++) d += v[i] * u[i];
-            for (int i = 0; i < cols; i++) v[i] -= d * u[i];
-        }
-        double norm = 0.0;
-        for (int i = 0; i < cols; i++) norm += v[i] * v[i];
-        norm = sqrt(norm);
-        for (int i = 0; i < cols; i++) v[i] /= norm;
-    }
-    for (size_t i = 0; i < (size_t)rows * cols; i++) b[i] = (float)q[i];
-    free(q);
-    return true;
+innsteer_status flow_load_mat(flow_loader *L, const char *name, int rows, int cols, const float **out) {
+    return flow_load_tensor(L, name, rows, cols, false, (const void **)out);
 }
 
 /* Deterministic probe rows for the load-time invertibility check. */
@@ -162,107 +79,23 @@ static void probe_row(float *v, int n, int seed) {
     for (int i = 0; i < n; i++) v[i] = ((float)(xorshift32(&s) & 0xffff) / 65535.0f - 0.5f) * 4.0f;
 }
 
-static innsteer_status load_op(loader *L, flow_site *s, int si, int k, gguf_str kind, int dim, int n_embd) {
+static innsteer_status load_op(flow_loader *L, flow_site *s, int si, int k, gguf_str kind, int dim, int n_embd) {
     flow_op *op = &s->ops[k];
-    char key[128], name[64];
-    innsteer_status st;
     int kind_id = 0;
-    while (kind_id < N_OP_KINDS && !gguf_str_eq(kind, OP_NAMES[kind_id])) kind_id++;
+    /* a kind without a table entry (no name) reads as unknown rather than crashing */
+    while (kind_id < N_OP_KINDS && !(OP_KIND_IMPLS[kind_id].name && gguf_str_eq(kind, OP_KIND_IMPLS[kind_id].name))) kind_id++;
     if (kind_id == N_OP_KINDS) {
         return FAIL(L, INNSTEER_ERR_UNSUPPORTED, "site %d op %d: unknown op kind '%.*s'", si, k, (int)(kind.len > 40 ? 40 : kind.len), kind.ptr);
     }
     op->kind = (op_kind)kind_id;
-    op->dim = dim;
-#define TNAME(suffix) (snprintf(name, sizeof name, "site.%d.op.%d.%s", si, k, suffix), name)
-    if (op->kind == OP_AFFINE) {
-        if ((st = load_vec(L, TNAME("scale"), dim, &op->scale)) || (st = load_vec(L, TNAME("bias"), dim, &op->bias))) return st;
-        for (int i = 0; i < dim; i++) {
-            float a = fabsf(op->scale[i]);
-            if (!(a >= 1e-6f && a <= 1e6f)) {
-                return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d (affine): scale[%d] = %g is outside 1e-6..1e6 in magnitude",
-                            si, k, i, (double)op->scale[i]);
-            }
-        }
-    } else if (op->kind == OP_SUBSPACE) {
-        if (s->subspace_at >= 0) return FAIL(L, INNSTEER_ERR_INVALID, "site %d: more than one subspace op", si);
-        if (dim != n_embd) return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace must act on the full n_embd", si, k);
-        const gguf_tensor *t = gguf_find_tensor(&L->g, TNAME("basis"));
-        if (!t) return FAIL(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
-        const int max_rank = n_embd < MAX_RANK ? n_embd : MAX_RANK;
-        if (t->ne[1] < 1 || t->ne[1] > (uint64_t)max_rank) {
-            return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace rank %llu outside 1..%d", si, k,
-                        (unsigned long long)t->ne[1], max_rank);
-        }
-        op->rank = (int)t->ne[1];
-        if ((st = load_mat(L, name, op->rank, n_embd, &op->basis))) return st;
-        if (!rows_orthonormal(op->basis, op->rank, n_embd, 1e-2f)) {
-            return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace basis rows are not orthonormal", si, k);
-        }
-        if (!orthonormalise((float *)op->basis, op->rank, n_embd)) return FAIL(L, INNSTEER_ERR_NOMEM, "out of memory");
-        s->subspace_at = k;
-    } else if (op->kind == OP_COUPLING) {
-        if (dim < 2) return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: coupling needs width >= 2, got %d", si, k, dim);
-        op->d1 = dim / 2;
-        op->d2 = dim - op->d1;
-        uint32_t n_layers = 0;
-        snprintf(key, sizeof key, "innsteer.site.%d.op.%d.mlp_layers", si, k);
-        if (!gguf_get_u32(&L->g, key, &n_layers) || n_layers < 1 || n_layers > MAX_MLP_LAYERS) {
-            return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a u32 in 1..%d", key, MAX_MLP_LAYERS);
-        }
-        op->n_layers = (int)n_layers;
-        snprintf(key, sizeof key, "innsteer.site.%d.op.%d.clamp", si, k);
-        if (!gguf_get_f32(&L->g, key, &op->clamp) || !(op->clamp > 0.0f && op->clamp <= 20.0f)) {
-            return FAIL(L, INNSTEER_ERR_INVALID, "%s must be an f32 in (0, 20]", key);
-        }
-        snprintf(key, sizeof key, "innsteer.site.%d.op.%d.activation", si, k);
-        gguf_str act;
-        if (!gguf_get_str(&L->g, key, &act)) return FAIL(L, INNSTEER_ERR_INVALID, "missing string %s", key);
-        if (gguf_str_eq(act, "relu")) op->act = ACT_RELU;
-        else if (gguf_str_eq(act, "tanh")) op->act = ACT_TANH;
-        else if (gguf_str_eq(act, "silu")) op->act = ACT_SILU;
-        else return FAIL(L, INNSTEER_ERR_UNSUPPORTED, "%s: unknown activation '%.*s'", key, (int)(act.len > 40 ? 40 : act.len), act.ptr);
-        op->width[0] = op->d1;
-        for (int j = 0; j < op->n_layers; j++) {
-            char wn[16];
-            snprintf(wn, sizeof wn, "w%d", j);
-            const gguf_tensor *t = gguf_find_tensor(&L->g, TNAME(wn));
-            if (!t) return FAIL(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
-            int out = j + 1 == op->n_layers ? 2 * op->d2 : (int)(t->ne[1] <= MAX_WIDTH ? t->ne[1] : MAX_WIDTH + 1);
-            if (out > MAX_WIDTH) return FAIL(L, INNSTEER_ERR_INVALID, "tensor '%s': hidden width above %d", name, MAX_WIDTH);
-            op->width[j + 1] = out;
-            if ((st = load_mat(L, name, out, op->width[j], &op->w[j]))) return st;
-            snprintf(wn, sizeof wn, "b%d", j);
-            if ((st = load_vec(L, TNAME(wn), out, &op->b[j]))) return st;
-        }
-    } else if (op->kind == OP_PERMUTE) {
-        if ((st = load_tensor(L, TNAME("perm"), 1, dim, true, (const void **)&op->perm))) return st;
-        /* a permutation: every index in range and seen once */
-        uint8_t *seen = calloc((size_t)dim, 1);
-        if (!seen) return FAIL(L, INNSTEER_ERR_NOMEM, "out of memory");
-        for (int i = 0; i < dim; i++) {
-            int32_t p = op->perm[i];
-            if (p < 0 || p >= dim || seen[p]) {
-                free(seen);
-                return FAIL(L, INNSTEER_ERR_INVALID, "tensor '%s' is not a permutation of 0..%d (entry %d = %d)", name, dim - 1, i, p);
-            }
-            seen[p] = 1;
-        }
-        free(seen);
-    } else if (op->kind == OP_LINEAR) {
-        if ((st = load_mat(L, TNAME("matrix"), dim, dim, &op->matrix)) || (st = load_mat(L, TNAME("matrix_inv"), dim, dim, &op->matrix_inv)) ||
-            (st = load_vec(L, TNAME("bias"), dim, &op->lbias))) {
-            return st;
-        }
-    }
-#undef TNAME
-    return INNSTEER_OK;
+    op->dim = op->out_dim = dim;
+    return OP_KIND_IMPLS[kind_id].load(L, s, op, si, k, n_embd);
 }
 
 static void size_scratch(flow_site *s, int n_embd) {
     int widest = 1;
     for (int k = 0; k < s->n_ops; k++) {
-        const flow_op *op = &s->ops[k];
-        if (op->kind != OP_COUPLING) continue;
+        const flow_op *op = &s->ops[k]; /* only a coupling has conditioner layers */
         for (int j = 1; j <= op->n_layers; j++) widest = op->width[j] > widest ? op->width[j] : widest;
     }
     s->widest = widest;
@@ -275,7 +108,7 @@ static void size_scratch(flow_site *s, int n_embd) {
 static void name_ops(flow_site *s) {
     char *p = s->op_names;
     for (int k = 0; k < s->n_ops; k++) {
-        const char *name = OP_NAMES[s->ops[k].kind];
+        const char *name = op_impl(&s->ops[k])->name;
         size_t n = strlen(name);
         if (k) *p++ = ' ';
         memcpy(p, name, n);
@@ -286,7 +119,7 @@ static void name_ops(flow_site *s) {
 
 /* phi^-1(phi(x)) must return x: catches inconsistent inverse matrices and blow-ups that the
  * per-tensor checks cannot see. */
-static innsteer_status check_roundtrip(loader *L, const flow_site *s, int si, int n_embd) {
+static innsteer_status check_roundtrip(flow_loader *L, const flow_site *s, int si, int n_embd) {
     size_t scratch_floats = s->block_scratch > s->scratch ? s->block_scratch : s->scratch;
     float *buf = malloc(sizeof(float) * ((size_t)n_embd * 3 + scratch_floats));
     if (!buf) return FAIL(L, INNSTEER_ERR_NOMEM, "out of memory");
@@ -313,7 +146,7 @@ static innsteer_status check_roundtrip(loader *L, const flow_site *s, int si, in
 }
 
 /* The descriptive strings, validated and copied out of the file buffer into one block. */
-static innsteer_status load_strings(loader *L, innsteer_flow *flow) {
+static innsteer_status load_strings(flow_loader *L, innsteer_flow *flow) {
     enum { N = 6 };
     static const char *const keys[N] = {"general.name", "innsteer.behavior", "innsteer.method", "innsteer.model.name",
                                         "innsteer.model.architecture", "innsteer.provenance"};
@@ -348,7 +181,7 @@ static innsteer_status load_strings(loader *L, innsteer_flow *flow) {
     return INNSTEER_OK;
 }
 
-static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
+static innsteer_status build_flow(flow_loader *L, innsteer_flow *flow) {
     gguf_file *g = &L->g;
     uint32_t version = 0, n_embd = 0, n_layer = 0;
     if (!gguf_get_u32(g, "innsteer.format_version", &version)) return FAIL(L, INNSTEER_ERR_INVALID, "missing u32 innsteer.format_version");
@@ -415,20 +248,20 @@ static innsteer_status build_flow(loader *L, innsteer_flow *flow) {
             gguf_str kind = {ops.ptr + pos, end - pos};
             int k = s->n_ops++;
             if ((st = load_op(L, s, si, k, kind, dim, (int)n_embd))) return st;
-            if (s->ops[k].kind == OP_SUBSPACE) dim = s->ops[k].rank;
+            dim = s->ops[k].out_dim;
             pos = end;
         }
         s->latent_dim = dim;
         name_ops(s);
         char name[64];
         snprintf(name, sizeof name, "site.%d.delta", si);
-        if ((st = load_vec(L, name, dim, &s->delta))) return st;
+        if ((st = flow_load_vec(L, name, dim, &s->delta))) return st;
         s->delta_norm = sqrtf(dot(s->delta, s->delta, dim)); /* the target gate's unit, host and graph alike */
         snprintf(name, sizeof name, "site.%d.edit_scale", si);
-        if (gguf_find_tensor(g, name) && (st = load_vec(L, name, dim, &s->edit_scale))) return st;
+        if (gguf_find_tensor(g, name) && (st = flow_load_vec(L, name, dim, &s->edit_scale))) return st;
         snprintf(name, sizeof name, "site.%d.gate_center", si);
         if (gguf_find_tensor(g, name)) {
-            if ((st = load_vec(L, name, dim, &s->gate_center))) return st;
+            if ((st = flow_load_vec(L, name, dim, &s->gate_center))) return st;
             const char *fields[] = {"radius", "softness", "target_pos", "target_neg"};
             float *dst[] = {&s->gate_radius, &s->gate_softness, &s->gate_target_pos, &s->gate_target_neg};
             for (int f = 0; f < 4; f++) {
@@ -455,7 +288,7 @@ static void destroy(innsteer_flow *flow) {
 
 static innsteer_status load_from_buffer(const uint8_t *buf, size_t size, int n_embd, int n_layer, innsteer_flow **out,
                                         char *err, size_t err_size) {
-    loader L = {.err = err, .err_size = err_size, .want_n_embd = n_embd > 0 ? n_embd : 0, .want_n_layer = n_layer > 0 ? n_layer : 0};
+    flow_loader L = {.err = err, .err_size = err_size, .want_n_embd = n_embd > 0 ? n_embd : 0, .want_n_layer = n_layer > 0 ? n_layer : 0};
     if (err && err_size) err[0] = '\0';
     innsteer_status parsed = gguf_parse_header(&L.g, buf, size, err, err_size);
     if (parsed) return parsed;

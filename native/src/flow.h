@@ -10,12 +10,14 @@
 
 #define FLOW_BLOCK 16 /* rows steered together */
 
-typedef enum { OP_AFFINE, OP_SUBSPACE, OP_COUPLING, OP_PERMUTE, OP_LINEAR } op_kind;
+/* indexes OP_KIND_IMPLS (flow_ops.c), which holds everything each kind does */
+typedef enum { OP_AFFINE, OP_SUBSPACE, OP_COUPLING, OP_PERMUTE, OP_LINEAR, N_OP_KINDS } op_kind;
 typedef enum { ACT_RELU, ACT_TANH, ACT_SILU } act_kind;
 
 typedef struct {
     op_kind kind;
-    int dim; /* width of the vector this op acts on */
+    int dim;     /* width of the vector this op acts on */
+    int out_dim; /* width after it (a subspace's rank) */
     /* affine: y = x * scale + bias */
     const float *scale, *bias;
     /* subspace: y = basis x, basis is rank x n_embd with orthonormal rows */

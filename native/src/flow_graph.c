@@ -2,10 +2,11 @@
  *
  * ggml's functions come from ggml_api.h. We never read struct ggml_tensor: llama.cpp's
  * activations are copied into our own input tensor with ggml_backend_tensor_copy, which moves
- * device-to-device when both sit on the same kind of device, and copied back the same way. */
+ * device-to-device when both sit on the same kind of device, and copied back the same way. Each
+ * op kind's weights and nodes come from its entry of OP_KIND_IMPLS (flow_ops.c). */
 #include "error.h"
 #include "flow_graph.h"
-#include "ggml_api.h"
+#include "flow_ops.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -71,14 +72,6 @@ const char *graph_backend_name(const graph_backend *b) { return b ? b->name : ""
 
 /* ---- weights ---------------------------------------------------------------------------- */
 
-typedef struct {
-    T *scale, *bias;               /* affine */
-    T *basis, *basis_t;            /* subspace: rank rows of n_embd, and its transpose */
-    T *w[MAX_MLP_LAYERS], *b[MAX_MLP_LAYERS]; /* coupling conditioner */
-    T *perm, *perm_inv;            /* permute (i32) */
-    T *matrix, *matrix_inv, *lbias; /* linear */
-} op_tensors;
-
 /* Compute graphs for recent batch shapes: prompt batches and decode alternate, and a rebuild
  * costs a host-side graph construction (no device allocation once the allocator's buffer is
  * large enough). */
@@ -109,21 +102,10 @@ struct flow_graph {
     bool unsupported; /* the backend lacks an op: the host path from then on */
 };
 
-static size_t op_weight_tensors(const flow_op *op) {
-    switch (op->kind) {
-        case OP_AFFINE: return 2;
-        case OP_SUBSPACE: return 2;
-        case OP_COUPLING: return 2 * (size_t)op->n_layers;
-        case OP_PERMUTE: return 2;
-        case OP_LINEAR: return 3;
-    }
-    return 0;
-}
-
 /* Upper bound on the tensors (nodes, views, leaves) of one steering graph. */
 static size_t graph_bound(const flow_site *s) {
     size_t n = 64;
-    for (int k = 0; k < s->n_ops; k++) n += s->ops[k].kind == OP_COUPLING ? 40 + 8 * (size_t)s->ops[k].n_layers : 12;
+    for (int k = 0; k < s->n_ops; k++) n += op_impl(&s->ops[k])->graph_nodes(&s->ops[k]);
     return n;
 }
 
@@ -155,43 +137,14 @@ innsteer_status flow_graph_new(const flow_site *s, int n_embd, graph_backend *b,
     g->n_embd = n_embd;
     g->backend = b;
     g->max_nodes = graph_bound(s);
-    size_t n_tensors = 4;
-    for (int k = 0; k < s->n_ops; k++) n_tensors += op_weight_tensors(&s->ops[k]);
+    size_t n_tensors = 4 + (size_t)s->n_ops * OP_MAX_TENSORS;
     g->wctx = G->ggml_init((struct ggml_api_init_params){.mem_size = n_tensors * G->ggml_tensor_overhead(), .mem_buffer = NULL, .no_alloc = true});
     if (!g->wctx) {
         flow_graph_free(g);
         return set_error(err, err_size, INNSTEER_ERR_NOMEM, "ggml_init failed for the flow weights");
     }
     C *w = g->wctx;
-    for (int k = 0; k < s->n_ops; k++) {
-        const flow_op *op = &s->ops[k];
-        op_tensors *o = &g->ops[k];
-        switch (op->kind) {
-            case OP_AFFINE:
-                o->scale = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, op->dim);
-                o->bias = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, op->dim);
-                break;
-            case OP_SUBSPACE:
-                o->basis = G->ggml_new_tensor_2d(w, GGML_API_TYPE_F32, n_embd, op->rank);
-                o->basis_t = G->ggml_new_tensor_2d(w, GGML_API_TYPE_F32, op->rank, n_embd);
-                break;
-            case OP_COUPLING:
-                for (int j = 0; j < op->n_layers; j++) {
-                    o->w[j] = G->ggml_new_tensor_2d(w, GGML_API_TYPE_F32, op->width[j], op->width[j + 1]);
-                    o->b[j] = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, op->width[j + 1]);
-                }
-                break;
-            case OP_PERMUTE:
-                o->perm = G->ggml_new_tensor_1d(w, GGML_API_TYPE_I32, op->dim);
-                o->perm_inv = G->ggml_new_tensor_1d(w, GGML_API_TYPE_I32, op->dim);
-                break;
-            case OP_LINEAR:
-                o->matrix = G->ggml_new_tensor_2d(w, GGML_API_TYPE_F32, op->dim, op->dim);
-                o->matrix_inv = G->ggml_new_tensor_2d(w, GGML_API_TYPE_F32, op->dim, op->dim);
-                o->lbias = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, op->dim);
-                break;
-        }
-    }
+    for (int k = 0; k < s->n_ops; k++) op_impl(&s->ops[k])->graph_weights(G, w, &s->ops[k], n_embd, &g->ops[k]);
     int lat = s->latent_dim;
     g->delta = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, lat);
     if (s->edit_scale) g->edit_scale = G->ggml_new_tensor_1d(w, GGML_API_TYPE_F32, lat);
@@ -203,56 +156,12 @@ innsteer_status flow_graph_new(const flow_site *s, int n_embd, graph_backend *b,
         flow_graph_free(g);
         return set_error(err, err_size, INNSTEER_ERR_NOMEM, "cannot allocate the flow weights on backend %s", b->name);
     }
-    /* host staging for the transposed basis and the inverse permutation, once per upload */
-    size_t stage_floats = 0;
     for (int k = 0; k < s->n_ops; k++) {
-        const flow_op *op = &s->ops[k];
-        size_t need = op->kind == OP_SUBSPACE ? (size_t)op->rank * n_embd : op->kind == OP_PERMUTE ? (size_t)op->dim : 0;
-        stage_floats = need > stage_floats ? need : stage_floats;
-    }
-    void *stage = stage_floats ? malloc(4 * stage_floats) : NULL;
-    if (stage_floats && !stage) {
-        flow_graph_free(g);
-        return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
-    }
-    for (int k = 0; k < s->n_ops; k++) {
-        const flow_op *op = &s->ops[k];
-        op_tensors *o = &g->ops[k];
-        switch (op->kind) {
-            case OP_AFFINE:
-                upload(G, o->scale, op->scale, 4 * (size_t)op->dim);
-                upload(G, o->bias, op->bias, 4 * (size_t)op->dim);
-                break;
-            case OP_SUBSPACE: {
-                upload(G, o->basis, op->basis, 4 * (size_t)op->rank * n_embd);
-                float *bt = stage;
-                for (int r = 0; r < op->rank; r++) {
-                    for (int i = 0; i < n_embd; i++) bt[(size_t)i * op->rank + r] = op->basis[(size_t)r * n_embd + i];
-                }
-                upload(G, o->basis_t, bt, 4 * (size_t)op->rank * n_embd);
-                break;
-            }
-            case OP_COUPLING:
-                for (int j = 0; j < op->n_layers; j++) {
-                    upload(G, o->w[j], op->w[j], 4 * (size_t)op->width[j] * op->width[j + 1]);
-                    upload(G, o->b[j], op->b[j], 4 * (size_t)op->width[j + 1]);
-                }
-                break;
-            case OP_PERMUTE: {
-                upload(G, o->perm, op->perm, 4 * (size_t)op->dim);
-                int32_t *inv = stage;
-                for (int i = 0; i < op->dim; i++) inv[op->perm[i]] = i;
-                upload(G, o->perm_inv, inv, 4 * (size_t)op->dim);
-                break;
-            }
-            case OP_LINEAR:
-                upload(G, o->matrix, op->matrix, 4 * (size_t)op->dim * op->dim);
-                upload(G, o->matrix_inv, op->matrix_inv, 4 * (size_t)op->dim * op->dim);
-                upload(G, o->lbias, op->lbias, 4 * (size_t)op->dim);
-                break;
+        if (!op_impl(&s->ops[k])->graph_upload(G, &s->ops[k], n_embd, &g->ops[k])) {
+            flow_graph_free(g);
+            return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
         }
     }
-    free(stage);
     upload(G, g->delta, s->delta, 4 * (size_t)lat);
     if (s->edit_scale) upload(G, g->edit_scale, s->edit_scale, 4 * (size_t)lat);
     if (s->gate_center) upload(G, g->gate_center, s->gate_center, 4 * (size_t)lat);
@@ -269,80 +178,6 @@ bool flow_graph_supports(const flow_graph *g, innsteer_gate gate) {
 }
 
 /* ---- graph ------------------------------------------------------------------------------ */
-
-/* Columns [from, from + cols) of every row of x (rows of width w): a strided view. */
-static T *cols(const ggml_api *G, C *ctx, T *x, int w, int from, int cols_n, int64_t n) {
-    return G->ggml_view_2d(ctx, x, cols_n, n, 4 * (size_t)w, 4 * (size_t)from);
-}
-
-static T *activate_node(const ggml_api *G, C *ctx, act_kind act, T *x) {
-    switch (act) {
-        case ACT_RELU: return G->ggml_relu(ctx, x);
-        case ACT_TANH: return G->ggml_tanh(ctx, x);
-        case ACT_SILU: return G->ggml_silu(ctx, x);
-    }
-    return x;
-}
-
-/* (s, t) of a coupling for conditioning rows cond (contiguous, width d1): s = c tanh(s_raw / c). */
-static void conditioner_node(const ggml_api *G, C *ctx, const flow_op *op, const op_tensors *o, T *cond, int64_t n, T **s, T **t) {
-    T *h = cond;
-    for (int j = 0; j < op->n_layers; j++) {
-        h = G->ggml_add(ctx, G->ggml_mul_mat(ctx, o->w[j], h), o->b[j]);
-        if (j + 1 < op->n_layers) h = activate_node(G, ctx, op->act, h);
-    }
-    int d2 = op->d2;
-    /* unary ops want contiguous input on some backends */
-    T *s_raw = G->ggml_cont(ctx, cols(G, ctx, h, 2 * d2, 0, d2, n));
-    *s = G->ggml_scale(ctx, G->ggml_tanh(ctx, G->ggml_scale(ctx, s_raw, 1.0f / op->clamp)), op->clamp);
-    *t = cols(G, ctx, h, 2 * d2, d2, d2, n);
-}
-
-/* Feature permutation y[i] = x[idx[i]] of every row: rows of the transpose, gathered. */
-static T *permute_node(const ggml_api *G, C *ctx, T *x, T *idx) {
-    T *xt = G->ggml_cont(ctx, G->ggml_transpose(ctx, x));
-    return G->ggml_cont(ctx, G->ggml_transpose(ctx, G->ggml_get_rows(ctx, xt, idx)));
-}
-
-static T *op_forward_node(const ggml_api *G, C *ctx, const flow_op *op, const op_tensors *o, T *x, int64_t n) {
-    switch (op->kind) {
-        case OP_AFFINE: return G->ggml_add(ctx, G->ggml_mul(ctx, x, o->scale), o->bias);
-        case OP_SUBSPACE: return G->ggml_mul_mat(ctx, o->basis, x);
-        case OP_PERMUTE: return permute_node(G, ctx, x, o->perm);
-        case OP_LINEAR: return G->ggml_add(ctx, G->ggml_mul_mat(ctx, o->matrix, x), o->lbias);
-        case OP_COUPLING: {
-            T *s, *t;
-            T *x1 = cols(G, ctx, x, op->dim, 0, op->d1, n);
-            conditioner_node(G, ctx, op, o, G->ggml_cont(ctx, x1), n, &s, &t);
-            T *y2 = G->ggml_add(ctx, G->ggml_mul(ctx, cols(G, ctx, x, op->dim, op->d1, op->d2, n), G->ggml_exp(ctx, s)), t);
-            return G->ggml_concat(ctx, x1, y2, 0);
-        }
-    }
-    return x;
-}
-
-/* The edit of op k's input from the edit d of its output (flow_steer.c, op_inverse_delta_block). */
-static T *op_inverse_delta_node(const ggml_api *G, C *ctx, const flow_op *op, const op_tensors *o, T *x_in, T *x_out, T *d, int64_t n) {
-    switch (op->kind) {
-        case OP_AFFINE: return G->ggml_div(ctx, d, o->scale);
-        case OP_SUBSPACE: return G->ggml_mul_mat(ctx, o->basis_t, d);
-        case OP_PERMUTE: return permute_node(G, ctx, d, o->perm_inv);
-        case OP_LINEAR: return G->ggml_mul_mat(ctx, o->matrix_inv, d);
-        case OP_COUPLING: {
-            /* condition on the moved first half; x2' = (x_out2 + d2 - t) exp(-s), edit x2' - x_in2 */
-            int w = op->dim, d1 = op->d1, d2 = op->d2;
-            T *dd1 = cols(G, ctx, d, w, 0, d1, n);
-            T *cond = G->ggml_add(ctx, cols(G, ctx, x_in, w, 0, d1, n), dd1);
-            T *s, *t;
-            conditioner_node(G, ctx, op, o, cond, n, &s, &t);
-            T *u = G->ggml_sub(ctx, G->ggml_add(ctx, cols(G, ctx, x_out, w, d1, d2, n), cols(G, ctx, d, w, d1, d2, n)), t);
-            u = G->ggml_mul(ctx, u, G->ggml_exp(ctx, G->ggml_scale(ctx, s, -1.0f)));
-            T *e2 = G->ggml_sub(ctx, u, cols(G, ctx, x_in, w, d1, d2, n));
-            return G->ggml_concat(ctx, dd1, e2, 0);
-        }
-    }
-    return d;
-}
 
 /* Per-row weight of the edit times the strength, [1, n] (flow_steer.c, gate_weight). */
 static T *gated_strength_node(flow_graph *g, C *ctx, innsteer_gate gate, bool negative, T *z) {
@@ -382,12 +217,14 @@ static innsteer_status build_slot(flow_graph *g, graph_slot *sl, int64_t n, inns
     sl->in = G->ggml_new_tensor_2d(ctx, GGML_API_TYPE_F32, g->n_embd, n);
     G->ggml_set_input(sl->in);
     acts[0] = sl->in;
-    for (int k = 0; k < s->n_ops; k++) acts[k + 1] = op_forward_node(G, ctx, &s->ops[k], &g->ops[k], acts[k], n);
+    for (int k = 0; k < s->n_ops; k++) acts[k + 1] = op_impl(&s->ops[k])->graph_forward(G, ctx, &s->ops[k], &g->ops[k], acts[k], n);
     T *z = acts[s->n_ops];
     T *base = g->edit_scale ? G->ggml_add(ctx, G->ggml_mul(ctx, z, g->edit_scale), g->delta) : G->ggml_repeat(ctx, g->delta, z);
     T *a = gate == INNSTEER_GATE_OFF ? g->strength : gated_strength_node(g, ctx, gate, negative, z);
     T *d = G->ggml_mul(ctx, base, a);
-    for (int k = s->n_ops - 1; k >= 0; k--) d = op_inverse_delta_node(G, ctx, &s->ops[k], &g->ops[k], acts[k], acts[k + 1], d, n);
+    for (int k = s->n_ops - 1; k >= 0; k--) {
+        d = op_impl(&s->ops[k])->graph_inverse_delta(G, ctx, &s->ops[k], &g->ops[k], acts[k], acts[k + 1], d, n);
+    }
     sl->out = G->ggml_add(ctx, sl->in, d);
     /* 0 for a row of finite values, NaN otherwise (x - x) */
     sl->flags = G->ggml_sum_rows(ctx, G->ggml_sub(ctx, sl->out, sl->out));

@@ -1,5 +1,6 @@
-"""ONNX export: onnxruntime on the exported graphs equals the native library and a torch reference,
-on real activations of the model (rel. error <= 1e-4)."""
+"""ONNX export: onnxruntime on the exported graphs equals the native library and the torch reference
+(train/torch_ops.py), on real activations of the model and shipped flows (rel. error <= 1e-4). Every
+op kind on its own, through every backend: test_op_conformance.py."""
 
 from __future__ import annotations
 
@@ -13,20 +14,13 @@ import numpy as np
 import pytest
 
 from innsteer_local import Flow
-from innsteer_local.flow import (
-    Affine,
-    Coupling,
-    Gate,
-    Linear,
-    Permute,
-    Site,
-    random_flow,
-)
+from innsteer_local.flow import Gate, Site, random_flow
 from innsteer_local.runtime import registry as models
 from innsteer_local.runtime.native import NativeFlow
 
 ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra installs onnxruntime")
 torch = pytest.importorskip("torch", reason="the [dev] extra installs torch")
+from innsteer_local.train.torch_ops import TorchSite  # noqa: E402
 
 TEXT = (b"Once upon a time, in a small village by the sea, there lived an old fisherman who went out every "
         b"morning before dawn. One day he found a bottle in his net, and inside it was a letter written in a "
@@ -74,95 +68,24 @@ def flow_cases():
     return [pytest.param(name, id=name) for name in sorted(SHIPPED)] + [pytest.param("random", id="random")]
 
 
-# ---- an independent torch reference (float64, the plain formula phi^-1(phi(h) + e)) -------------
+# ---- the torch reference (train/torch_ops.py: float64, the plain formula phi^-1(phi(h) + e)) ---
 
 
 def _t(a) -> "torch.Tensor":
     return torch.as_tensor(np.asarray(a, dtype=np.float64))
 
 
-def _act(name: str, x):
-    return {"relu": torch.relu, "tanh": torch.tanh, "silu": torch.nn.functional.silu}[name](x)
-
-
-def _coupling(op: Coupling, x, inverse: bool):
-    d1 = x.shape[1] // 2
-    d2 = x.shape[1] - d1
-    h = x[:, :d1]
-    for k, (w, b) in enumerate(zip(op.weights, op.biases)):
-        h = h @ _t(w).T + _t(b)
-        if k + 1 < len(op.weights):
-            h = _act(op.activation, h)
-    s = op.clamp * torch.tanh(h[:, :d2] / op.clamp)
-    t = h[:, d2:]
-    x2 = (x[:, d1:] - t) * torch.exp(-s) if inverse else x[:, d1:] * torch.exp(s) + t
-    return torch.cat([x[:, :d1], x2], dim=1)
-
-
-def _op(op, x, inverse: bool):
-    if isinstance(op, Affine):
-        return (x - _t(op.bias)) / _t(op.scale) if inverse else x * _t(op.scale) + _t(op.bias)
-    if isinstance(op, Coupling):
-        return _coupling(op, x, inverse)
-    if isinstance(op, Permute):
-        return x[:, torch.as_tensor(np.argsort(op.perm))] if inverse else x[:, torch.as_tensor(op.perm.astype(np.int64))]
-    if isinstance(op, Linear):
-        return (x - _t(op.bias)) @ _t(op.matrix_inv).T if inverse else x @ _t(op.matrix).T + _t(op.bias)
-    raise AssertionError(op)
-
-
 def torch_latent(site: Site, h):
     """(phi(h) n_embd wide, the latent z where delta lives)"""
-    k = site.subspace_index
-    pre, post = (site.ops, []) if k < 0 else (site.ops[:k], site.ops[k + 1:])
-    x = h
-    for op in pre:
-        x = _op(op, x, False)
-    if k < 0:
-        return x, x
-    u = _t(site.ops[k].basis)
-    y = x @ u.T
-    z = y
-    for op in post:
-        z = _op(op, z, False)
-    return x + (z - y) @ u, z
+    return TorchSite(site).latent(h)
 
 
 def torch_inverse(site: Site, z):
-    k = site.subspace_index
-    pre, post = (site.ops, []) if k < 0 else (site.ops[:k], site.ops[k + 1:])
-    x = z
-    if k >= 0:
-        u = _t(site.ops[k].basis)
-        y0 = x @ u.T
-        y = y0
-        for op in reversed(post):
-            y = _op(op, y, True)
-        x = x + (y - y0) @ u
-    for op in reversed(pre):
-        x = _op(op, x, True)
-    return x
+    return TorchSite(site).inverse(z)
 
 
 def torch_steer(site: Site, h, strength: float, gate: str):
-    full, z = torch_latent(site, h)
-    delta = _t(site.delta)
-    edit = delta + (_t(site.edit_scale) * z if site.edit_scale is not None else 0.0)
-    w = torch.ones(h.shape[0], 1, dtype=torch.float64)
-    if gate == "density":
-        d2 = ((z - _t(site.gate.center)) ** 2).mean(1, keepdim=True)
-        w = torch.sigmoid(-(d2 - site.gate.radius) / site.gate.softness)
-    elif gate == "target":
-        norm = delta.norm()
-        target = site.gate.target_pos if strength > 0 else site.gate.target_neg
-        need = (target - (z @ delta)[:, None] / norm) / norm
-        lo, hi = min(0.0, strength), max(0.0, strength)
-        w = need.clamp(lo, hi) / strength if strength else torch.zeros_like(w)
-    latent_edit = strength * w * edit
-    k = site.subspace_index
-    if k >= 0:  # the edit lives in the subspace: the full-width latent moves by basis^T e
-        latent_edit = latent_edit @ _t(site.ops[k].basis)
-    return torch_inverse(site, full + latent_edit)
+    return TorchSite(site).steer(h, strength, gate)
 
 
 # ---- comparisons ------------------------------------------------------------------------------

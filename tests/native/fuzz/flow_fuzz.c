@@ -3,7 +3,7 @@
  * or be refused with a status and a message. Never crash, leak or read out of bounds.
  *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Inative/include tests/native/fuzz/flow_fuzz.c \
- *     native/src/error.c native/src/gguf_read.c native/src/flow.c native/src/flow_math.c \
+ *     native/src/error.c native/src/gguf_read.c native/src/flow.c native/src/flow_ops.c native/src/flow_math.c \
  *     native/src/flow_steer.c -lm -o flow_fuzz
  *   ./flow_fuzz -max_total_time=600 -dict=tests/native/fuzz/flow.dict tests/native/fuzz/corpus
  *
