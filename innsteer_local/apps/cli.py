@@ -440,14 +440,14 @@ def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], l
     shape = {k: v for k, v in (("rank", rank), ("blocks", blocks), ("hidden", hidden)) if v is not None}
     if through:
         from ..train.inn import InnConfig
-        from ..train.through import ThroughConfig
+        from ..train.through.trainer import ThroughConfig
 
         cfg.through = ThroughConfig(seed=seed, inn=InnConfig(seed=seed, **shape), precision=precision,
                                     **({"steps": steps} if steps else {}),
                                     **({"coupling_steps": coupling_steps} if coupling_steps is not None else {}),
                                     **({"lr": lr, "coupling_lr": lr / 3} if lr else {}))
     elif method == "innsteer":
-        from ..train.geometry import GeometryConfig
+        from ..train.activations.geometry import GeometryConfig
         from ..train.inn import InnConfig
 
         cfg.geometry = GeometryConfig(seed=seed, inn=InnConfig(**{"rank": 64, "blocks": 4, "hidden": 128, **shape},

@@ -2,8 +2,8 @@
 default strength chosen by what the steered model writes -> a report.
 
 Methods, all on the same data and layer:
-  innsteer   the invertible flow trained through the frozen model (train/through.py; default), or
-             on activation geometry alone with objective="geometry" (train/geometry.py)
+  innsteer   the invertible flow trained through the frozen model (train/through/; default), or
+             on activation geometry alone with objective="geometry" (train/activations/geometry.py)
   vector     one vector trained with the same objective and data (the fair linear control)
   mean-diff, pca, affine-ot   linear baselines from captured activations (no torch)
 
@@ -25,9 +25,9 @@ from ..choices import TRAIN_METHODS
 from ..errors import InnsteerError, InvalidArgument
 from ..flow import Flow, Gate
 from . import behaviors
-from .collect import Activations, collect_dataset
+from .activations.collect import Activations, collect_dataset
+from .activations.linear import LinearProbe, linear_flow, mean_diff
 from .data import Dataset, load_file
-from .linear import LinearProbe, linear_flow, mean_diff
 
 # strength 1 moves rows by this share of a typical activation norm: on smollm2-135m, mean-diff
 # honesty at layer 15 was visible and still fluent there
@@ -194,7 +194,7 @@ def _train_from_activations(llm: Any, ds: Dataset, layers: Sequence[int], cfg: T
     t1 = time.perf_counter()
     out = TrainOutcome(flow=None, layer=chosen, data=ds, activations=acts, sweep=sweep)  # type: ignore[arg-type]
     if cfg.method == "innsteer":  # the activation-geometry objective
-        from .geometry import GeometryConfig, train_geometry
+        from .activations.geometry import GeometryConfig, train_geometry
 
         gcfg = cfg.geometry or GeometryConfig(seed=cfg.seed)
         progress.phase("training phi (geometry objective)", gcfg.epochs)
@@ -234,9 +234,9 @@ def _train_through(llm: Any, ds: Dataset, layer: int, cfg: TrainConfig, recipe: 
 
     from ..runtime import registry
     from ..runtime.prompts import reply_example
-    from .hf_model import HFModel
     from .inn import InnFlow, VectorFlow
-    from .through import EncodingCache, ThroughConfig, ThroughTrainer, encode, reply_rows
+    from .through.hf_model import HFModel
+    from .through.trainer import EncodingCache, ThroughConfig, ThroughTrainer, encode, reply_rows
 
     tcfg = cfg.through or ThroughConfig(seed=cfg.seed)
     t0 = time.perf_counter()

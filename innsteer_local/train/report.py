@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..measure.metrics import MATCHED_DISTINCT_FACTOR, MATCHED_PPL_FACTOR
-from .linear import LinearProbe
+from .activations.linear import LinearProbe
 from .pipeline import TrainOutcome, held_out_mask
 
 LOSS_TERMS = ("loss", "preference", "likelihood", "preservation", "transport", "background", "nll")

@@ -1,5 +1,5 @@
 """The activation-space objective for INN flows (`train --objective geometry`; the default trains
-through the model, train/through.py). It never sees the logits: kept for models transformers
+through the model, train/through/trainer.py). It never sees the logits: kept for models transformers
 cannot load and as the baseline the through-the-model objective is measured against.
 
 phi = InnFlow on a rank-r subspace (the first basis vector is the normalised mean difference, the
@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..flow import Flow, Gate, ModelInfo
-from .inn import InnConfig, InnFlow, torch
+from ...flow import Flow, Gate, ModelInfo
+from ..inn import InnConfig, InnFlow, torch
 from .linear import LinearProbe, mean_diff, pair_targets
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..flow import Flow, ModelInfo, Site
-from ..errors import InvalidArgument
+from ...flow import Flow, ModelInfo, Site
+from ...errors import InvalidArgument
 
 
 def pair_targets(pos: np.ndarray, neg: np.ndarray, pos_pair: np.ndarray, neg_pair: np.ndarray,
