@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..runtime.prompts import has_chat_template
 from . import behaviors, held_out
 from .data import Dataset
 
@@ -88,7 +89,7 @@ def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, pro
         progress.message("no prompts to select on (pairs without prompts): keeping the trained unit as strength 1")
         return
     name, scorer = scorer_for(recipe, out.data)
-    chat = bool(llm.metadata.get("tokenizer.chat_template"))
+    chat = has_chat_template(llm)
     candidates = out.candidates or [(0, out.flow)]
     if neutral and len(candidates) > 1:
         # a selective behaviour is the couplings' job (mean-diff refuses harmless requests as readily

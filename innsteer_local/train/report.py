@@ -13,7 +13,8 @@ import numpy as np
 
 from ..measure.metrics import MATCHED_DISTINCT_FACTOR, MATCHED_PPL_FACTOR
 from .activations.linear import LinearProbe
-from .pipeline import TrainOutcome, held_out_mask
+from .activations.sweep import held_out_mask
+from .outcome import TrainOutcome
 
 LOSS_TERMS = ("loss", "preference", "likelihood", "preservation", "transport", "background", "nll")
 

@@ -16,8 +16,9 @@ from innsteer_local import Flow
 from innsteer_local.flow import random_flow
 from innsteer_local.runtime.native import NativeFlow
 from innsteer_local.train.activations.collect import collect_dataset
-from innsteer_local.train.activations.linear import linear_flow, mean_diff
+from innsteer_local.train.activations.linear import linear_flow
 from innsteer_local.train.data import Dataset, Pair
+from innsteer_local.train.unit import mean_diff
 
 LAYER = 12
 

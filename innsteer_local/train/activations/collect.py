@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from ...errors import InvalidArgument, SteeringError
-from ...runtime.prompts import Example, reply_example
+from ...runtime.prompts import Example, has_chat_template, reply_example
 
 
 def capture(llm: Any, examples: Sequence[Example], layers: Iterable[int], positions: str = "completion",
@@ -105,7 +105,7 @@ class Activations:
 
 
 def _examples(llm: Any, dataset: Any) -> tuple[list[Example], list[Example], list[Example], list[Example]]:
-    chat = bool(llm.metadata.get("tokenizer.chat_template"))
+    chat = has_chat_template(llm)
 
     def make(prompt: Optional[str], reply: str) -> Example:
         if prompt is None:
