@@ -12,8 +12,8 @@ import sys
 from innsteer_local import SteeredLlama
 from innsteer_local.runtime import registry as models
 from innsteer_local.train import behaviors
-from innsteer_local.train.collect import collect_dataset
-from innsteer_local.train.geometry import GeometryConfig, train_geometry
+from innsteer_local.train.activations.collect import collect_dataset
+from innsteer_local.train.activations.geometry import GeometryConfig, train_geometry
 
 behavior = sys.argv[1] if len(sys.argv) > 1 else "honesty"
 layer = int(sys.argv[2]) if len(sys.argv) > 2 else 15

@@ -379,19 +379,19 @@ def _train_config() -> Any:
 
 
 def _through_config() -> Any:
-    from ..train.through import ThroughConfig
+    from ..train.through.trainer import ThroughConfig
 
     return ThroughConfig()
 
 
 def _geometry_config() -> Any:
-    from ..train.geometry import GeometryConfig
+    from ..train.activations.geometry import GeometryConfig
 
     return GeometryConfig()
 
 
 def _shift_lr() -> str:
-    from ..train.through import SHIFT_LR
+    from ..train.through.trainer import SHIFT_LR
 
     return (f"{SHIFT_LR['vector']:g} while the shift learns alone (--method vector; a flow's first --steps), "
             f"{SHIFT_LR['innsteer']:g} while a flow's couplings move; the couplings' "
@@ -484,16 +484,16 @@ def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], l
     shape = options.given(rank=rank, blocks=blocks, hidden=hidden)
     if through:
         from ..train.inn import InnConfig
-        from ..train.through import ThroughConfig
+        from ..train.through.trainer import ThroughConfig
 
-        cfg.through = ThroughConfig(seed=seed, inn=InnConfig(seed=seed, **shape),
+        cfg.through = ThroughConfig(inn=InnConfig(**shape),
                                     **options.given(steps=steps, coupling_steps=coupling_steps, precision=precision),
                                     **({"lr": lr, "coupling_lr": lr / 3} if lr else {}))
     elif method == "innsteer":
-        from ..train.geometry import GeometryConfig
+        from ..train.activations.geometry import GeometryConfig
 
-        geometry = GeometryConfig(seed=seed, **options.given(epochs=epochs))
-        geometry.inn = dataclasses.replace(geometry.inn, seed=seed, **shape)
+        geometry = GeometryConfig(**options.given(epochs=epochs))
+        geometry.inn = dataclasses.replace(geometry.inn, **shape)
         cfg.geometry = geometry
     name = data.name
     click.echo(f"{name}: model {llm.model_info.name} ({llm.model_info.n_layer} layers), method {method}"

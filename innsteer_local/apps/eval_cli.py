@@ -164,8 +164,7 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
         cfg = EvalConfig(max_tokens=max_tokens, temperature=temperature, seed=seed, prune=not no_prune,
                          relevance=relevance, **options.given(probe_prompts=probe))
         runner = Runner(str(model_path), str(judge_path) if judge_path else None, out_dir, cfg, progress, threads)
-        cfg.chat = bool(runner.llm.metadata.get("tokenizer.chat_template"))
-        runner_meta["chat"] = cfg.chat
+        runner_meta["chat"] = runner.chat
         check_config(out_dir, runner_meta)
         for spec in (s for e in experiments for s in e.flows):
             runner.check_flow(spec)

@@ -47,8 +47,8 @@ class EvalConfig:
     seed: int = 0
     probe_prompts: int = 8  # neutral prompts generated to measure fluency for likelihood tasks
     prune: bool = True  # stop a sweep direction once a cell has degenerated
-    chat: bool = True  # chat template (instruct models) or plain completions (base models)
     parallel: int = BATCH_PARALLEL  # sequences decoded together
+    chat: Optional[bool] = None  # the chat template or plain completions; None: whether the model has a template
     relevance: bool = False  # also the judge's perplexity of each reply after its prompt
 
 
@@ -59,10 +59,11 @@ def sampling_for(cfg: EvalConfig, item: Item) -> Sampling:
                     repeat_penalty=1.0, seed=seed)
 
 
-def answer_job(engine: Any, item: Item, cfg: EvalConfig, steering: list[Steer], system: str = "") -> Job:
+def answer_job(engine: Any, item: Item, cfg: EvalConfig, steering: list[Steer], system: str = "",
+               chat: Optional[bool] = None) -> Job:
     """The engine job that writes one answer (prompts.prompt_text, cut by job.reply); system is the
-    instruction of a prompted arm."""
-    return engine.reply(item.prompt, system=system, sampling=sampling_for(cfg, item), steering=steering, chat=cfg.chat)
+    instruction of a prompted arm; chat defaults to whether the engine's model has a chat template."""
+    return engine.reply(item.prompt, system=system, sampling=sampling_for(cfg, item), steering=steering, chat=chat)
 
 
 def waves(cells: list[tuple[Arm, float]]) -> list[list[tuple[Arm, float]]]:
@@ -112,6 +113,7 @@ class Runner:
         n = threads or os.cpu_count() or 1
         self.llm = SteeredLlama(model_path, n_ctx=n_ctx, verbose=False, seed=cfg.seed, n_threads=n, n_threads_batch=n)
         self.engine = open_engine(self.llm, n_ctx, cfg.parallel)
+        self.chat = self.engine.chat if cfg.chat is None else cfg.chat
         self.judge_llm: Any = None
         self.judge: Any = None
         if judge_path:  # the judge reads plain text: it is often a base model of another family
@@ -175,7 +177,7 @@ class Runner:
             reply = job.reply
             row.update(text=reply, n_tokens=len(job.tokens), distinct2=metrics.distinct_n(reply, 2),
                        repeat4=metrics.repeated_ngram_share(reply, 4))
-            engine, chat = (self.judge, False) if self.judge else (self.engine, cfg.chat)
+            engine, chat = (self.judge, False) if self.judge else (self.engine, self.chat)
             jobs = {judged + "_alone": (engine, alone_score(engine, reply))}
             if cfg.relevance:
                 jobs[judged] = (engine, reply_score(engine, item.prompt, reply, chat))
@@ -188,7 +190,7 @@ class Runner:
             p.left -= 1
 
         p.left, p.started = 1, True
-        driver.submit(self.engine, answer_job(self.engine, item, cfg, steering, system), written)
+        driver.submit(self.engine, answer_job(self.engine, item, cfg, steering, system, self.chat), written)
 
     @staticmethod
     def _scored(p: _Pending, key: str, value: float) -> None:
@@ -217,7 +219,7 @@ class Runner:
 
         p.left, p.started = len(answers), True
         for a in answers:
-            ex = fit(reply_example(self.llm, item.prompt, a, self.cfg.chat, system), self.engine.n_ctx_seq)
+            ex = fit(reply_example(self.llm, item.prompt, a, self.chat, system), self.engine.n_ctx_seq)
             driver.submit(self.engine, self.engine.score(ex, steering), lambda j, a=a: scored(a, j))
 
     # -- experiments --

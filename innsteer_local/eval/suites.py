@@ -20,6 +20,7 @@ from .. import datasets
 from ..choices import TRAIN_METHODS
 from ..errors import InnsteerError
 from ..runtime.flowspec import FlowSpec
+from ..runtime.prompts import has_chat_template
 from ..train import behaviors
 from .experiment import Experiment
 from .tasks import Task, ab_task, open_task, refusal_task, truthfulqa_task
@@ -164,7 +165,7 @@ def build(suite: str, llm: Any, model_key: Optional[str], out_dir: Path, layer: 
     from ..runtime.registry import resolve_flow
     from ..train.pipeline import TrainConfig, load_data, train
 
-    chat = bool(llm.metadata.get("tokenizer.chat_template"))
+    chat = has_chat_template(llm)
     flow_dir = out_dir / "flows"
     chosen = [p for p in plans(suite, chat) if not only or p.name in only]
     if only:

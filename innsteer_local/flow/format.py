@@ -27,7 +27,7 @@ from ..choices import (
 from ..errors import FlowFormatError, InvalidArgument
 from . import gguf
 from .core import Flow, ModelInfo
-from .ops import OP_KINDS, Op, Slot, orthonormalise, rows_orthonormal, xorshift_states  # noqa: F401  (re-exported)
+from .ops import OP_KINDS, Op, Slot, xorshift_states
 from .site import Gate, Site
 
 DTYPES = {"f32": np.float32, "f16": np.float16}

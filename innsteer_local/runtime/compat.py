@@ -176,7 +176,7 @@ def check_training(model_path: str | Path, workdir: str | Path, steps: int = 2) 
     workdir = Path(workdir)
     row: dict[str, Any] = {}
     try:
-        from ..train.hf_model import HFModel
+        from ..train.through.hf_model import HFModel
     except ImportError as e:
         return {"training": f"skipped: {e}"}
     llm = SteeredLlama(str(model_path), n_ctx=256, n_batch=128, seed=0, verbose=False)

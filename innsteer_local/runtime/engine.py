@@ -35,7 +35,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 
 from ..errors import ContextLengthError, InnsteerError, InvalidArgument, SteeringError
 from .native import SPLIT_EQUAL, SPLIT_SIMPLE, FlowInfo, NativeFlow, Steerer, eval_callback_address
-from .prompts import Example, finish_reply, prompt_text, reply_stops
+from .prompts import Example, finish_reply, has_chat_template, prompt_text, reply_stops
 
 DEFAULT_BATCH = 512
 
@@ -209,7 +209,7 @@ class Engine:
             raise SteeringError(
                 f"architecture '{self.model_info.architecture}' keeps recurrent state, which llama.cpp splits per "
                 "sequence: per-sequence steering of many sequences in one batch is not supported there; use n_parallel=1")
-        self.chat = bool(llm.metadata.get("tokenizer.chat_template"))
+        self.chat = has_chat_template(llm)
         per_seq = int(n_ctx or llm.n_ctx())
         self.n_batch = int(n_batch)
         self._steerer = new_steerer(self.model_info, llm.context_params, self.n_batch)

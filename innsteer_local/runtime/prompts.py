@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 
+def has_chat_template(llm: Any) -> bool:
+    """Whether the model ships a chat template: replies are then asked in its chat format, else as
+    a plain transcript (base models)."""
+    return bool(llm.metadata.get("tokenizer.chat_template"))
+
+
 def render_chat(llm: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """Formats messages with the model's own chat template (plain 'User:/Assistant:' without one)."""
     template = llm.metadata.get("tokenizer.chat_template")

@@ -19,10 +19,16 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from ..runtime.prompts import has_chat_template
 from . import behaviors, held_out
 from .data import Dataset
+from ..progress import Progress
+from .outcome import TrainOutcome
+
+if TYPE_CHECKING:
+    from .pipeline import TrainConfig
 
 _WORD = re.compile(r"[a-z']+")
 
@@ -66,7 +72,7 @@ def scorer_for(recipe: Optional[behaviors.Recipe], ds: Dataset) -> tuple[str, Ca
     return "contrast", contrast_scorer(ds)
 
 
-def _prompts(out: Any, recipe: Optional[behaviors.Recipe], n: int, n_selective: int) -> tuple[list[str], list[str]]:
+def _prompts(out: TrainOutcome, recipe: Optional[behaviors.Recipe], n: int, n_selective: int) -> tuple[list[str], list[str]]:
     """Held-out behaviour prompts, and neutral ones for a selective behaviour (data with neutral
     items): n behaviour prompts, or n_selective of each kind (the same number of replies or a few more)."""
     if recipe is not None and recipe.held_out_prompts:
@@ -81,14 +87,15 @@ def _prompts(out: Any, recipe: Optional[behaviors.Recipe], n: int, n_selective: 
     return prompts[:n], []
 
 
-def choose(llm: Any, out: Any, recipe: Optional[behaviors.Recipe], cfg: Any, progress: Any) -> None:
+def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg: TrainConfig,
+           progress: Progress) -> None:
     """Sets out.flow (the chosen candidate, calibrated: default strength 1) and out.selection."""
     prompts, neutral = _prompts(out, recipe, cfg.select_prompts, cfg.select_neutral)
     if not prompts:
         progress.message("no prompts to select on (pairs without prompts): keeping the trained unit as strength 1")
         return
     name, scorer = scorer_for(recipe, out.data)
-    chat = bool(llm.metadata.get("tokenizer.chat_template"))
+    chat = has_chat_template(llm)
     candidates = out.candidates or [(0, out.flow)]
     if neutral and len(candidates) > 1:
         # a selective behaviour is the couplings' job (mean-diff refuses harmless requests as readily
@@ -193,13 +200,13 @@ def _pick(tops: list[held_out.Setting], losses: list[Optional[float]], selective
     return min(tied, key=lambda i: (losses[i] if losses[i] is not None else math.inf, i))
 
 
-def _held_out_loss(out: Any, step: int) -> Optional[float]:
+def _held_out_loss(out: TrainOutcome, step: int) -> Optional[float]:
     """The objective on held-out pairs at a checkpoint (recorded in the training history)."""
     row = next((h for h in out.history if h.get("step") == step), None)
     return row.get("val_loss") if row else None
 
 
-def _phase(out: Any, step: int) -> str:
+def _phase(out: TrainOutcome, step: int) -> str:
     """Which part of training a checkpoint ends: a flow's linear phase (its shift alone) or all of it."""
     linear_end = out.metrics.get("linear_steps")
     if not linear_end:  # one phase only: a vector, a linear method

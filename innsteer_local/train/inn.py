@@ -21,7 +21,7 @@ import numpy as np
 from ..choices import ACTIVATIONS
 from ..errors import InnsteerError, InvalidArgument
 from ..flow import Affine, Site, Subspace
-from .torch_ops import TorchCoupling, TorchLinear, TorchPermute, require_torch, torch  # noqa: F401  (re-exported)
+from .torch_ops import TorchCoupling, TorchLinear, TorchPermute, torch
 
 nn = torch.nn
 

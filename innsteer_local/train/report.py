@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from ..measure.metrics import MATCHED_DISTINCT_FACTOR, MATCHED_PPL_FACTOR
-from .linear import LinearProbe
-from .pipeline import TrainOutcome, held_out_mask
+from .activations.linear import LinearProbe
+from .activations.sweep import held_out_mask
+from .outcome import TrainOutcome
 
 LOSS_TERMS = ("loss", "preference", "likelihood", "preservation", "transport", "background", "nll")
 

@@ -60,7 +60,7 @@ def test_training_row(tiny, tmp_path, name):
     runs two steps through the model and writes a flow the runtime loads; where transformers
     cannot load the architecture, the refusal names it."""
     pytest.importorskip("torch", reason="training needs the [train] extra")
-    from innsteer_local.train.hf_model import supported_architectures
+    from innsteer_local.train.through.hf_model import supported_architectures
 
     arch = ARCHITECTURES[name].gguf_arch
     row = compat.check_training(tiny(name), tmp_path)

@@ -43,7 +43,7 @@ def raw_continuation(llm, repeat_penalty: float) -> str:
 def test_eval_rollouts_and_selection_ask_the_same_text(llm):
     engine = open_engine(llm, 512, n_parallel=3)
     try:
-        jobs = {"eval": answer_job(engine, Item(id="0", prompt=PROMPT), EvalConfig(max_tokens=TOKENS, chat=False), []),
+        jobs = {"eval": answer_job(engine, Item(id="0", prompt=PROMPT), EvalConfig(max_tokens=TOKENS), [], chat=False),
                 "rollouts": rollouts.reply_job(engine, rollouts.Request(PROMPT, max_tokens=TOKENS), chat=False),
                 "selection": held_out.reply_job(engine, PROMPT, False, TOKENS)}
         asked = {k: llm.detokenize(j.prompt_tokens).decode() for k, j in jobs.items()}

@@ -33,7 +33,7 @@ def copies(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(model_path, copies):
-    from innsteer_local.train.hf_model import HFModel
+    from innsteer_local.train.through.hf_model import HFModel
 
     return HFModel(model_path, LAYER, cache_dir=copies, precision="f32")  # dequantizes, then keeps a copy
 
@@ -41,7 +41,7 @@ def hf(model_path, copies):
 def test_the_dequantized_copy_is_the_same_model(hf, model_path, copies):
     """The second load reads the copy (keyed by the GGUF's sha256), not the GGUF: same tensors."""
     from innsteer_local.runtime.registry import file_sha256
-    from innsteer_local.train import hf_model
+    from innsteer_local.train.through import hf_model
 
     folder = copies / file_sha256(model_path)[:32]
     assert (folder / "model.safetensors").is_file()

@@ -15,9 +15,10 @@ import pytest
 from innsteer_local import Flow
 from innsteer_local.flow import random_flow
 from innsteer_local.runtime.native import NativeFlow
-from innsteer_local.train.collect import collect_dataset
+from innsteer_local.train.activations.collect import collect_dataset
+from innsteer_local.train.activations.linear import linear_flow
 from innsteer_local.train.data import Dataset, Pair
-from innsteer_local.train.linear import linear_flow, mean_diff
+from innsteer_local.train.unit import mean_diff
 
 LAYER = 12
 
@@ -61,7 +62,7 @@ def test_collection_is_split_and_cached(small_acts):
 
 def test_identity_innsteer_equals_mean_diff_logits(small_acts, model_info, steered, logits_of, tmp_path):
     pytest.importorskip("torch")
-    from innsteer_local.train.geometry import GeometryConfig, train_geometry
+    from innsteer_local.train.activations.geometry import GeometryConfig, train_geometry
     from innsteer_local.train.inn import InnConfig
 
     acts, _ = small_acts

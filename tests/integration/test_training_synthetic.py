@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch", reason="training needs the [train] extra")
 
 from innsteer_local.flow import Flow, ModelInfo  # noqa: E402
 from innsteer_local.runtime.native import NativeFlow  # noqa: E402
-from innsteer_local.train.geometry import GeometryConfig, train_geometry  # noqa: E402
+from innsteer_local.train.activations.geometry import GeometryConfig, train_geometry  # noqa: E402
 from innsteer_local.train.inn import InnConfig  # noqa: E402
-from innsteer_local.train.linear import mean_diff  # noqa: E402
+from innsteer_local.train.unit import mean_diff  # noqa: E402
 
 D = 24
 MODEL = ModelInfo("synthetic", "synthetic", D, 8)

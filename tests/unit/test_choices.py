@@ -71,7 +71,9 @@ def test_every_cli_choice_lists_the_constant_of_its_defining_module():
 
 
 def test_the_modules_that_check_a_vocabulary_read_the_same_constant():
-    from innsteer_local.train import collect, hf_model, pipeline
+    from innsteer_local.train import pipeline
+    from innsteer_local.train.activations import collect
+    from innsteer_local.train.through import hf_model
 
     assert pipeline.OBJECTIVES is choices.OBJECTIVES
     assert hf_model.PRECISIONS is choices.PRECISIONS

@@ -98,9 +98,9 @@ def test_help_of_every_command_renders_its_defaults():
 
 def test_training_defaults_come_from_the_configs():
     pytest.importorskip("torch")
-    from innsteer_local.train.geometry import GeometryConfig
+    from innsteer_local.train.activations.geometry import GeometryConfig
     from innsteer_local.train.pipeline import TrainConfig
-    from innsteer_local.train.through import ThroughConfig
+    from innsteer_local.train.through.trainer import ThroughConfig
 
     through, geometry = ThroughConfig(), GeometryConfig()
     assert option("train", "--steps").default_text() == str(through.steps)

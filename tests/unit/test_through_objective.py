@@ -12,9 +12,9 @@ transformers = pytest.importorskip("transformers", reason="training through the 
 
 from innsteer_local import Flow, ModelInfo  # noqa: E402
 from innsteer_local.runtime.prompts import Example  # noqa: E402
-from innsteer_local.train.hf_model import HFModel  # noqa: E402
+from innsteer_local.train.through.hf_model import HFModel  # noqa: E402
 from innsteer_local.train.inn import InnConfig, InnFlow, VectorFlow  # noqa: E402
-from innsteer_local.train.through import (  # noqa: E402
+from innsteer_local.train.through.trainer import (  # noqa: E402
     ThroughConfig,
     ThroughTrainer,
     encode,
@@ -199,7 +199,7 @@ def test_a_flow_trains_its_shift_alone_first(tiny):
 
 
 def test_encodings_are_read_back_from_the_cache(tiny, tmp_path):
-    from innsteer_local.train.through import EncodingCache
+    from innsteer_local.train.through.trainer import EncodingCache
 
     cache = EncodingCache(tmp_path / "enc")
     examples = texts(5, 6)
@@ -224,7 +224,7 @@ def test_encodings_are_read_back_from_the_cache(tiny, tmp_path):
 
 
 def test_the_dequantized_copy_loads_the_same_model(tmp_path):
-    from innsteer_local.train.hf_model import _load_copy, _save_copy
+    from innsteer_local.train.through.hf_model import _load_copy, _save_copy
 
     torch.manual_seed(1)
     config = transformers.LlamaConfig(vocab_size=40, hidden_size=WIDTH, intermediate_size=32, num_hidden_layers=2,

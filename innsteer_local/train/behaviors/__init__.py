@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from ... import datasets
 from ...errors import InnsteerError
+from ...runtime.prompts import has_chat_template
 from ..data import DataError, Dataset, Neutral, Pair
 from ..rollouts import ReplyCache, Request, replies
 
@@ -114,7 +115,7 @@ def recipe(name: str, held_out: int = 8) -> Recipe:
 def build(llm: Any, r: Recipe, cache_dir: Optional[Path] = None,
           progress: Optional[Callable[[int, int], None]] = None) -> Dataset:
     """The recipe's data written by this model (greedy, so the same model gives the same data)."""
-    chat = bool(llm.metadata.get("tokenizer.chat_template"))
+    chat = has_chat_template(llm)
     cache = ReplyCache(cache_dir, llm.model_path)
     todo = r.requests(r.positive) + r.requests(r.negative) + r.neutral_requests()
     done = replies(llm, todo, chat, cache, progress)

@@ -2,7 +2,7 @@
 
 Every baseline is stored as a flow, so one runtime path serves all methods. Strength is made
 comparable: at strength 1 each moves the negative rows by the same mean raw displacement as
-mean-diff does (|v|)."""
+mean-diff does (|v|), times `unit` (train() passes the common unit, unit.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..flow import Flow, ModelInfo, Site
-from ..errors import InvalidArgument
+from ...errors import InvalidArgument
+from ...flow import Flow, ModelInfo, Site
+from ..unit import mean_diff
 
 
 def pair_targets(pos: np.ndarray, neg: np.ndarray, pos_pair: np.ndarray, neg_pair: np.ndarray,
@@ -24,11 +25,6 @@ def pair_targets(pos: np.ndarray, neg: np.ndarray, pos_pair: np.ndarray, neg_pai
     for pid in np.unique(neg_pair[~aligned]):
         out[(neg_pair == pid) & ~aligned] = pos[pos_pair == pid].mean(axis=0)
     return out
-
-
-def mean_diff(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """CAA: mean of the positive rows minus mean of the negative rows."""
-    return (pos.astype(np.float64).mean(axis=0) - neg.astype(np.float64).mean(axis=0)).astype(np.float32)
 
 
 def pca_direction(pos: np.ndarray, neg: np.ndarray, pos_pair: np.ndarray, neg_pair: np.ndarray) -> np.ndarray:
@@ -56,15 +52,19 @@ def affine_ot(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 
 def linear_flow(method: str, layer: int, pos: np.ndarray, neg: np.ndarray, pos_pair: np.ndarray,
-                neg_pair: np.ndarray, model: ModelInfo, **meta) -> Flow:
-    """mean-diff, pca or affine-ot as a flow at one layer."""
+                neg_pair: np.ndarray, model: ModelInfo, unit: float = 1.0, **meta) -> Flow:
+    """mean-diff, pca or affine-ot as a flow at one layer, its strength 1 `unit` times the above."""
+
+    def at_unit(x: np.ndarray) -> np.ndarray:
+        return (x * unit).astype(np.float32)
+
     if method == "mean-diff":
-        site = Site(layer=layer, ops=[], delta=mean_diff(pos, neg))
+        site = Site(layer=layer, ops=[], delta=at_unit(mean_diff(pos, neg)))
     elif method == "pca":
-        site = Site(layer=layer, ops=[], delta=pca_direction(pos, neg, pos_pair, neg_pair))
+        site = Site(layer=layer, ops=[], delta=at_unit(pca_direction(pos, neg, pos_pair, neg_pair)))
     elif method == "affine-ot":
         edit, delta, full = affine_ot(pos, neg)
-        site = Site(layer=layer, ops=[], delta=delta, edit_scale=edit)
+        site = Site(layer=layer, ops=[], delta=at_unit(delta), edit_scale=at_unit(edit))
         meta.setdefault("provenance", {})["full_transport_strength"] = full
     else:
         raise InvalidArgument(f"unknown linear method {method!r}")

@@ -1,5 +1,5 @@
 """The activation-space objective for INN flows (`train --objective geometry`; the default trains
-through the model, train/through.py). It never sees the logits: kept for models transformers
+through the model, train/through/trainer.py). It never sees the logits: kept for models transformers
 cannot load and as the baseline the through-the-model objective is measured against.
 
 phi = InnFlow on a rank-r subspace (the first basis vector is the normalised mean difference, the
@@ -20,9 +20,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..flow import Flow, Gate, ModelInfo
-from .inn import InnConfig, InnFlow, torch
-from .linear import LinearProbe, mean_diff, pair_targets
+from ...flow import Flow, Gate, ModelInfo
+from ..inn import InnConfig, InnFlow
+from ..torch_ops import torch
+from ..unit import mean_diff
+from .linear import LinearProbe, pair_targets
 
 
 @dataclass
@@ -87,9 +89,10 @@ def build_basis(pos: np.ndarray, neg: np.ndarray, targets: np.ndarray, backgroun
 def train_geometry(layer: int, pos: np.ndarray, neg: np.ndarray, background: np.ndarray, neutral: np.ndarray,
               pos_pair: np.ndarray, neg_pair: np.ndarray, neg_target: np.ndarray, model: ModelInfo,
               cfg: Optional[GeometryConfig] = None, progress: Optional[Callable[[int, int, dict], None]] = None,
-              **meta: Any) -> TrainResult:
+              unit: float = 1.0, **meta: Any) -> TrainResult:
     """Trains phi at one layer; returns the flow (or the identity start if training does not beat
-    it on the held-out proxies), the loss history and held-out metrics."""
+    it on the held-out proxies), the loss history and held-out metrics. At strength 1 the flow
+    moves negatives by `unit` times |mean-diff| on average (train() passes the common unit)."""
     cfg = cfg or GeometryConfig()
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -202,6 +205,8 @@ def train_geometry(layer: int, pos: np.ndarray, neg: np.ndarray, background: np.
         z_neg = net.forward(y_neg)[0].double().numpy()
         z_bg = net.forward(y_bg)[0].double().numpy()
     site.gate = Gate.fit(z_pos[~pos_val], z_neg[~neg_val], np.concatenate([z_pos[pos_val], z_neg[neg_val]]), final_delta)
+    # scaled after the gate, which reads only the shift's direction
+    site.delta = (site.delta * unit).astype(np.float32)
 
     # held-out separability: raw-space vs latent-space probes
     raw_acc = probe.accuracy(pos[pos_val], neg[neg_val])
@@ -235,7 +240,7 @@ def train_geometry(layer: int, pos: np.ndarray, neg: np.ndarray, background: np.
     def torch_steer(h: np.ndarray, strength: float) -> np.ndarray:
         """The trained torch modules' own steering map (to check the exported file against)."""
         with torch.no_grad():
-            return flow.steer(T(h), strength * scale).double().numpy()
+            return flow.steer(T(h), strength * scale * unit).double().numpy()
 
     return TrainResult(flow=exported, history=history, metrics=metrics, seconds=time.perf_counter() - t_start, latent=latent,
                        torch_steer=torch_steer)

@@ -1,5 +1,5 @@
 """Training a flow through the frozen model (the default objective of `train`): the steered model's
-next-token distributions on contrastive replies and on neutral contexts (train/objective.py), with
+next-token distributions on contrastive replies and on neutral contexts (train/through/objective.py), with
 gradients through the layers above L only. Block L's output for every text is computed once
 without gradients (hf_model.HFModel.below) and cached; strengths are sampled from a range, so
 strength is a monotone knob whose trained operating point is 1."""
@@ -16,10 +16,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ..runtime.prompts import Example
+from ...runtime.prompts import Example
+from ..inn import InnConfig
+from ..torch_ops import torch
 from . import objective
 from .hf_model import LIVE_PROMPT, HFModel
-from .inn import InnConfig, torch
 
 
 # Adam learning rates of the shift: "vector" for --method vector and a flow's linear phase (the same
@@ -106,7 +107,7 @@ class EncodingCache:
 
     @classmethod
     def for_model(cls, root: Path, model_path: str, layer: int, max_reply: int, precision: str) -> "EncodingCache":
-        from ..runtime.registry import file_sha256
+        from ...runtime.registry import file_sha256
 
         key = f"{file_sha256(Path(model_path))[:32]}-L{layer}-r{max_reply}-{precision}-v{cls.VERSION}"
         return cls(Path(root) / key)

@@ -8,9 +8,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..choices import POSITIONS
-from ..errors import InvalidArgument, SteeringError
-from ..runtime.prompts import Example, reply_example
+from ...choices import POSITIONS
+from ...errors import InvalidArgument, SteeringError
+from ...runtime.prompts import Example, has_chat_template, reply_example
 
 
 def capture(llm: Any, examples: Sequence[Example], layers: Iterable[int], positions: str = "completion",
@@ -106,14 +106,14 @@ class Activations:
 
 
 def _examples(llm: Any, dataset: Any) -> tuple[list[Example], list[Example], list[Example], list[Example]]:
-    chat = bool(llm.metadata.get("tokenizer.chat_template"))
+    chat = has_chat_template(llm)
 
     def make(prompt: Optional[str], reply: str) -> Example:
         if prompt is None:
             return Example(tokens=llm.tokenize(reply.encode("utf-8"), add_bos=True, special=False), start=0)
         return reply_example(llm, prompt, reply, chat)
 
-    from .behaviors import background_exchanges
+    from ..behaviors import background_exchanges
 
     pos = [make(p.positive_prompt, p.positive) for p in dataset.pairs]
     neg = [make(p.negative_prompt, p.negative) for p in dataset.pairs]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .inn import torch
+from ..torch_ops import torch
 
 F = torch.nn.functional
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from ..choices import DEVICES, PRECISIONS
-from ..errors import InnsteerError
+from ...choices import DEVICES, PRECISIONS
+from ...errors import InnsteerError
 
 
 def supported_architectures() -> list[str]:
@@ -114,7 +114,7 @@ class HFModel:
         model = None
         folder = None
         if cache_dir is not None:
-            from ..runtime.registry import file_sha256
+            from ...runtime.registry import file_sha256
 
             folder = Path(cache_dir) / file_sha256(path)[:32]
             model = _load_copy(folder)

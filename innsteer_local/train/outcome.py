@@ -1,0 +1,31 @@
+"""What a training run returns (TrainOutcome), the same for both trainers (through/, activations/)
+and for selection (choose.py); what it reports while it runs is innsteer_local.progress."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from ..flow import Flow
+from .data import Dataset
+
+if TYPE_CHECKING:
+    from .activations.collect import Activations
+
+
+@dataclass
+class TrainOutcome:
+    flow: Flow  # at the common unit (unit.py) as a trainer returns it; calibrated after selection
+    layer: int
+    data: Dataset
+    activations: Optional[Activations] = None
+    sweep: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    selection: list[dict[str, Any]] = field(default_factory=list)
+    latent: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    candidates: list[tuple[int, Flow]] = field(default_factory=list)  # (training step, flow) to choose from
+    held_out: tuple[list[str], list[str]] = ([], [])  # prompts for selection: behaviour, neutral
