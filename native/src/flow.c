@@ -18,7 +18,7 @@
 /* Looks a tensor up, checks its shape (ne[0] = cols, ne[1] = rows) and copies it into the arena as
  * f32 (or i32), rejecting non-finite values. */
 innsteer_status flow_load_tensor(flow_loader *L, const char *name, int rows, int cols, bool is_int, const void **out) {
-    const gguf_tensor *t = gguf_find_tensor(&L->g, name);
+    const ggufr_tensor *t = ggufr_find_tensor(&L->g, name);
     if (!t) return FAIL(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
     uint64_t want_rows = (uint64_t)rows;
     bool shape_ok = t->ne[0] == (uint64_t)cols && t->ne[1] == want_rows && t->ne[2] == 1 && t->ne[3] == 1;
@@ -79,11 +79,11 @@ static void probe_row(float *v, int n, int seed) {
     for (int i = 0; i < n; i++) v[i] = ((float)(xorshift32(&s) & 0xffff) / 65535.0f - 0.5f) * 4.0f;
 }
 
-static innsteer_status load_op(flow_loader *L, flow_site *s, int si, int k, gguf_str kind, int dim, int n_embd) {
+static innsteer_status load_op(flow_loader *L, flow_site *s, int si, int k, ggufr_str kind, int dim, int n_embd) {
     flow_op *op = &s->ops[k];
     int kind_id = 0;
     /* a kind without a table entry (no name) reads as unknown rather than crashing */
-    while (kind_id < N_OP_KINDS && !(OP_KIND_IMPLS[kind_id].name && gguf_str_eq(kind, OP_KIND_IMPLS[kind_id].name))) kind_id++;
+    while (kind_id < N_OP_KINDS && !(OP_KIND_IMPLS[kind_id].name && ggufr_str_eq(kind, OP_KIND_IMPLS[kind_id].name))) kind_id++;
     if (kind_id == N_OP_KINDS) {
         return FAIL(L, INNSTEER_ERR_UNSUPPORTED, "site %d op %d: unknown op kind '%.*s'", si, k, (int)(kind.len > 40 ? 40 : kind.len), kind.ptr);
     }
@@ -154,20 +154,20 @@ static innsteer_status load_strings(flow_loader *L, innsteer_flow *flow) {
                                      MAX_STRING};
     const char **dst[N] = {&flow->name, &flow->behavior, &flow->method, &flow->model_name, &flow->model_architecture,
                            &flow->provenance};
-    gguf_str vals[N];
+    ggufr_str vals[N];
     size_t total = 0;
     for (int i = 0; i < N; i++) {
-        vals[i] = (gguf_str){"", 0};
-        const gguf_kv *kv = gguf_find_kv(&L->g, keys[i]);
+        vals[i] = (ggufr_str){"", 0};
+        const ggufr_kv *kv = ggufr_find_kv(&L->g, keys[i]);
         if (kv && kv->type != GV_STRING) {
             return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a string, found GGUF type %u", keys[i], kv->type);
         }
-        if (kv) gguf_get_str(&L->g, keys[i], &vals[i]);
+        if (kv) ggufr_get_str(&L->g, keys[i], &vals[i]);
         if (vals[i].len > caps[i]) {
             return FAIL(L, INNSTEER_ERR_INVALID, "%s is %llu bytes long, cap is %llu", keys[i], (unsigned long long)vals[i].len,
                         (unsigned long long)caps[i]);
         }
-        if (!gguf_valid_utf8(vals[i].ptr, vals[i].len)) return FAIL(L, INNSTEER_ERR_INVALID, "%s is not valid UTF-8", keys[i]);
+        if (!ggufr_valid_utf8(vals[i].ptr, vals[i].len)) return FAIL(L, INNSTEER_ERR_INVALID, "%s is not valid UTF-8", keys[i]);
         total += (size_t)vals[i].len + 1;
     }
     char *p = flow->strings = malloc(total);
@@ -182,25 +182,25 @@ static innsteer_status load_strings(flow_loader *L, innsteer_flow *flow) {
 }
 
 static innsteer_status build_flow(flow_loader *L, innsteer_flow *flow) {
-    gguf_file *g = &L->g;
+    ggufr_file *g = &L->g;
     uint32_t version = 0, n_embd = 0, n_layer = 0;
-    if (!gguf_get_u32(g, "innsteer.format_version", &version)) return FAIL(L, INNSTEER_ERR_INVALID, "missing u32 innsteer.format_version");
+    if (!ggufr_get_u32(g, "innsteer.format_version", &version)) return FAIL(L, INNSTEER_ERR_INVALID, "missing u32 innsteer.format_version");
     if (version != INNSTEER_FORMAT_VERSION) {
         return FAIL(L, INNSTEER_ERR_UNSUPPORTED, "flow format version %u, this library reads version %d", version, INNSTEER_FORMAT_VERSION);
     }
-    if (!gguf_get_u32(g, "innsteer.model.n_embd", &n_embd) || n_embd < 1 || n_embd > MAX_EMBD) {
+    if (!ggufr_get_u32(g, "innsteer.model.n_embd", &n_embd) || n_embd < 1 || n_embd > MAX_EMBD) {
         return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.model.n_embd must be a u32 in 1..%d", MAX_EMBD);
     }
-    if (!gguf_get_u32(g, "innsteer.model.n_layer", &n_layer) || n_layer < 1 || n_layer > MAX_LAYERS) {
+    if (!ggufr_get_u32(g, "innsteer.model.n_layer", &n_layer) || n_layer < 1 || n_layer > MAX_LAYERS) {
         return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.model.n_layer must be a u32 in 1..%d", MAX_LAYERS);
     }
     if (L->want_n_embd && (int)n_embd != L->want_n_embd) {
         return FAIL(L, INNSTEER_ERR_MISMATCH, "flow n_embd %u does not fit the model's n_embd %d", n_embd, L->want_n_embd);
     }
-    if (!gguf_get_f32(g, "innsteer.default_strength", &flow->default_strength) || !isfinite(flow->default_strength)) {
+    if (!ggufr_get_f32(g, "innsteer.default_strength", &flow->default_strength) || !isfinite(flow->default_strength)) {
         return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.default_strength must be a finite f32");
     }
-    const gguf_kv *layers = gguf_find_kv(g, "innsteer.layers");
+    const ggufr_kv *layers = ggufr_find_kv(g, "innsteer.layers");
     if (!layers || layers->type != GV_ARRAY || (layers->elem_type != GV_U32 && layers->elem_type != GV_I32)) {
         return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.layers must be an array of u32");
     }
@@ -218,7 +218,7 @@ static innsteer_status build_flow(flow_loader *L, innsteer_flow *flow) {
     for (int si = 0; si < flow->n_sites; si++) {
         flow_site *s = &flow->sites[si];
         uint32_t layer = 0;
-        if (!gguf_array_u32(g, layers, (uint64_t)si, &layer) || layer >= n_layer) {
+        if (!ggufr_array_u32(g, layers, (uint64_t)si, &layer) || layer >= n_layer) {
             return FAIL(L, INNSTEER_ERR_INVALID, "innsteer.layers[%d] = %u is outside the model's 0..%u", si, layer, n_layer - 1);
         }
         for (int j = 0; j < si; j++) {
@@ -232,8 +232,8 @@ static innsteer_status build_flow(flow_loader *L, innsteer_flow *flow) {
         s->subspace_at = -1;
         char key[96];
         snprintf(key, sizeof key, "innsteer.site.%d.ops", si);
-        gguf_str ops;
-        if (!gguf_get_str(g, key, &ops)) return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a string of op kinds", key);
+        ggufr_str ops;
+        if (!ggufr_get_str(g, key, &ops)) return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a string of op kinds", key);
         int dim = (int)n_embd;
         uint64_t pos = 0;
         s->n_ops = 0;
@@ -245,7 +245,7 @@ static innsteer_status build_flow(flow_loader *L, innsteer_flow *flow) {
             uint64_t end = pos;
             while (end < ops.len && ops.ptr[end] != ' ') end++;
             if (s->n_ops == MAX_OPS) return FAIL(L, INNSTEER_ERR_INVALID, "%s has more than %d ops", key, MAX_OPS);
-            gguf_str kind = {ops.ptr + pos, end - pos};
+            ggufr_str kind = {ops.ptr + pos, end - pos};
             int k = s->n_ops++;
             if ((st = load_op(L, s, si, k, kind, dim, (int)n_embd))) return st;
             dim = s->ops[k].out_dim;
@@ -258,15 +258,15 @@ static innsteer_status build_flow(flow_loader *L, innsteer_flow *flow) {
         if ((st = flow_load_vec(L, name, dim, &s->delta))) return st;
         s->delta_norm = sqrtf(dot(s->delta, s->delta, dim)); /* the target gate's unit, host and graph alike */
         snprintf(name, sizeof name, "site.%d.edit_scale", si);
-        if (gguf_find_tensor(g, name) && (st = flow_load_vec(L, name, dim, &s->edit_scale))) return st;
+        if (ggufr_find_tensor(g, name) && (st = flow_load_vec(L, name, dim, &s->edit_scale))) return st;
         snprintf(name, sizeof name, "site.%d.gate_center", si);
-        if (gguf_find_tensor(g, name)) {
+        if (ggufr_find_tensor(g, name)) {
             if ((st = flow_load_vec(L, name, dim, &s->gate_center))) return st;
             const char *fields[] = {"radius", "softness", "target_pos", "target_neg"};
             float *dst[] = {&s->gate_radius, &s->gate_softness, &s->gate_target_pos, &s->gate_target_neg};
             for (int f = 0; f < 4; f++) {
                 snprintf(key, sizeof key, "innsteer.site.%d.gate.%s", si, fields[f]);
-                if (!gguf_get_f32(g, key, dst[f]) || !isfinite(*dst[f])) return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a finite f32", key);
+                if (!ggufr_get_f32(g, key, dst[f]) || !isfinite(*dst[f])) return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a finite f32", key);
             }
             if (!(s->gate_softness > 0.0f) || !(s->gate_radius > 0.0f)) {
                 return FAIL(L, INNSTEER_ERR_INVALID, "site %d: gate radius and softness must be positive", si);
@@ -290,17 +290,17 @@ static innsteer_status load_from_buffer(const uint8_t *buf, size_t size, int n_e
                                         char *err, size_t err_size) {
     flow_loader L = {.err = err, .err_size = err_size, .want_n_embd = n_embd > 0 ? n_embd : 0, .want_n_layer = n_layer > 0 ? n_layer : 0};
     if (err && err_size) err[0] = '\0';
-    innsteer_status parsed = gguf_parse_header(&L.g, buf, size, err, err_size);
+    innsteer_status parsed = ggufr_parse_header(&L.g, buf, size, err, err_size);
     if (parsed) return parsed;
-    gguf_str arch = {"", 0};
-    gguf_get_str(&L.g, "general.architecture", &arch);
-    if (!gguf_str_eq(arch, "innsteer")) {
+    ggufr_str arch = {"", 0};
+    ggufr_get_str(&L.g, "general.architecture", &arch);
+    if (!ggufr_str_eq(arch, "innsteer")) {
         FAIL(&L, INNSTEER_ERR_NOT_FLOW, "not an innsteer flow file: general.architecture is '%.*s', expected 'innsteer'",
              (int)(arch.len > 40 ? 40 : arch.len), arch.ptr);
-        gguf_release(&L.g);
+        ggufr_release(&L.g);
         return INNSTEER_ERR_NOT_FLOW;
     }
-    if ((parsed = gguf_parse_tensors(&L.g, err, err_size))) return parsed;
+    if ((parsed = ggufr_parse_tensors(&L.g, err, err_size))) return parsed;
     innsteer_flow *flow = calloc(1, sizeof *flow);
     if (flow) {
         /* tensors are copied into one arena: f16 doubles in size, plus alignment padding per tensor */
@@ -309,7 +309,7 @@ static innsteer_status load_from_buffer(const uint8_t *buf, size_t size, int n_e
         atomic_init(&flow->refs, 1);
     }
     innsteer_status st = flow && L.arena ? build_flow(&L, flow) : FAIL(&L, INNSTEER_ERR_NOMEM, "out of memory");
-    gguf_release(&L.g);
+    ggufr_release(&L.g);
     if (st != INNSTEER_OK) {
         destroy(flow);
         return st;

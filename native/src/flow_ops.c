@@ -160,7 +160,7 @@ static innsteer_status subspace_load(flow_loader *L, flow_site *s, flow_op *op, 
     innsteer_status st;
     if (s->subspace_at >= 0) return FAIL(L, INNSTEER_ERR_INVALID, "site %d: more than one subspace op", si);
     if (op->dim != n_embd) return FAIL(L, INNSTEER_ERR_INVALID, "site %d op %d: subspace must act on the full n_embd", si, k);
-    const gguf_tensor *t = gguf_find_tensor(&L->g, TNAME(name, si, k, "basis"));
+    const ggufr_tensor *t = ggufr_find_tensor(&L->g, TNAME(name, si, k, "basis"));
     if (!t) return FAIL(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
     const int max_rank = n_embd < MAX_RANK ? n_embd : MAX_RANK;
     if (t->ne[1] < 1 || t->ne[1] > (uint64_t)max_rank) {
@@ -240,26 +240,26 @@ static innsteer_status coupling_load(flow_loader *L, flow_site *s, flow_op *op, 
     op->d2 = dim - op->d1;
     uint32_t n_layers = 0;
     snprintf(key, sizeof key, "innsteer.site.%d.op.%d.mlp_layers", si, k);
-    if (!gguf_get_u32(&L->g, key, &n_layers) || n_layers < 1 || n_layers > MAX_MLP_LAYERS) {
+    if (!ggufr_get_u32(&L->g, key, &n_layers) || n_layers < 1 || n_layers > MAX_MLP_LAYERS) {
         return FAIL(L, INNSTEER_ERR_INVALID, "%s must be a u32 in 1..%d", key, MAX_MLP_LAYERS);
     }
     op->n_layers = (int)n_layers;
     snprintf(key, sizeof key, "innsteer.site.%d.op.%d.clamp", si, k);
-    if (!gguf_get_f32(&L->g, key, &op->clamp) || !(op->clamp > 0.0f && op->clamp <= 20.0f)) {
+    if (!ggufr_get_f32(&L->g, key, &op->clamp) || !(op->clamp > 0.0f && op->clamp <= 20.0f)) {
         return FAIL(L, INNSTEER_ERR_INVALID, "%s must be an f32 in (0, 20]", key);
     }
     snprintf(key, sizeof key, "innsteer.site.%d.op.%d.activation", si, k);
-    gguf_str act;
-    if (!gguf_get_str(&L->g, key, &act)) return FAIL(L, INNSTEER_ERR_INVALID, "missing string %s", key);
-    if (gguf_str_eq(act, "relu")) op->act = ACT_RELU;
-    else if (gguf_str_eq(act, "tanh")) op->act = ACT_TANH;
-    else if (gguf_str_eq(act, "silu")) op->act = ACT_SILU;
+    ggufr_str act;
+    if (!ggufr_get_str(&L->g, key, &act)) return FAIL(L, INNSTEER_ERR_INVALID, "missing string %s", key);
+    if (ggufr_str_eq(act, "relu")) op->act = ACT_RELU;
+    else if (ggufr_str_eq(act, "tanh")) op->act = ACT_TANH;
+    else if (ggufr_str_eq(act, "silu")) op->act = ACT_SILU;
     else return FAIL(L, INNSTEER_ERR_UNSUPPORTED, "%s: unknown activation '%.*s'", key, (int)(act.len > 40 ? 40 : act.len), act.ptr);
     op->width[0] = op->d1;
     for (int j = 0; j < op->n_layers; j++) {
         char wn[16];
         snprintf(wn, sizeof wn, "w%d", j);
-        const gguf_tensor *t = gguf_find_tensor(&L->g, TNAME(name, si, k, wn));
+        const ggufr_tensor *t = ggufr_find_tensor(&L->g, TNAME(name, si, k, wn));
         if (!t) return FAIL(L, INNSTEER_ERR_INVALID, "missing tensor '%s'", name);
         int out = j + 1 == op->n_layers ? 2 * op->d2 : (int)(t->ne[1] <= MAX_WIDTH ? t->ne[1] : MAX_WIDTH + 1);
         if (out > MAX_WIDTH) return FAIL(L, INNSTEER_ERR_INVALID, "tensor '%s': hidden width above %d", name, MAX_WIDTH);

@@ -17,7 +17,7 @@
 /* ---- loading (flow.c) ------------------------------------------------------------------- */
 
 typedef struct {
-    gguf_file g;
+    ggufr_file g;
     char *err;
     size_t err_size;
     uint8_t *arena;

@@ -43,7 +43,7 @@ static innsteer_status read_u64(cursor *c, uint64_t *v, const char *what) {
 
 /* GGUF requires UTF-8 names; the Python reader decodes them strictly, so both readers refuse the
  * same files. */
-bool gguf_valid_utf8(const char *s, uint64_t n) {
+bool ggufr_valid_utf8(const char *s, uint64_t n) {
     const uint8_t *p = (const uint8_t *)s;
     uint64_t i = 0;
     while (i < n) {
@@ -64,7 +64,7 @@ bool gguf_valid_utf8(const char *s, uint64_t n) {
     return true;
 }
 
-static innsteer_status read_str(cursor *c, gguf_str *s, const char *what) {
+static innsteer_status read_str(cursor *c, ggufr_str *s, const char *what) {
     uint64_t len;
     innsteer_status st = read_u64(c, &len, what);
     if (st) return st;
@@ -89,7 +89,7 @@ static size_t scalar_size(uint32_t type) {
 static innsteer_status skip_value(cursor *c, uint32_t type, int depth, const char *key) {
     const uint8_t *p;
     if (type == GV_STRING) {
-        gguf_str s;
+        ggufr_str s;
         return read_str(c, &s, key);
     }
     if (type == GV_ARRAY) {
@@ -113,12 +113,12 @@ static innsteer_status skip_value(cursor *c, uint32_t type, int depth, const cha
 }
 
 /* One key/value entry at the cursor, checked and recorded in kv. */
-static innsteer_status parse_kv(cursor *c, gguf_file *f, uint64_t i, uint32_t *alignment) {
-    gguf_kv *kv = &f->kv[i];
+static innsteer_status parse_kv(cursor *c, ggufr_file *f, uint64_t i, uint32_t *alignment) {
+    ggufr_kv *kv = &f->kv[i];
     char key[96];
     innsteer_status st = read_str(c, &kv->key, "key name");
     if (st) return st;
-    if (!gguf_valid_utf8(kv->key.ptr, kv->key.len)) return BAD(c, "key %llu: name is not valid UTF-8", (unsigned long long)i);
+    if (!ggufr_valid_utf8(kv->key.ptr, kv->key.len)) return BAD(c, "key %llu: name is not valid UTF-8", (unsigned long long)i);
     snprintf(key, sizeof key, "%.*s", (int)(kv->key.len < 80 ? kv->key.len : 80), kv->key.ptr);
     for (uint64_t j = 0; j < i; j++) {
         if (f->kv[j].key.len == kv->key.len && memcmp(f->kv[j].key.ptr, kv->key.ptr, kv->key.len) == 0) {
@@ -135,7 +135,7 @@ static innsteer_status parse_kv(cursor *c, gguf_file *f, uint64_t i, uint32_t *a
         kv->offset = c->pos;
     }
     if ((st = skip_value(c, kv->type, 0, key))) return st;
-    if (gguf_str_eq(kv->key, "general.alignment")) {
+    if (ggufr_str_eq(kv->key, "general.alignment")) {
         if (kv->type != GV_U32) return BAD(c, "general.alignment must be u32, got type %u", kv->type);
         memcpy(alignment, f->buf + kv->offset, 4);
         if (*alignment == 0 || (*alignment & (*alignment - 1)) || *alignment > 65536) {
@@ -145,7 +145,7 @@ static innsteer_status parse_kv(cursor *c, gguf_file *f, uint64_t i, uint32_t *a
     return INNSTEER_OK;
 }
 
-innsteer_status gguf_parse_header(gguf_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size) {
+innsteer_status ggufr_parse_header(ggufr_file *f, const uint8_t *buf, size_t size, char *err, size_t err_size) {
     memset(f, 0, sizeof *f);
     f->buf = buf;
     f->size = size;
@@ -163,13 +163,13 @@ innsteer_status gguf_parse_header(gguf_file *f, const uint8_t *buf, size_t size,
     f->kv = calloc(f->n_kv ? f->n_kv : 1, sizeof *f->kv);
     f->tensors = calloc(f->n_tensors ? f->n_tensors : 1, sizeof *f->tensors);
     if (!f->kv || !f->tensors) {
-        gguf_release(f);
+        ggufr_release(f);
         return set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
     }
     uint32_t alignment = 32;
     for (uint64_t i = 0; i < f->n_kv; i++) {
         if ((st = parse_kv(&c, f, i, &alignment))) {
-            gguf_release(f);
+            ggufr_release(f);
             return st;
         }
     }
@@ -179,11 +179,11 @@ innsteer_status gguf_parse_header(gguf_file *f, const uint8_t *buf, size_t size,
 }
 
 /* Tensor info i at the cursor: name, shape, type and data offset, checked. */
-static innsteer_status parse_tensor_info(cursor *c, gguf_file *f, uint64_t i, uint64_t *offset) {
-    gguf_tensor *t = &f->tensors[i];
+static innsteer_status parse_tensor_info(cursor *c, ggufr_file *f, uint64_t i, uint64_t *offset) {
+    ggufr_tensor *t = &f->tensors[i];
     innsteer_status st = read_str(c, &t->name, "tensor name");
     if (st) return st;
-    if (!gguf_valid_utf8(t->name.ptr, t->name.len)) return BAD(c, "tensor %llu: name is not valid UTF-8", (unsigned long long)i);
+    if (!ggufr_valid_utf8(t->name.ptr, t->name.len)) return BAD(c, "tensor %llu: name is not valid UTF-8", (unsigned long long)i);
     if (t->name.len == 0 || t->name.len > 63) {
         return BAD(c, "tensor %llu: name length %llu outside 1..63", (unsigned long long)i, (unsigned long long)t->name.len);
     }
@@ -217,7 +217,7 @@ static innsteer_status parse_tensor_info(cursor *c, gguf_file *f, uint64_t i, ui
     return INNSTEER_OK;
 }
 
-static innsteer_status parse_tensor_infos(cursor *c, gguf_file *f, uint64_t *offsets) {
+static innsteer_status parse_tensor_infos(cursor *c, ggufr_file *f, uint64_t *offsets) {
     innsteer_status st;
     for (uint64_t i = 0; i < f->n_tensors; i++) {
         if ((st = parse_tensor_info(c, f, i, &offsets[i]))) return st;
@@ -227,7 +227,7 @@ static innsteer_status parse_tensor_infos(cursor *c, gguf_file *f, uint64_t *off
         return BAD(c, "truncated file: tensor data would start at %zu, file has %zu bytes", data_start, f->size);
     }
     for (uint64_t i = 0; i < f->n_tensors; i++) {
-        gguf_tensor *t = &f->tensors[i];
+        ggufr_tensor *t = &f->tensors[i];
         uint64_t esize = t->type == GT_F16 ? 2 : 4;
         uint64_t nbytes = t->n_elements * esize;
         uint64_t avail = f->size - data_start;
@@ -241,16 +241,16 @@ static innsteer_status parse_tensor_infos(cursor *c, gguf_file *f, uint64_t *off
     return INNSTEER_OK;
 }
 
-innsteer_status gguf_parse_tensors(gguf_file *f, char *err, size_t err_size) {
+innsteer_status ggufr_parse_tensors(ggufr_file *f, char *err, size_t err_size) {
     cursor c = {f->buf, f->size, f->tensor_info_at, err, err_size};
     uint64_t *offsets = calloc(f->n_tensors ? f->n_tensors : 1, sizeof *offsets);
     innsteer_status st = offsets ? parse_tensor_infos(&c, f, offsets) : set_error(err, err_size, INNSTEER_ERR_NOMEM, "out of memory");
     free(offsets);
-    if (st) gguf_release(f);
+    if (st) ggufr_release(f);
     return st;
 }
 
-void gguf_release(gguf_file *f) {
+void ggufr_release(ggufr_file *f) {
     free(f->kv);
     free(f->tensors);
     f->kv = NULL;
@@ -258,27 +258,27 @@ void gguf_release(gguf_file *f) {
     f->n_kv = f->n_tensors = 0;
 }
 
-bool gguf_str_eq(gguf_str s, const char *c) {
+bool ggufr_str_eq(ggufr_str s, const char *c) {
     size_t n = strlen(c);
     return s.len == n && memcmp(s.ptr, c, n) == 0;
 }
 
-const gguf_kv *gguf_find_kv(const gguf_file *f, const char *key) {
+const ggufr_kv *ggufr_find_kv(const ggufr_file *f, const char *key) {
     for (uint64_t i = 0; i < f->n_kv; i++) {
-        if (gguf_str_eq(f->kv[i].key, key)) return &f->kv[i];
+        if (ggufr_str_eq(f->kv[i].key, key)) return &f->kv[i];
     }
     return NULL;
 }
 
-const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name) {
+const ggufr_tensor *ggufr_find_tensor(const ggufr_file *f, const char *name) {
     for (uint64_t i = 0; i < f->n_tensors; i++) {
-        if (gguf_str_eq(f->tensors[i].name, name)) return &f->tensors[i];
+        if (ggufr_str_eq(f->tensors[i].name, name)) return &f->tensors[i];
     }
     return NULL;
 }
 
-bool gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out) {
-    const gguf_kv *kv = gguf_find_kv(f, key);
+bool ggufr_get_u32(const ggufr_file *f, const char *key, uint32_t *out) {
+    const ggufr_kv *kv = ggufr_find_kv(f, key);
     if (!kv) return false;
     if (kv->type == GV_U32 || kv->type == GV_I32) {
         memcpy(out, f->buf + kv->offset, 4);
@@ -287,28 +287,28 @@ bool gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out) {
     return false;
 }
 
-bool gguf_get_f32(const gguf_file *f, const char *key, float *out) {
-    const gguf_kv *kv = gguf_find_kv(f, key);
+bool ggufr_get_f32(const ggufr_file *f, const char *key, float *out) {
+    const ggufr_kv *kv = ggufr_find_kv(f, key);
     if (!kv || kv->type != GV_F32) return false;
     memcpy(out, f->buf + kv->offset, 4);
     return true;
 }
 
-static gguf_str str_at(const gguf_file *f, size_t offset) {
-    gguf_str s;
+static ggufr_str str_at(const ggufr_file *f, size_t offset) {
+    ggufr_str s;
     memcpy(&s.len, f->buf + offset, 8);
     s.ptr = (const char *)f->buf + offset + 8;
     return s;
 }
 
-bool gguf_get_str(const gguf_file *f, const char *key, gguf_str *out) {
-    const gguf_kv *kv = gguf_find_kv(f, key);
+bool ggufr_get_str(const ggufr_file *f, const char *key, ggufr_str *out) {
+    const ggufr_kv *kv = ggufr_find_kv(f, key);
     if (!kv || kv->type != GV_STRING) return false;
-    *out = str_at(f, kv->offset); /* bounds were checked by gguf_parse_header */
+    *out = str_at(f, kv->offset); /* bounds were checked by ggufr_parse_header */
     return true;
 }
 
-bool gguf_array_u32(const gguf_file *f, const gguf_kv *kv, uint64_t i, uint32_t *out) {
+bool ggufr_array_u32(const ggufr_file *f, const ggufr_kv *kv, uint64_t i, uint32_t *out) {
     if (kv->type != GV_ARRAY || (kv->elem_type != GV_U32 && kv->elem_type != GV_I32) || i >= kv->count) return false;
     memcpy(out, f->buf + kv->offset + 4 * i, 4);
     return kv->elem_type == GV_U32 || (int32_t)*out >= 0;
