@@ -49,7 +49,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Flow:
         state, cfg, m = ck["state_dict"], ck["config"], ck["model"]
         model = ModelInfo(str(m["name"]), str(m["architecture"]), int(m["n_embd"]), int(m["n_layer"]))
         blocks = len({k.split(".")[2] for k in state if k.startswith("couplings.nets.")})
-        basis = state.get("basis")
+        basis = state.get("inputs.1.basis", state.get("basis"))  # the second: written before the input ops were modules
         flow_t = InnFlow(np.zeros(model.n_embd), np.ones(model.n_embd), np.zeros(model.n_embd),
                          InnConfig(rank=0 if basis is None else int(basis.shape[0]), blocks=blocks,
                                    hidden=int(cfg["hidden"]), clamp=float(cfg["clamp"]),

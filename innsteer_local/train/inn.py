@@ -20,8 +20,8 @@ import numpy as np
 
 from ..choices import ACTIVATIONS
 from ..errors import InnsteerError, InvalidArgument
-from ..flow import Affine, Site, Subspace
-from .torch_ops import TorchCoupling, TorchLinear, TorchPermute, torch
+from ..flow import Site
+from .torch_ops import TorchAffine, TorchCoupling, TorchLinear, TorchPermute, TorchSubspace, from_op, torch
 
 nn = torch.nn
 
@@ -130,36 +130,54 @@ class InnFlow(nn.Module):
                  y_sd: Optional[np.ndarray] = None):
         super().__init__()
         f32 = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
-        self.register_buffer("mu", f32(mu))
-        self.register_buffer("sd", f32(np.maximum(sd, 1e-6)))
+        sd = np.maximum(np.asarray(sd, np.float64), 1e-6)
+        # the ops before the couplings, as the file stores them: normalise, then (rank r) project
+        # onto the basis and normalise there
+        inputs: list[Any] = [TorchAffine(f32(1 / sd), f32(-np.asarray(mu, np.float64) / sd))]
         self.subspace = basis is not None
         if self.subspace:
-            self.register_buffer("basis", f32(basis))
-            self.register_buffer("y_mu", f32(y_mu if y_mu is not None else np.zeros(len(basis))))
-            self.register_buffer("y_sd", f32(y_sd if y_sd is not None else np.ones(len(basis))))
+            y_mu = np.zeros(len(basis)) if y_mu is None else np.asarray(y_mu, np.float64)
+            y_sd = np.ones(len(basis)) if y_sd is None else np.asarray(y_sd, np.float64)
+            inputs += [TorchSubspace(f32(basis)), TorchAffine(f32(1 / y_sd), f32(-y_mu / y_sd))]
+        self.inputs = nn.ModuleList(inputs)
         self.width = len(basis) if self.subspace else len(mu)
         self.couplings = Couplings(self.width, cfg)
         with torch.no_grad():
-            c = self.shift_coords(f32(v)[None])
+            c = torch.tensor(self.shift_coords(np.asarray(v, np.float64))[None], dtype=torch.float32)
             delta = self.couplings(c)[0] - self.couplings(torch.zeros_like(c))[0]
         self.delta = nn.Parameter(delta[0].clone())
+        self._register_load_state_dict_pre_hook(self._legacy_inputs)
 
-    # -- coordinates: y = coords(h), h + lift(dy) --
+    def _legacy_inputs(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Checkpoints written before the input ops were op modules hold mu, sd (and basis, y_mu,
+        y_sd) as buffers."""
+        if f"{prefix}mu" not in state:
+            return
+        mu, sd = state.pop(f"{prefix}mu"), state.pop(f"{prefix}sd")
+        state[f"{prefix}inputs.0.scale"], state[f"{prefix}inputs.0.bias"] = 1 / sd, -mu / sd
+        if f"{prefix}basis" in state:
+            y_mu, y_sd = state.pop(f"{prefix}y_mu"), state.pop(f"{prefix}y_sd")
+            state[f"{prefix}inputs.1.basis"] = state.pop(f"{prefix}basis")
+            state[f"{prefix}inputs.2.scale"], state[f"{prefix}inputs.2.bias"] = 1 / y_sd, -y_mu / y_sd
+
+    # -- coordinates: y = coords(h); an edit dy of them is the edit lift(dy) of h --
     def coords(self, h: Any) -> Any:
-        y = (h - self.mu) / self.sd
-        if self.subspace:
-            y = (y @ self.basis.T - self.y_mu) / self.y_sd
-        return y
+        for op in self.inputs:
+            h = op(h)
+        return h
 
-    def shift_coords(self, v: Any) -> Any:
-        """The coordinates change that a raw shift v causes (linear)."""
-        y = v / self.sd
-        return (y @ self.basis.T) / self.y_sd if self.subspace else y
+    def shift_coords(self, v: np.ndarray) -> np.ndarray:
+        """The coordinates change that a raw shift v causes (the input ops are linear), in float64."""
+        x, zero = torch.tensor(v, dtype=torch.float64), torch.zeros(len(v), dtype=torch.float64)
+        for op in self.inputs:
+            op64 = from_op(op.to_op(), torch.float64)
+            x, zero = op64(x), op64(zero)
+        return (x - zero).numpy()
 
     def lift(self, dy: Any) -> Any:
-        if self.subspace:
-            dy = (dy * self.y_sd) @ self.basis
-        return dy * self.sd
+        for op in reversed(self.inputs):
+            dy = op.inverse_delta(dy)
+        return dy
 
     def latent(self, h: Any) -> Any:
         return self.couplings(self.coords(h))[0]
@@ -172,13 +190,7 @@ class InnFlow(nn.Module):
 
     def site(self, layer: int, delta_scale: float = 1.0) -> Site:
         """The flow-file site (delta scaled: the strength that becomes 1)."""
-        mu, sd = self.mu.numpy().astype(np.float64), self.sd.numpy().astype(np.float64)
-        ops: list[Any] = [Affine(scale=(1 / sd).astype(np.float32), bias=(-mu / sd).astype(np.float32))]
-        if self.subspace:
-            y_mu, y_sd = self.y_mu.numpy().astype(np.float64), self.y_sd.numpy().astype(np.float64)
-            ops += [Subspace(basis=self.basis.numpy().astype(np.float32).copy()),
-                    Affine(scale=(1 / y_sd).astype(np.float32), bias=(-y_mu / y_sd).astype(np.float32))]
-        ops += self.couplings.ops()
+        ops = [op.to_op() for op in self.inputs] + self.couplings.ops()
         return Site(layer=layer, ops=ops, delta=(_np(self.delta) * delta_scale).astype(np.float32))
 
     def coupling_parameters(self) -> list[Any]:

@@ -54,6 +54,10 @@ class TorchAffine(nn.Module):
     def inverse(self, y: Any) -> Any:
         return (y - self.bias) / self.scale
 
+    def inverse_delta(self, d: Any) -> Any:
+        """The edit of the input that an edit d of the output corresponds to."""
+        return d / self.scale
+
     @classmethod
     def from_op(cls, op: flow_ops.Affine, dtype: Any = torch.float32) -> TorchAffine:
         return cls(_tensor(op.scale, dtype), _tensor(op.bias, dtype))
@@ -79,8 +83,11 @@ class TorchSubspace(nn.Module):
     def forward(self, x: Any) -> Any:
         return x @ self.basis.T
 
-    def lift(self, dy: Any) -> Any:
+    def inverse_delta(self, dy: Any) -> Any:
+        """A change of the subspace coordinates as a change of the full-width row."""
         return dy @ self.basis
+
+    lift = inverse_delta
 
     @classmethod
     def from_op(cls, op: flow_ops.Subspace, dtype: Any = torch.float32) -> TorchSubspace:
