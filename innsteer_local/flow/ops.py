@@ -24,7 +24,8 @@ def _activate(name: str, x: np.ndarray) -> np.ndarray:
         return np.maximum(x, 0.0)
     if name == "tanh":
         return np.tanh(x)
-    return x / (1.0 + np.exp(-x))
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x << 0 gives x / inf = -0, silu's limit there
+        return x / (1.0 + np.exp(-x))
 
 
 class Fields(Protocol):
