@@ -87,8 +87,6 @@ class TorchSubspace(nn.Module):
         """A change of the subspace coordinates as a change of the full-width row."""
         return dy @ self.basis
 
-    lift = inverse_delta
-
     @classmethod
     def from_op(cls, op: flow_ops.Subspace, dtype: Any = torch.float32) -> TorchSubspace:
         return cls(_tensor(op.basis, dtype))
@@ -237,7 +235,7 @@ class TorchSite(nn.Module):
         z = y
         for op in post:
             z = op(z)
-        return x + self.ops[k].lift(z - y), z
+        return x + self.ops[k].inverse_delta(z - y), z
 
     def forward(self, h: Any) -> Any:
         return self.latent(h)[0]
@@ -251,7 +249,7 @@ class TorchSite(nn.Module):
             y = y0
             for op in reversed(post):
                 y = op.inverse(y)
-            x = x + self.ops[k].lift(y - y0)
+            x = x + self.ops[k].inverse_delta(y - y0)
         for op in reversed(pre):
             x = op.inverse(x)
         return x
@@ -281,5 +279,5 @@ class TorchSite(nn.Module):
             edit = edit + self._t(self.site.edit_scale) * z
         e = strength * self.gate_weight(z, strength, gate) * edit
         if self.sub >= 0:  # the edit lives in the subspace: the full-width latent moves by basis^T e
-            e = self.ops[self.sub].lift(e)
+            e = self.ops[self.sub].inverse_delta(e)
         return self.inverse(full + e)
