@@ -1,9 +1,10 @@
 """The last step of `train`: which candidate to ship and what its strength 1 means, chosen by what
 the steered model writes on held-out prompts (train/held_out.py measures).
 
-Every candidate (a flow's checkpoints: its identity start, which is mean-diff's shift exactly, for
-an always-on behaviour; the end of its linear phase; the end of training; a linear method's one
-vector) writes replies at a ladder of strengths around its trained operating
+Every candidate (for a flow, the outcome.Candidates that COMPETING names: for an always-on
+behaviour the midway between its identity start, mean-diff's shift, and the end of its linear
+phase, against the end of training; for a selective one the end of the linear phase against the
+end of training; a linear method's one vector) writes replies at a ladder of strengths around its trained operating
 point, all side by side in one batch with the unsteered model. The winner is the candidate with the
 best behaviour score at matched fluency (metrics.matched_fluency: the eval's own rule). The shipped
 flow is then **calibrated**: its shift is rescaled so that strength 1 is the rung just below that
@@ -25,7 +26,7 @@ from ..runtime.prompts import has_chat_template
 from . import behaviors, held_out
 from .data import Dataset
 from ..progress import Progress
-from .outcome import TrainOutcome
+from .outcome import Candidate, TrainOutcome
 
 if TYPE_CHECKING:
     from .pipeline import TrainConfig
@@ -33,9 +34,21 @@ if TYPE_CHECKING:
 _WORD = re.compile(r"[a-z']+")
 
 # strengths tried, as multiples of the trained unit (training samples [0.5, 1.5]), in steps of about
-# sqrt 2; a candidate with no fluent setting gets the next two below
+# sqrt 2; a candidate with no fluent setting gets the next two below, one still fluent at the top
+# rung the next two above (a topic from a file of fixed sentences appears only at 1.5-2.5x the
+# unit: on the ladder alone every candidate scored within noise of unsteered)
 LADDER = (0.7, 1.0, 1.4)
 LADDER_DOWN = (0.5, 0.35)
+LADDER_UP = (2.0, 2.8)
+# which of a flow's candidates (outcome.Candidate.phase) compete, first the one kept where scores
+# tie. Always-on (data without neutral items): the midway, the linear phase and the couplings. On
+# files of fixed sentences (16 held-out prompts, docs/RESULTS.md) the midway was best or within
+# noise of the best every time, the others not (space with a 24-token reply window: midway 0.94 on
+# topic at matched fluency, linear phase 0.12, full 0.31); on five prompts another candidate
+# sometimes scores higher by chance. Selective (data with neutral items): the couplings' job
+# (mean-diff refuses harmless requests as readily as harmful ones), against the linear phase; there
+# ties go to the lower held-out objective.
+COMPETING = {"always-on": ("midway", "linear", "full"), "selective": ("linear", "full")}
 
 
 def contrast_scorer(ds: Dataset) -> Callable[[str], float]:
@@ -96,11 +109,8 @@ def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg:
         return
     name, scorer = scorer_for(recipe, out.data)
     chat = has_chat_template(llm)
-    candidates = out.candidates or [(0, out.flow)]
-    if neutral and len(candidates) > 1:
-        # a selective behaviour is the couplings' job (mean-diff refuses harmless requests as readily
-        # as harmful ones), and its selection replies to twice the prompts: the start does not compete
-        candidates = [c for c in candidates if c[0] != 0] or candidates
+    competing = COMPETING["selective" if neutral else "always-on"]
+    candidates = [c for c in out.candidates if c.phase in competing] or out.candidates or [Candidate(out.flow)]
     progress.phase(f"choosing and calibrating by generation ({name} score)", 1 + len(candidates) * len(LADDER))
     per_setting = len(prompts) + len(neutral)
     judge = held_out.Judge(llm, scorer, chat, cfg.select_tokens,
@@ -110,9 +120,9 @@ def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg:
     with tempfile.TemporaryDirectory(prefix="innsteer-select-") as tmp:
         try:
             flows = []
-            for i, (_, flow) in enumerate(candidates):
+            for i, cand in enumerate(candidates):
                 path = Path(tmp) / f"candidate-{i}.gguf"
-                flow.save(path)
+                cand.flow.save(path)
                 flows.append(judge.add_candidate(path))
 
             def measure(stage: list[tuple[int, float]]) -> list[dict[str, Any]]:
@@ -129,24 +139,24 @@ def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg:
             baseline = held_out.summarise(base_raw, base_raw, -1, 0.0)
             settings = [held_out.summarise(r, base_raw, i, a) for (i, a), r in zip(stage[1:], raws[1:])]
             settings = _smoothed(settings, baseline)
-            # the ladder goes down where a candidate has no fluent setting (where its best is the top
-            # rung, strength 1 is the rung below it: going up would not change it), unless a weaker
-            # push cannot win anyway: at its lowest rung it already scored no more than the best
-            # fluent setting of another candidate (the behaviour grows with strength; a second wave
-            # of a few replies costs almost what the first did)
+            # the ladder goes down where a candidate has no fluent setting, unless a weaker push
+            # cannot win anyway: at its lowest rung it already scored no more than the best fluent
+            # setting of another candidate (the behaviour grows with strength); it goes up where a
+            # candidate is still fluent at its top rung. Both in one second wave.
             best_fluent = max((s.score for s in settings if s.fluent), default=-math.inf)
+            ladders = [sorted((s for s in settings if s.candidate == i), key=lambda s: s.strength)
+                       for i in range(len(candidates))]
             more = [(i, a) for i in range(len(candidates))
-                    if not any(s.fluent for s in settings if s.candidate == i)
-                    and min((s for s in settings if s.candidate == i), key=lambda s: s.strength).score > best_fluent
-                    for a in LADDER_DOWN]
+                    for a in (LADDER_DOWN if not any(s.fluent for s in ladders[i]) and ladders[i][0].score > best_fluent
+                              else LADDER_UP if ladders[i][-1].fluent else ())]
             if more:
                 settings = _smoothed(settings + [held_out.summarise(r, base_raw, i, a) for (i, a), r in
                                                  zip(more, measure(more))], baseline)
         finally:
             judge.close()
     tops = [held_out.best([s for s in settings if s.candidate == i], baseline) for i in range(len(candidates))]
-    pick = _pick(tops, [_held_out_loss(out, step) for step, _ in candidates], selective=bool(neutral),
-                 prefer=next((i for i, (step, _) in enumerate(candidates) if _phase(out, step) == "linear"), None))
+    pick = _pick(tops, [_held_out_loss(out, c.step) for c in candidates], selective=bool(neutral),
+                 prefer=next((i for i, c in enumerate(candidates) if c.phase == competing[0]), None))
     chosen = tops[pick]
     note = ""
     own = sorted((s for s in settings if s.candidate == pick), key=lambda s: s.strength)
@@ -161,17 +171,18 @@ def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg:
         # last fluent one, so strength 1 keeps a margin inside matched fluency on other prompts
         lower = [a for a in fluent if a < chosen.strength]
         unit = max(lower) if lower else chosen.strength
-    step, flow = candidates[pick]
+    flow = candidates[pick].flow
     flow.rescale(unit)
     flow.default_strength = 1.0
-    phase = _phase(out, step)
     flow.provenance["selection"] = {"scorer": name, "prompts": len(prompts), "neutral_prompts": len(neutral),
-                                    "tokens": cfg.select_tokens, "checkpoint_step": step, "phase": phase,
+                                    "tokens": cfg.select_tokens, "checkpoint_step": candidates[pick].step,
+                                    "phase": candidates[pick].phase,
                                     "unit": unit, "baseline": baseline.row(), "chosen": chosen.row(),
                                     "default": next(s for s in own if s.strength == unit).row(),
                                     **({"note": note} if note else {})}
     out.flow = flow
-    out.selection = [baseline.row()] + [s.row() | {"calibrated": s.strength / unit if s.candidate == pick else None}
+    out.selection = [baseline.row()] + [s.row() | {"phase": candidates[s.candidate].phase,
+                                                   "calibrated": s.strength / unit if s.candidate == pick else None}
                                         for s in settings]
     out.metrics["selection"] = flow.provenance["selection"]
 
@@ -187,12 +198,9 @@ def _pick(tops: list[held_out.Setting], losses: list[Optional[float]], selective
     """The candidate with the best score at matched fluency. A few prompts cannot tell apart scores
     within a standard error of each other; among such ties the data decides. For a selective
     behaviour (data with neutral items, which tell the flow where to leave the model alone) the one
-    with the lowest held-out objective; for an always-on behaviour `prefer` (the flow's linear
-    phase), else the earliest. On user files of fixed sentences (docs/RESULTS.md) the coupled flow
-    repeated itself sooner than its linear phase at the same amount of the behaviour, and where the
-    linear phase and the start (mean-diff) tied on the ladder, the linear phase went on to steer
-    fluently at larger strengths where mean-diff's text broke (sea: 0.56 against 0.19); where the
-    start was better it was better by several standard errors (space)."""
+    with the lowest held-out objective; for an always-on behaviour `prefer` (COMPETING's first),
+    else the earliest. On user files of fixed sentences (docs/RESULTS.md) the coupled flow repeated
+    itself sooner than its shift alone at the same amount of the behaviour."""
     best = max(range(len(tops)), key=lambda i: tops[i].score)
     tied = [i for i in range(len(tops)) if tops[i].ties(tops[best])]
     if not selective:
@@ -200,15 +208,7 @@ def _pick(tops: list[held_out.Setting], losses: list[Optional[float]], selective
     return min(tied, key=lambda i: (losses[i] if losses[i] is not None else math.inf, i))
 
 
-def _held_out_loss(out: TrainOutcome, step: int) -> Optional[float]:
+def _held_out_loss(out: TrainOutcome, step: Optional[int]) -> Optional[float]:
     """The objective on held-out pairs at a checkpoint (recorded in the training history)."""
-    row = next((h for h in out.history if h.get("step") == step), None)
+    row = next((h for h in out.history if step is not None and h.get("step") == step), None)
     return row.get("val_loss") if row else None
-
-
-def _phase(out: TrainOutcome, step: int) -> str:
-    """Which part of training a checkpoint ends: a flow's linear phase (its shift alone) or all of it."""
-    linear_end = out.metrics.get("linear_steps")
-    if not linear_end:  # one phase only: a vector, a linear method
-        return ""
-    return "start" if step == 0 else "linear" if step == linear_end else "full"

@@ -16,6 +16,18 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class Candidate:
+    """A flow selection (choose.py) may ship, and where in training it comes from: phase "midway"
+    (halfway in direction between the flow's identity start, mean-diff's shift, and the end of its
+    linear phase), "linear" (the end of the shift-alone phase), "full" (the end of training), ""
+    for a one-phase trainer; step: its training step, None where it is no checkpoint."""
+
+    flow: Flow
+    phase: str = ""
+    step: Optional[int] = None
+
+
+@dataclass
 class TrainOutcome:
     flow: Flow  # at the common unit (unit.py) as a trainer returns it; calibrated after selection
     layer: int
@@ -27,5 +39,5 @@ class TrainOutcome:
     selection: list[dict[str, Any]] = field(default_factory=list)
     latent: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-    candidates: list[tuple[int, Flow]] = field(default_factory=list)  # (training step, flow) to choose from
+    candidates: list[Candidate] = field(default_factory=list)  # to choose from (none: just `flow`)
     held_out: tuple[list[str], list[str]] = ([], [])  # prompts for selection: behaviour, neutral

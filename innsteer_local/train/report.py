@@ -41,7 +41,8 @@ def summary(out: TrainOutcome) -> str:
     if sel:
         c, b = sel["chosen"], sel["baseline"]
         d = sel.get("default", c)
-        phase = {"linear": "the end of the linear phase (its shift alone)", "full": "the end of training"}.get(
+        phase = {"midway": "the midway (in direction) between mean-diff's shift and the linear phase's",
+                 "linear": "the end of the linear phase (its shift alone)", "full": "the end of training"}.get(
             sel.get("phase", ""), "")
 
         def at(r: dict[str, Any]) -> str:
@@ -51,7 +52,8 @@ def summary(out: TrainOutcome) -> str:
 
         lines.append(f"chosen by generation ({sel['scorer']} score, {sel['prompts']} held-out prompts"
                      + (f" and {sel['neutral_prompts']} neutral ones" if sel["neutral_prompts"] else "")
-                     + f", {sel['tokens']} tokens): checkpoint {sel['checkpoint_step']}" + (f" ({phase})" if phase else ""))
+                     + f", {sel['tokens']} tokens): "
+                     + (phase or f"checkpoint {sel['checkpoint_step']}"))
         lines.append(f"calibrated: strength 1 (the default) = {sel['unit']:g}x the trained unit; unsteered: {at(b)}; "
                      f"at strength 1: {at(d)}; best at matched fluency (strength {c['strength'] / sel['unit']:.3g}): "
                      f"{at(c)}")
@@ -159,8 +161,7 @@ def _plot_selection(plt: Any, out: TrainOutcome, report_dir: Path) -> list[str]:
     base = out.selection[0]
     for c, rows in sorted(by_cand.items()):
         rows = sorted([base] + rows, key=lambda r: r["strength"])
-        step = out.candidates[c][0] if c < len(out.candidates) else c
-        label = f"checkpoint {step}" if out.candidates else out.flow.method
+        label = rows[-1].get("phase") or out.flow.method
         ax[0].plot([r["strength"] for r in rows], [r["score"] for r in rows], "o-", label=label)
         ax[1].plot([r["strength"] for r in rows], [r["ppl_ratio"] for r in rows], "o-", label=f"{label}: perplexity")
         ax[1].plot([r["strength"] for r in rows], [r["distinct_ratio"] for r in rows], "s--", label=f"{label}: distinct-2")

@@ -39,7 +39,11 @@ class ThroughConfig:
     coupling_lr: float = 1e-3  # the couplings' weights
     strengths: tuple[float, float] = (0.5, 1.5)
     negative_share: float = 0.25  # steps of a pair at -a, which must prefer the negative reply
-    max_reply_tokens: int = 24
+    # a whole reply of a few sentences: what tells a user's positive sentence from its negative is often
+    # near its end (space pairs: the topic word after token 24 in 34 of 58), and a window cut before it
+    # trained the shift on the paraphrase alone (16 held-out prompts, topic at matched fluency: linear
+    # phase 0.12 with 24 tokens, 1.00 with 48; docs/RESULTS.md)
+    max_reply_tokens: int = 64
     val_fraction: float = 0.2
     checkpoints: int = 1  # states kept for selection after the first phase (evenly spaced, the last included)
     precision: str = "auto"  # of the layers above L (hf_model.PRECISIONS)
