@@ -1,9 +1,8 @@
 """The last step of `train`: which candidate to ship and what its strength 1 means, chosen by what
 the steered model writes on held-out prompts (train/held_out.py measures).
 
-Every candidate (for a flow, the outcome.Candidates that COMPETING names: for an always-on
-behaviour the midway between its identity start, mean-diff's shift, and the end of its linear
-phase, against the end of training; for a selective one the end of the linear phase against the
+Every candidate (for a flow, the outcome.Candidates that COMPETING names: its identity start,
+which is mean-diff's shift exactly, for an always-on behaviour; the end of its linear phase; the
 end of training; a linear method's one vector) writes replies at a ladder of strengths around its trained operating
 point, all side by side in one batch with the unsteered model. The winner is the candidate with the
 best behaviour score at matched fluency (metrics.matched_fluency: the eval's own rule). The shipped
@@ -41,14 +40,13 @@ LADDER = (0.7, 1.0, 1.4)
 LADDER_DOWN = (0.5, 0.35)
 LADDER_UP = (2.0, 2.8)
 # which of a flow's candidates (outcome.Candidate.phase) compete, first the one kept where scores
-# tie. Always-on (data without neutral items): the midway, the linear phase and the couplings. On
-# files of fixed sentences (16 held-out prompts, docs/RESULTS.md) the midway was best or within
-# noise of the best every time, the others not (space with a 24-token reply window: midway 0.94 on
-# topic at matched fluency, linear phase 0.12, full 0.31); on five prompts another candidate
-# sometimes scores higher by chance. Selective (data with neutral items): the couplings' job
+# tie. Always-on (data without neutral items): the start (mean-diff's shift), the linear phase and
+# the couplings; where they tie, the linear phase: there the objective rewards couplings that fit the
+# pairs' own wording, and on held-out prompts such a flow repeated itself sooner than its shift alone
+# at the same amount of the behaviour. Selective (data with neutral items): the couplings' job
 # (mean-diff refuses harmless requests as readily as harmful ones), against the linear phase; there
 # ties go to the lower held-out objective.
-COMPETING = {"always-on": ("midway", "linear", "full"), "selective": ("linear", "full")}
+COMPETING = {"always-on": ("linear", "start", "full"), "selective": ("linear", "full")}
 
 
 def contrast_scorer(ds: Dataset) -> Callable[[str], float]:
@@ -208,7 +206,7 @@ def _pick(tops: list[held_out.Setting], losses: list[Optional[float]], selective
     return min(tied, key=lambda i: (losses[i] if losses[i] is not None else math.inf, i))
 
 
-def _held_out_loss(out: TrainOutcome, step: Optional[int]) -> Optional[float]:
+def _held_out_loss(out: TrainOutcome, step: int) -> Optional[float]:
     """The objective on held-out pairs at a checkpoint (recorded in the training history)."""
-    row = next((h for h in out.history if step is not None and h.get("step") == step), None)
+    row = next((h for h in out.history if h.get("step") == step), None)
     return row.get("val_loss") if row else None

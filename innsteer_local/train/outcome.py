@@ -17,14 +17,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class Candidate:
-    """A flow selection (choose.py) may ship, and where in training it comes from: phase "midway"
-    (halfway in direction between the flow's identity start, mean-diff's shift, and the end of its
-    linear phase), "linear" (the end of the shift-alone phase), "full" (the end of training), ""
-    for a one-phase trainer; step: its training step, None where it is no checkpoint."""
+    """A flow selection (choose.py) may ship, and where in training it comes from: phase "start"
+    (a flow's identity start, mean-diff's shift), "linear" (the end of its shift-alone phase),
+    "full" (the end of training), "" for a one-phase trainer; step: its training step."""
 
     flow: Flow
     phase: str = ""
-    step: Optional[int] = None
+    step: int = 0
 
 
 @dataclass

@@ -40,7 +40,7 @@ class TrainConfig:
     device: str = "auto"
     select: bool = True  # choose checkpoint and default strength by generation
     select_tokens: int = 40  # as long as eval's replies (held_out.SELECT_TOKENS)
-    select_prompts: int = 5  # held-out behaviour prompts per setting (an always-on behaviour: 3 candidates x 3 + 1 settings, then 2 more each)
+    select_prompts: int = 5  # held-out behaviour prompts per setting (an always-on behaviour: 3 candidates x 3 + 1 settings, then up to 2 more each)
     select_neutral: int = 3  # a selective behaviour (data with neutral items): this many of each kind (2 candidates x 3 + 1 settings)
     through: Any = None  # ThroughConfig (torch) for the model objective
     geometry: Any = None  # GeometryConfig (torch) for the geometry objective

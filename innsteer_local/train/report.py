@@ -41,7 +41,7 @@ def summary(out: TrainOutcome) -> str:
     if sel:
         c, b = sel["chosen"], sel["baseline"]
         d = sel.get("default", c)
-        phase = {"midway": "the midway (in direction) between mean-diff's shift and the linear phase's",
+        phase = {"start": "the identity start (mean-diff's shift)",
                  "linear": "the end of the linear phase (its shift alone)", "full": "the end of training"}.get(
             sel.get("phase", ""), "")
 

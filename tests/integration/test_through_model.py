@@ -130,24 +130,27 @@ def test_train_end_to_end_through_the_model(tmp_path):
     assert "chosen by generation" in proc.stdout and "calibrated: strength 1" in proc.stdout
 
 
-def test_an_always_on_pairs_file_chooses_among_the_midway_the_shift_and_the_couplings(tmp_path):
-    """A user's file of fixed sentences (no neutral items): the midway between the flow's start
-    (mean-diff) and its linear phase, that linear phase, and the end of training write held-out replies on the ladder
-    (and above it where still fluent); the shipped flow is the one selection chose, calibrated to a
-    rung it was measured at."""
+def test_an_always_on_pairs_file_chooses_among_the_start_the_shift_and_the_couplings(tmp_path):
+    """A user's file of fixed sentences (no neutral items): the flow's start (mean-diff), the end of
+    its linear phase and the end of training write held-out replies on the ladder (and above it
+    where still fluent); the shipped flow is the one selection chose, calibrated to a rung it was
+    measured at."""
     src = Path(__file__).resolve().parents[2] / "innsteer_local" / "eval" / "data" / "checks" / "space.jsonl"
     out, report = tmp_path / "space.gguf", tmp_path / "report"
     proc = subprocess.run([CLI, "train", "--pairs", str(src), "--layer", str(LAYER), "--max-pairs", "12",
                            "--steps", "3", "--coupling-steps", "2", "-o", str(out), "--report", str(report)],
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sel = Flow.load(out).provenance["selection"]
+    flow = Flow.load(out)
+    sel = flow.provenance["selection"]
     assert sel["neutral_prompts"] == 0 and sel["scorer"] == "contrast"
+    # the whole reply is the training window: the longest reply in the file fits in it
+    assert flow.provenance["hyperparameters"]["max_reply_tokens"] >= 48
     settings = json.loads((report / "metrics.json").read_text())["selection_settings"][1:]
-    assert {r["phase"] for r in settings} == {"midway", "linear", "full"}
-    for phase in ("midway", "linear", "full"):
+    assert {r["phase"] for r in settings} == {"start", "linear", "full"}
+    for phase in ("start", "linear", "full"):
         rungs = {r["strength"] for r in settings if r["phase"] == phase}
         assert {0.7, 1.0, 1.4} <= rungs <= {0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8}  # the ladder, then down or up
-    assert sel["phase"] in ("midway", "linear", "full")
-    assert sel["checkpoint_step"] == {"midway": None, "linear": 3, "full": 5}[sel["phase"]]
+    assert sel["phase"] in ("start", "linear", "full")
+    assert sel["checkpoint_step"] == {"start": 0, "linear": 3, "full": 5}[sel["phase"]]
     assert sel["unit"] in {r["strength"] for r in settings if r["phase"] == sel["phase"]}

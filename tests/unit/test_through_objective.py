@@ -198,38 +198,6 @@ def test_a_flow_trains_its_shift_alone_first(tiny):
     assert v_trainer.linear_steps == 0 and [s for s, _ in v_checkpoints] == [3]
 
 
-def test_the_midway_bisects_the_start_and_the_linear_shift(tiny):
-    """The midway candidate: a shift of h along the bisector of the start's and the linear phase's
-    shifts, as long as their geometric mean, the same for every row (the couplings stay at the
-    identity), with the linear phase's other parameters."""
-    from innsteer_local.train.through.fit import _midway
-
-    pairs, neutral = data(tiny)
-    flow, _, rows = make_flow(pairs, neutral)
-    cfg = ThroughConfig(steps=3, coupling_steps=1, pairs_per_step=3, neutral_per_step=2, val_fraction=0.0,
-                        lr=0.3)
-    _, checkpoints = ThroughTrainer(tiny, flow, pairs, neutral, cfg).fit()
-    states = dict(checkpoints)
-    h = torch.tensor(rows[:4])
-
-    def shift(state):
-        flow.load_state_dict(state)
-        with torch.no_grad():
-            edit = (flow.steer(h, 1.0) - h).double().numpy()
-        np.testing.assert_allclose(edit, np.broadcast_to(edit[0], edit.shape), atol=1e-5)
-        return edit[0]
-
-    e0, e1 = shift(states[0]), shift(states[3])
-    cos = e0 @ e1 / np.linalg.norm(e0) / np.linalg.norm(e1)
-    assert cos < 0.999  # the linear phase turned the shift, so the bisector is a third direction
-    mid_state = _midway(flow, states[0], states[3])
-    mid = shift(mid_state)
-    bisector = e0 / np.linalg.norm(e0) + e1 / np.linalg.norm(e1)
-    np.testing.assert_allclose(mid / np.linalg.norm(mid), bisector / np.linalg.norm(bisector), atol=1e-4)
-    np.testing.assert_allclose(np.linalg.norm(mid), np.sqrt(np.linalg.norm(e0) * np.linalg.norm(e1)), rtol=1e-4)
-    assert all(torch.equal(mid_state[k], v) for k, v in states[3].items() if k != "delta")
-
-
 def test_encodings_are_read_back_from_the_cache(tiny, tmp_path):
     from innsteer_local.train.through.trainer import EncodingCache
 

@@ -84,39 +84,14 @@ def train_through(llm: Any, ds: Dataset, layer: int, cfg: TrainConfig, recipe: O
                     **{k: v for k, v in meta.items() if k != "provenance"})
 
     lin = trainer.linear_steps
-    states = dict(checkpoints)
-    candidates = [Candidate(to_flow(state), "linear" if step == lin else "full" if lin else "", step)
-                  for step, state in checkpoints if step != 0]
-    if lin:  # the identity start (mean-diff's shift) is not shipped itself: its midway to the linear phase is
-        candidates.insert(0, Candidate(to_flow(_midway(flow_t, states[0], states[lin])), "midway"))
+    phases = {0: "start", lin: "linear"} if lin else {}
+    candidates = [Candidate(to_flow(state), phases.get(step, "full" if lin else ""), step) for step, state in checkpoints]
     out = TrainOutcome(flow=candidates[-1].flow, layer=layer, data=ds, history=history, seconds=seconds)
     out.metrics = {"layer": layer, "start": history[0], "end": history[-1],
-                   "checkpoints": [c.step for c in candidates if c.step is not None], "linear_steps": lin}
+                   "checkpoints": [c.step for c in candidates], "linear_steps": lin}
     out.candidates = candidates
     out.held_out = _val_prompts(ds, trainer)
     return out
-
-
-def _midway(flow_t: InnFlow, start: dict[str, Any], linear: dict[str, Any]) -> dict[str, Any]:
-    """The linear phase's state with its shift turned halfway (in angle) back to the start's:
-    the bisector of the two shifts of h, at the geometric mean of their lengths. On fixed-sentence
-    files the trained shift made replies repeat the file's phrasing and mean-diff's made them
-    incoherent at the strengths where the behaviour appears; halfway, the two failures partly
-    cancel (space pairs, 16 held-out prompts: 0.88 on topic at matched fluency against 0.25 and
-    0.56; docs/RESULTS.md)."""
-    edits = []
-    with torch.no_grad():
-        for state in (start, linear):  # couplings at the identity: the edit is one shift of h
-            flow_t.load_state_dict(state)
-            zero = torch.zeros(1, flow_t.inputs[0].scale.shape[-1])
-            edits.append((flow_t.steer(zero, 1.0) - zero)[0].double().numpy())
-    lengths = [float(np.linalg.norm(e)) for e in edits]
-    half = sum(e / max(n, 1e-12) for e, n in zip(edits, lengths))
-    shift = half / max(float(np.linalg.norm(half)), 1e-12) * float(np.sqrt(lengths[0] * lengths[1]))
-    c = torch.tensor(flow_t.shift_coords(shift)[None], dtype=torch.float32)
-    with torch.no_grad():
-        delta = flow_t.couplings(c)[0] - flow_t.couplings(torch.zeros_like(c))[0]
-    return {**linear, "delta": delta[0].clone()}
 
 
 def _gate(flow_t: Any, site: Site, pos_rows: np.ndarray, neg_rows: np.ndarray, seed: int) -> Gate:
