@@ -3,8 +3,9 @@ the steered model writes on held-out prompts (train/held_out.py measures).
 
 Every candidate (for a flow, the outcome.Candidates that COMPETING names: its identity start,
 which is mean-diff's shift exactly, for an always-on behaviour; the end of its linear phase; the
-end of training; a linear method's one vector) writes replies at a ladder of strengths around its trained operating
-point, all side by side in one batch with the unsteered model. The winner is the candidate with the
+end of training; a linear method's one vector) writes replies at a ladder of strengths around its
+trained operating point, all side by side in one batch with the unsteered model, then in a second
+wave below or above it where the ladder found nothing fluent or was fluent to its top. The winner is the candidate with the
 best behaviour score at matched fluency (metrics.matched_fluency: the eval's own rule). The shipped
 flow is then **calibrated**: its shift is rescaled so that strength 1 is the rung just below that
 best setting (strength 1 is also the file's default). So strength 1 means the same for every method
