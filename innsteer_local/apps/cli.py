@@ -398,6 +398,12 @@ def _shift_lr() -> str:
             f"{_through_config().coupling_lr:g}")
 
 
+def _coupling_steps() -> str:
+    from ..train.through.trainer import COUPLING_STEPS
+
+    return f"{COUPLING_STEPS} for data with neutral items (a selective behaviour), else 0"
+
+
 def _shape(name: str) -> Any:
     """The INN shape's default through the model, and for the geometry objective."""
     return lambda: f"{getattr(_through_config().inn, name)}; geometry: {getattr(_geometry_config().inn, name)}"
@@ -422,8 +428,9 @@ def _shape(name: str) -> Any:
                 help="torch device for training through the model")
 @options.option("--steps", type=click.IntRange(1), default=lambda: _through_config().steps,
                 help="optimiser steps of the shift through the model (all of --method vector; a flow's linear phase)")
-@options.option("--coupling-steps", type=click.IntRange(0), default=lambda: _through_config().coupling_steps,
-                help="innsteer: further steps in which the couplings move too")
+@options.option("--coupling-steps", type=click.IntRange(0), default=_coupling_steps,
+                help="innsteer: further steps in which the couplings move too (given for data without neutral "
+                     "items, the coupled flow competes with its linear phase in selection)")
 @options.option("--precision", type=click.Choice(PRECISIONS), default=lambda: _through_config().precision,
                 help="of the layers above the steered one while training (auto: bf16 where the CPU or GPU has it)")
 @options.option("--lr", type=click.FloatRange(0, min_open=True), default=_shift_lr,
@@ -446,13 +453,14 @@ def _shape(name: str) -> Any:
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
               help="write report.md, metrics.json and plots here")
 @click.option("--no-cache", is_flag=True, help="write the data and collect activations again even if cached")
+@options.judge
 @options.threads
 def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], layer: str, method: Optional[str],
           objective: Optional[str], output: str, seed: int, device: Optional[str], steps: Optional[int],
           coupling_steps: Optional[int], precision: Optional[str], lr: Optional[float], epochs: Optional[int],
           rank: Optional[int], blocks: Optional[int], hidden: Optional[int], positions: Optional[str],
           max_pairs: Optional[int], no_select: bool, dtype: Optional[str], report_dir: Optional[str], no_cache: bool,
-          threads: Optional[int]) -> None:
+          judge: Optional[str], threads: Optional[int]) -> None:
     """Train a steering flow from contrastive data on a GGUF model.
 
     \b
@@ -469,7 +477,8 @@ def train(model: Optional[str], behavior: Optional[str], pairs: Optional[str], l
         except ValueError:
             raise click.BadParameter(f"'{layer}' is neither a layer index nor auto", param_hint="--layer") from None
     cfg = TrainConfig(seed=seed, select=not no_select,
-                      **options.given(method=method, objective=objective, positions=positions, device=device))
+                      **options.given(method=method, objective=objective, positions=positions, device=device,
+                                      judge=judge))
     method = cfg.method
     through = method == "vector" or (method == "innsteer" and cfg.objective == "model")
     if through and layer == "auto":

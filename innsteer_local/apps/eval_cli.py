@@ -18,8 +18,6 @@ from .progress_bar import BarProgress
 
 
 TASK_STRENGTHS = (0.0, 1.0, 2.0, 3.0, 4.0)  # the sweep of --task without --strengths
-# the fluency judge, of another family than the model evaluated, and the judge of that model
-JUDGES = {"": "gemma3-270m", "gemma3-270m": "smollm2-135m"}
 SUITE_LAYER = {30: 15}  # the layer a suite trains at, by the model's layer count; else half the layers
 
 
@@ -90,9 +88,7 @@ def eval_flow(value: str, model_key: Optional[str], relative: bool) -> FlowSpec:
 @click.option("--only", default=None, help="comma-separated experiment names of the suite to run")
 @options.option("--layer", type=int, help="layer the suite trains at",
                 default=lambda: "".join(f"{v} for {k} layers, " for k, v in SUITE_LAYER.items()) + "else half the layers")
-@options.option("--judge", help="fluency judge of another family (registry name or .gguf); 'none' to use only the "
-                "model itself", default=lambda: "".join(f"{v} when evaluating {k}, " for k, v in JUDGES.items() if k)
-                + f"else {JUDGES['']}")
+@options.judge
 @click.option("--limit", type=click.IntRange(1), default=None, help="items per task group (e.g. harmful/harmless)")
 @options.max_tokens(lambda: f"{_eval_config().max_tokens}; quick suite {QUICK_MAX_TOKENS}")
 @options.temperature
@@ -134,11 +130,7 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
     if suite and flows:
         raise click.UsageError("--suite chooses its own flows; use --task to compare your own")
     model_path, model_key = registry.resolve_model(model, progress=BarProgress())
-    if judge is None:
-        judge = JUDGES.get(model_key or "", JUDGES[""])
-    judge_path = None if judge.lower() == "none" else registry.resolve_model(judge, progress=BarProgress())[0]
-    if judge_path is not None and judge_path.resolve() == model_path.resolve():
-        raise click.UsageError("the judge must be another model than the one evaluated (ideally of another family)")
+    judge_path = registry.resolve_judge(judge, model_path, model_key, progress=BarProgress())
     out_dir = Path(output)
     if max_tokens is None:
         max_tokens = QUICK_MAX_TOKENS if suite == "quick" else _eval_config().max_tokens
@@ -174,7 +166,8 @@ def eval_command(model: Optional[str], flows: tuple[str, ...], task: Optional[st
             n_layer = runner.llm.model_info.n_layer
             chosen = layer if layer is not None else SUITE_LAYER.get(n_layer, n_layer // 2)
             todo: Any = build(suite, runner.llm, model_key, out_dir, chosen, sweep, limit,
-                              only.split(",") if only else None, message=progress.message)
+                              only.split(",") if only else None, message=progress.message,
+                              judge=str(judge_path) if judge_path else None)
         else:
             todo = iter(experiments)
         meta = {**runner_meta, "suite": suite, "strengths": sweep}

@@ -72,6 +72,12 @@ def _default_model() -> str:
     return registry.default_model()
 
 
+def _judge_default() -> str:
+    from ..runtime import registry
+
+    return "".join(f"{v} for {k}, " for k, v in registry.JUDGES.items() if k) + f"else {registry.JUDGES['']}"
+
+
 MODEL_HELP = "registry model (see `models list`) or a local .gguf path"
 FLOW_HELP = ("a flow file or the name of a flow shipped for the model; NAME names it, :STRENGTH sets its strength, "
              "@GATE its runtime gate (in a model id such as smollm2-135m+honesty@2, @ is the strength instead: "
@@ -89,6 +95,9 @@ temperature = option("--temperature", "-t", type=click.FloatRange(0.0), default=
 threads = click.option("--threads", type=click.IntRange(1), default=None, help="[default: all cores]")
 seed = option("--seed", "-s", type=int, default=0)
 rpc = click.option("--rpc", default=None, metavar="HOST:PORT[,...]", help=RPC_HELP)
+# read each reply for fluency (eval's matched fluency, and train's selection by the same rule)
+judge = option("--judge", default=_judge_default,
+               help="fluency judge of another family (registry name or .gguf); 'none': the model judges itself")
 as_json = click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..runtime.engine import EngineFlow, Job, Sampling, Steer
 from ..runtime.flowspec import FlowSpec
-from ..runtime.jobs import BATCH_PARALLEL, Driver, alone_score, fit, open_engine, perplexity, reply_score
+from ..runtime.jobs import BATCH_PARALLEL, Driver, alone_score, fit, load_judge, open_engine, perplexity, reply_score
 from ..runtime.prompts import reply_example
 from ..measure import metrics
 from ..progress import Progress
@@ -116,13 +116,8 @@ class Runner:
         self.chat = self.engine.chat if cfg.chat is None else cfg.chat
         self.judge_llm: Any = None
         self.judge: Any = None
-        if judge_path:  # the judge reads plain text: it is often a base model of another family
-            from llama_cpp import Llama
-            from llama_cpp._utils import suppress_stdout_stderr
-
-            with suppress_stdout_stderr(disable=False):  # llama.cpp logs some notices even when not verbose
-                self.judge_llm = Llama(judge_path, n_ctx=JUDGE_CTX, verbose=False, seed=0, n_threads=n,
-                                       n_threads_batch=n)
+        if judge_path:
+            self.judge_llm = load_judge(judge_path, JUDGE_CTX, n)
             self.judge = open_engine(self.judge_llm, JUDGE_CTX, cfg.parallel)
         self.records = Records(out_dir / "records.jsonl")
         self.progress = progress or Progress()

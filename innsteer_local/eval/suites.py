@@ -159,9 +159,10 @@ def suite_strengths(suite: str) -> list[float]:
 
 def build(suite: str, llm: Any, model_key: Optional[str], out_dir: Path, layer: int, strengths: Optional[list[float]],
           limit: Optional[int], only: Optional[list[str]] = None,
-          message: Callable[[str], None] = lambda m: None) -> Iterator[Experiment]:
+          message: Callable[[str], None] = lambda m: None, judge: Optional[str] = None) -> Iterator[Experiment]:
     """Experiments of a suite, one at a time, each training the flows it compares just before it
-    runs (cached in DIR/flows), so the first results do not wait for every behaviour's training."""
+    runs (cached in DIR/flows), so the first results do not wait for every behaviour's training;
+    their selection reads fluency with the eval's judge."""
     from ..runtime.registry import resolve_flow
     from ..train.pipeline import TrainConfig, load_data, train
 
@@ -190,7 +191,7 @@ def build(suite: str, llm: Any, model_key: Optional[str], out_dir: Path, layer: 
                             data.pairs = data.pairs[: plan.max_pairs]
                     message(f"training {method} on {data.name} at layer {layer}")
                     # one cache for every method: they train on the same data the model wrote
-                    res = train(llm, data, layer, TrainConfig(method=method), cache_dir=out_dir / "training")
+                    res = train(llm, data, layer, TrainConfig(method=method, judge=judge or "none"), cache_dir=out_dir / "training")
                     res.flow.save(path)
                 flows.append(FlowSpec(path=str(path), name=method))
         yield Experiment(plan.name, plan.task(), flows, list(strengths or suite_strengths(suite)),

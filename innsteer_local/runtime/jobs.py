@@ -41,6 +41,19 @@ def open_engine(llm: Any, n_ctx: int, n_parallel: int = BATCH_PARALLEL, n_jobs: 
     return Engine(llm, n_parallel=n_parallel, n_ctx=int(n_ctx), unified=unified)
 
 
+def load_judge(path: str, n_ctx: int, n_threads: Optional[int] = None) -> Any:
+    """The fluency judge (often a base model of another family: it reads plain text) as a plain
+    llama.cpp model, quietly."""
+    import os
+
+    from llama_cpp import Llama
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    n = n_threads or os.cpu_count() or 1
+    with suppress_stdout_stderr(disable=False):  # llama.cpp logs some notices even when not verbose
+        return Llama(str(path), n_ctx=n_ctx, verbose=False, seed=0, n_threads=n, n_threads_batch=n)
+
+
 def fit(example: Example, room: int) -> Example:
     """The example within room tokens: keeps the end (the completion is what is scored)."""
     if len(example.tokens) <= room:

@@ -19,6 +19,9 @@ from ..progress import Progress
 from . import paths
 
 CHUNK = 1 << 20
+# who reads a model's replies for fluency (eval, and selection in train): a model of another family,
+# by the evaluated model's registry key ("" for any other model)
+JUDGES = {"": "gemma3-270m", "gemma3-270m": "smollm2-135m"}
 
 
 def data_dir() -> Path:
@@ -211,11 +214,30 @@ def resolve_model(spec: Optional[str], progress: Optional[Progress] = None) -> t
     if p.suffix == ".gguf" or os.sep in spec or p.exists():
         if not p.is_file():
             raise ModelError(f"model file not found: {p}")
-        return p, _identify(p)
+        return p, identify(p)
     return pull(spec, progress=progress), spec
 
 
-def _identify(path: Path) -> Optional[str]:
+def judge_for(model_key: Optional[str]) -> str:
+    """The registry model that judges the fluency of this model's replies."""
+    return JUDGES.get(model_key or "", JUDGES[""])
+
+
+def resolve_judge(spec: Optional[str], model_path: Path, model_key: Optional[str],
+                  progress: Optional[Progress] = None) -> Optional[Path]:
+    """The fluency judge's GGUF: spec (a registry key or path; None for judge_for(model_key);
+    'none' for no judge: the model judges itself), fetched if needed. Never the model itself."""
+    spec = judge_for(model_key) if spec is None else spec
+    if spec.lower() == "none":
+        return None
+    path = resolve_model(spec, progress=progress)[0]
+    if path.resolve() == Path(model_path).resolve():
+        raise ModelError("the judge must be another model than the one steered (ideally of another family); "
+                         "give --judge none to let the model judge itself")
+    return path
+
+
+def identify(path: Path) -> Optional[str]:
     """The registry key of a local file that is a registry model (by size, then sha256)."""
     size = path.stat().st_size
     for e in entries().values():

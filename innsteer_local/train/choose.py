@@ -1,16 +1,16 @@
 """The last step of `train`: which candidate to ship and what its strength 1 means, chosen by what
 the steered model writes on held-out prompts (train/held_out.py measures).
 
-Every candidate (for a flow, the outcome.Candidates that COMPETING names: its identity start,
-which is mean-diff's shift exactly, for an always-on behaviour; the end of its linear phase; the
-end of training; a linear method's one vector) writes replies at a ladder of strengths around its
-trained operating point, all side by side in one batch with the unsteered model, then in a second
-wave below or above it where the ladder found nothing fluent or was fluent to its top. The winner is the candidate with the
-best behaviour score at matched fluency (metrics.matched_fluency: the eval's own rule). The shipped
-flow is then **calibrated**: its shift is rescaled so that strength 1 is the rung just below that
-best setting (strength 1 is also the file's default). So strength 1 means the same for every method
-and data source: well inside matched fluency on held-out prompts, with the most behaviour at about
-1.4 and the text breaking towards 2.
+Every candidate (for a flow, the outcome.Candidates that COMPETING names: the end of its linear
+phase for an always-on behaviour, and the end of training where its couplings were trained too;
+the end of training for a selective one; a linear method's one vector) writes replies at 1 and 2 times its trained unit, all
+side by side in one batch with the unsteered model, then one more rung each in a second wave (above,
+between or below). Fluency is read by eval's judge (registry.judge_for: a model of another family)
+and judged by eval's rule (metrics.matched_fluency). The winner is the candidate with the best
+behaviour score at matched fluency; the shipped flow is then **calibrated**: its shift is rescaled
+so that strength 1 is the rung just below that best setting (strength 1 is also the file's
+default). So strength 1 means the same for every method and data source: inside matched fluency on
+held-out prompts, with the most behaviour at about 1.4-2 and the text breaking beyond.
 """
 
 from __future__ import annotations
@@ -33,21 +33,23 @@ if TYPE_CHECKING:
 
 _WORD = re.compile(r"[a-z']+")
 
-# strengths tried, as multiples of the trained unit (training samples [0.5, 1.5]), in steps of about
-# sqrt 2; a candidate with no fluent setting gets the next two below, one still fluent at the top
-# rung the next two above (a topic from a file of fixed sentences appears only at 1.5-2.5x the
-# unit: on the ladder alone every candidate scored within noise of unsteered)
-LADDER = (0.7, 1.0, 1.4)
-LADDER_DOWN = (0.5, 0.35)
-LADDER_UP = (2.0, 2.8)
+# strengths tried, as multiples of the trained unit (training samples [0.5, 1.5]): first 1 and 2 for
+# every candidate, then one more each where that pair leaves the answer open: 2.8 where it is still
+# fluent at 2 (a topic from a file of fixed sentences appears only at 1.5-2.5x the unit), 1.4 where
+# it is fluent at 1 only, 0.5 where it is fluent at neither. Replies cost (about 125 new tokens a
+# second batched on 2 cores); two rungs and one more keep selection within a training run's minute.
+LADDER = (1.0, 2.0)
+BETWEEN, ABOVE, BELOW = 1.4, 2.8, 0.5
 # which of a flow's candidates (outcome.Candidate.phase) compete, first the one kept where scores
-# tie. Always-on (data without neutral items): the start (mean-diff's shift), the linear phase and
-# the couplings; where they tie, the linear phase: there the objective rewards couplings that fit the
-# pairs' own wording, and on held-out prompts such a flow repeated itself sooner than its shift alone
-# at the same amount of the behaviour. Selective (data with neutral items): the couplings' job
-# (mean-diff refuses harmless requests as readily as harmful ones), against the linear phase; there
-# ties go to the lower held-out objective.
-COMPETING = {"always-on": ("linear", "start", "full"), "selective": ("linear", "full")}
+# tie. Always-on (data without neutral items): the linear phase, and the couplings where they were
+# trained (only when asked: ThroughConfig.coupling_steps); where they tie, the linear phase: there the
+# objective rewards couplings that fit the pairs' own wording, and on held-out prompts such a flow
+# repeated itself sooner than its shift alone at the same amount of the behaviour (the identity
+# start, mean-diff's shift, scored below both on every check file and is left out). Selective (data
+# with neutral items): the couplings alone, calibrated; telling harmful from harmless requests is
+# their job (a shift alone refuses both alike: 0.12 against 0.62 on the refusal check,
+# docs/RESULTS.md), and a handful of replies scored by word counts picked the shift alone wrongly.
+COMPETING = {"always-on": ("linear", "full"), "selective": ("full",)}
 
 
 def contrast_scorer(ds: Dataset) -> Callable[[str], float]:
@@ -100,8 +102,9 @@ def _prompts(out: TrainOutcome, recipe: Optional[behaviors.Recipe], n: int, n_se
 
 
 def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg: TrainConfig,
-           progress: Progress) -> None:
-    """Sets out.flow (the chosen candidate, calibrated: default strength 1) and out.selection."""
+           progress: Progress, cache_dir: Optional[Path] = None) -> None:
+    """Sets out.flow (the chosen candidate, calibrated: default strength 1) and out.selection; with a
+    cache_dir, the unsteered model's replies are kept there between runs."""
     prompts, neutral = _prompts(out, recipe, cfg.select_prompts, cfg.select_neutral)
     if not prompts:
         progress.message("no prompts to select on (pairs without prompts): keeping the trained unit as strength 1")
@@ -110,10 +113,11 @@ def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg:
     chat = has_chat_template(llm)
     competing = COMPETING["selective" if neutral else "always-on"]
     candidates = [c for c in out.candidates if c.phase in competing] or out.candidates or [Candidate(out.flow)]
-    progress.phase(f"choosing and calibrating by generation ({name} score)", 1 + len(candidates) * len(LADDER))
+    progress.phase(f"choosing and calibrating by generation ({name} score)", 1 + len(candidates) * (len(LADDER) + 1))
     per_setting = len(prompts) + len(neutral)
     judge = held_out.Judge(llm, scorer, chat, cfg.select_tokens,
-                         parallel=min(64, per_setting * (1 + len(candidates) * len(LADDER))))
+                           parallel=min(64, per_setting * (1 + len(candidates) * len(LADDER))), judge_path=None if cfg.judge == "none" else cfg.judge,
+                           memo_dir=None if cache_dir is None else cache_dir / "unsteered")
     done = 0
     settings: list[held_out.Setting] = []
     with tempfile.TemporaryDirectory(prefix="innsteer-select-") as tmp:
@@ -138,16 +142,19 @@ def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg:
             baseline = held_out.summarise(base_raw, base_raw, -1, 0.0)
             settings = [held_out.summarise(r, base_raw, i, a) for (i, a), r in zip(stage[1:], raws[1:])]
             settings = _smoothed(settings, baseline)
-            # the ladder goes down where a candidate has no fluent setting, unless a weaker push
-            # cannot win anyway: at its lowest rung it already scored no more than the best fluent
-            # setting of another candidate (the behaviour grows with strength); it goes up where a
-            # candidate is still fluent at its top rung. Both in one second wave.
+            # one more rung for each candidate (ABOVE, BETWEEN or BELOW), except below where a weaker
+            # push cannot win anyway: at its lowest rung it already scored no more than the best fluent
+            # setting of another candidate (the behaviour grows with strength). All in one second wave.
             best_fluent = max((s.score for s in settings if s.fluent), default=-math.inf)
-            ladders = [sorted((s for s in settings if s.candidate == i), key=lambda s: s.strength)
-                       for i in range(len(candidates))]
-            more = [(i, a) for i in range(len(candidates))
-                    for a in (LADDER_DOWN if not any(s.fluent for s in ladders[i]) and ladders[i][0].score > best_fluent
-                              else LADDER_UP if ladders[i][-1].fluent else ())]
+            more = []
+            for i in range(len(candidates)):
+                low, high = sorted((s for s in settings if s.candidate == i), key=lambda s: s.strength)
+                if high.fluent:
+                    more.append((i, ABOVE))
+                elif low.fluent:
+                    more.append((i, BETWEEN))
+                elif low.score > best_fluent:
+                    more.append((i, BELOW))
             if more:
                 settings = _smoothed(settings + [held_out.summarise(r, base_raw, i, a) for (i, a), r in
                                                  zip(more, measure(more))], baseline)
@@ -174,7 +181,8 @@ def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg:
     flow.rescale(unit)
     flow.default_strength = 1.0
     flow.provenance["selection"] = {"scorer": name, "prompts": len(prompts), "neutral_prompts": len(neutral),
-                                    "tokens": cfg.select_tokens, "checkpoint_step": candidates[pick].step,
+                                    "tokens": cfg.select_tokens,
+                                    "judge": "self" if cfg.judge == "none" else Path(cfg.judge).name, "checkpoint_step": candidates[pick].step,
                                     "phase": candidates[pick].phase,
                                     "unit": unit, "baseline": baseline.row(), "chosen": chosen.row(),
                                     "default": next(s for s in own if s.strength == unit).row(),

@@ -1,13 +1,15 @@
 """Held-out checks of a trained flow, what train/choose.py decides with: greedy replies to
 held-out prompts through llama.cpp (every setting side by side on the batched engine, asked and
 cut as eval asks and cuts), behaviour scored with the shared scorers, fluency with the shared
-metrics (the unsteered model's perplexity of the reply alone, distinct-2, repeated 4-grams),
+metrics (the judge's perplexity of the reply alone, distinct-2, repeated 4-grams),
 judged by the one rule for matched fluency (measure/metrics.matched_fluency)."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -66,52 +68,69 @@ def reply_job(engine: Any, prompt: str, chat: bool, max_tokens: int, steering: S
 
 class Judge:
     """Generation, scoring and fluency for selection, on an engine over the model being trained
-    (its weights are shared; each sequence carries its own candidate and strength). The model
-    itself judges fluency: a user's own model may have no judge of another family at hand."""
+    (its weights are shared; each sequence carries its own candidate and strength). Fluency is read
+    by the judge model eval reads it with (judge_path: another family, registry.judge_for), so
+    selection's matched fluency is eval's; without one, by the model itself."""
 
     def __init__(self, llm: Any, scorer: Callable[[str], float], chat: bool, max_tokens: int = SELECT_TOKENS,
-                 parallel: Optional[int] = None):
-        from ..runtime.jobs import BATCH_PARALLEL, open_engine
+                 parallel: Optional[int] = None, judge_path: Optional[str] = None, memo_dir: Optional[Path] = None):
+        from ..runtime.jobs import BATCH_PARALLEL, load_judge, open_engine
 
         self.engine = open_engine(llm, min(JUDGE_CTX, llm.n_ctx()), parallel or BATCH_PARALLEL)
+        self.judge_llm = load_judge(judge_path, JUDGE_CTX, getattr(llm, "n_threads", None)) if judge_path else None
+        self.reader = open_engine(self.judge_llm, JUDGE_CTX, parallel or BATCH_PARALLEL) if self.judge_llm else self.engine
         self.scorer, self.chat, self.max_tokens = scorer, chat, max_tokens
+        self.memo = UnsteeredMemo.for_models(memo_dir, llm.model_path, judge_path, chat, max_tokens) if memo_dir else None
 
     def add_candidate(self, path: Any) -> Any:
         """Attaches a candidate flow file; name the result in run()'s settings."""
         return self.engine.add_flow(path)
 
     def close(self) -> None:
+        if self.reader is not self.engine:
+            self.reader.close()
+            self.judge_llm.close()
         self.engine.close()
 
     def run(self, prompts: Sequence[str], neutral_prompts: Sequence[str],
             settings: Sequence[tuple[Optional[Any], float]]) -> list[dict[str, Any]]:
         """Replies and raw measurements of each setting (a candidate flow, or None, at a strength),
-        all settings side by side: every reply is generated, then scored the moment it is written:
-        behaviour, distinct-2, repeated 4-grams and the unsteered model's perplexity of the reply
-        alone."""
+        all settings side by side: every reply is generated (the unsteered ones read from the memo
+        where it has them), then scored the moment it is written: behaviour, distinct-2, repeated
+        4-grams and the judge's perplexity of the reply alone."""
         from ..runtime.engine import Steer
         from ..runtime.jobs import Driver, alone_score, perplexity
 
-        engine, driver = self.engine, Driver(self.engine)
+        engine, reader = self.engine, self.reader
+        driver = Driver(engine, *([reader] if reader is not engine else []))
         slots: list[list[dict[str, Any]]] = []
 
         def written(job: Any, slot: dict[str, Any]) -> None:
             text = slot["text"] = job.reply
-            alone = alone_score(engine, text) if text else None
+            alone = alone_score(reader, text) if text else None
             if alone is not None:
-                driver.submit(engine, alone, lambda j: slot.update(ppl=perplexity(j)))
+                driver.submit(reader, alone, lambda j: slot.update(ppl=perplexity(j)))
 
+        unsteered: list[dict[str, Any]] = []
         for flow, strength in settings:
             steering = [Steer(flow, float(strength))] if flow is not None and strength != 0.0 else []
             per: list[dict[str, Any]] = []
             for group, ps in (("scores", prompts), ("neutral_scores", neutral_prompts)):
                 for p in ps:
-                    slot: dict[str, Any] = {"group": group, "text": "", "ppl": None}
+                    slot: dict[str, Any] = {"group": group, "prompt": p, "text": "", "ppl": None}
                     per.append(slot)
+                    known = None if steering or self.memo is None else self.memo.get(p)
+                    if known is not None:
+                        slot.update(known)
+                        continue
+                    if not steering:
+                        unsteered.append(slot)
                     driver.submit(engine, reply_job(engine, p, self.chat, self.max_tokens, steering),
                                   lambda j, slot=slot: written(j, slot))
             slots.append(per)
         driver.run()
+        if self.memo is not None and unsteered:
+            self.memo.put({s["prompt"]: {"text": s["text"], "ppl": s["ppl"]} for s in unsteered})
         out = []
         for per in slots:
             raw: dict[str, Any] = {"texts": [], "scores": [], "neutral_scores": [], "ppl": [], "d2": [], "rep": []}
@@ -125,6 +144,47 @@ class Judge:
                     raw["ppl"].append(slot["ppl"])
             out.append(raw)
         return out
+
+
+class UnsteeredMemo:
+    """The unsteered model's held-out replies and their judged perplexity, kept between runs (one
+    JSON file per model, judge, chat mode and reply length, keyed by prompt): a user editing a pairs
+    file trains again on mostly the same held-out prompts, and these replies never change."""
+
+    VERSION = 1
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            known = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none yet, or damaged: write them again
+            known = {}
+        self.known: dict[str, Any] = known if isinstance(known, dict) else {}
+
+    @classmethod
+    def for_models(cls, root: Path, model_path: str, judge_path: Optional[str], chat: bool,
+                   max_tokens: int) -> "UnsteeredMemo":
+        from ..runtime.registry import file_sha256
+
+        judge = file_sha256(Path(judge_path))[:16] if judge_path else "self"
+        key = f"{file_sha256(Path(model_path))[:16]}-{judge}-{'chat' if chat else 'plain'}-n{max_tokens}-v{cls.VERSION}"
+        return cls(Path(root) / f"{key}.json")
+
+    def get(self, prompt: str) -> Optional[dict[str, Any]]:
+        entry = self.known.get(prompt)
+        ok = isinstance(entry, dict) and isinstance(entry.get("text"), str) and \
+            (entry.get("ppl") is None or isinstance(entry.get("ppl"), (int, float)))
+        return {"text": entry["text"], "ppl": entry.get("ppl")} if ok else None
+
+    def put(self, entries: dict[str, dict[str, Any]]) -> None:
+        self.known.update(entries)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.known), encoding="utf-8")
+            tmp.replace(self.path)
+        except OSError:  # a read-only cache costs time only
+            pass
 
 
 def summarise(raw: dict[str, Any], base: dict[str, Any], candidate: int, strength: float) -> Setting:

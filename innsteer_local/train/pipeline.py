@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..choices import OBJECTIVES, TRAIN_METHODS
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ModelError
 from ..progress import Progress
+from ..runtime import registry
 from . import behaviors
 from .activations.fit import train_from_activations
 from .activations.sweep import candidate_layers
@@ -40,8 +41,16 @@ class TrainConfig:
     device: str = "auto"
     select: bool = True  # choose checkpoint and default strength by generation
     select_tokens: int = 40  # as long as eval's replies (held_out.SELECT_TOKENS)
-    select_prompts: int = 5  # held-out behaviour prompts per setting (an always-on behaviour: 3 candidates x 3 + 1 settings, then up to 2 more each)
-    select_neutral: int = 3  # a selective behaviour (data with neutral items): this many of each kind (2 candidates x 3 + 1 settings)
+    # held-out prompts per setting, enough that a perplexity ratio on 40-token replies holds within
+    # about 10 % (on 5: 0.93-1.34x for a setting that measured 0.89x on 16): an always-on behaviour
+    # (2 candidates x 2 rungs + the unsteered model, then one more rung each) ...
+    select_prompts: int = 6
+    # ... or this many of each kind for a selective one (data with neutral items: 1 candidate)
+    select_neutral: int = 4
+    # who reads selection's replies for fluency: "auto" eval's judge for this model (registry.judge_for;
+    # the model itself, with a note, where that one cannot be had), a registry key or GGUF path, or
+    # "none" for the model itself
+    judge: str = "auto"
     through: Any = None  # ThroughConfig (torch) for the model objective
     geometry: Any = None  # GeometryConfig (torch) for the geometry objective
 
@@ -67,6 +76,20 @@ def _check_layer(llm: Any, layer: int | str) -> Sequence[int]:
     return [value]
 
 
+def _judge_path(llm: Any, spec: str, progress: Progress) -> str:
+    """The GGUF path of selection's fluency judge, or "none" (the model reads itself)."""
+    model = Path(llm.model_path)
+    try:
+        path = registry.resolve_judge(None if spec == "auto" else spec, model, registry.identify(model), progress)
+    except ModelError as e:
+        if spec != "auto":
+            raise
+        progress.message(f"note: no fluency judge ({e}); the model reads its own replies in selection "
+                         "(--judge chooses one)")
+        return "none"
+    return str(path) if path else "none"
+
+
 def prepare(llm: Any, data: Dataset | behaviors.Recipe, cache_dir: Optional[Path], progress: Progress) -> Dataset:
     """A built-in recipe's data written by this model (cached), or the user's data as it is."""
     if isinstance(data, Dataset):
@@ -86,6 +109,8 @@ def train(llm: Any, data: Dataset | behaviors.Recipe, layer: int | str, cfg: Opt
     if cfg.objective not in OBJECTIVES:
         raise InvalidArgument(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     layers = _check_layer(llm, layer)
+    if cfg.select:  # before training: a judge that cannot be had fails now, not after a minute
+        cfg = replace(cfg, judge=_judge_path(llm, cfg.judge, progress))
     recipe = data if isinstance(data, behaviors.Recipe) else None
     t0 = time.perf_counter()
     ds = prepare(llm, data, cache_dir, progress)
@@ -108,7 +133,7 @@ def train(llm: Any, data: Dataset | behaviors.Recipe, layer: int | str, cfg: Opt
         from .choose import choose  # noqa: PLC0415  (generation and scoring: only when selecting)
 
         t1 = time.perf_counter()
-        choose(llm, out, recipe, cfg, progress)  # the one calibration: Flow.rescale of the chosen candidate
+        choose(llm, out, recipe, cfg, progress, cache_dir)  # the one calibration: Flow.rescale of the chosen candidate
         out.seconds["select"] = time.perf_counter() - t1
     out.flow.provenance["layer"] = out.layer
     out.flow.provenance["seconds"] = {k: round(v, 1) for k, v in out.seconds.items()}

@@ -17,6 +17,7 @@ pytest.importorskip("transformers", reason="training through the model needs the
 
 from innsteer_local import Flow  # noqa: E402
 from innsteer_local.runtime.prompts import chat_example  # noqa: E402
+from innsteer_local.runtime import registry  # noqa: E402
 
 LAYER = 15
 CLI = str(Path(sys.executable).parent / "innsteer-local")
@@ -120,37 +121,41 @@ def test_train_end_to_end_through_the_model(tmp_path):
     assert flow.sites[0].gate is not None and len(flow.sites[0].ops) > 1
     sel = flow.provenance["selection"]
     # refusal is selective: held-out harmful and harmless prompts, replies as long as eval's
-    assert sel["scorer"] == "refusal" and sel["prompts"] == 3 and sel["neutral_prompts"] == 3 and sel["tokens"] == 40
-    # the two phases' checkpoints competed; the winner is calibrated: its strength 1 is a rung it was measured at
-    assert sel["checkpoint_step"] in (4, 6) and sel["phase"] == {4: "linear", 6: "full"}[sel["checkpoint_step"]]
-    assert flow.default_strength == 1.0 and sel["unit"] in (0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
+    assert sel["scorer"] == "refusal" and sel["prompts"] == 4 and sel["neutral_prompts"] == 4 and sel["tokens"] == 40
+    # fluency read by eval's judge for this model (another family)
+    assert sel["judge"] == registry.entry(registry.judge_for("smollm2-135m")).file
+    # selective: the couplings ship, calibrated: strength 1 is a rung they were measured at
+    assert sel["checkpoint_step"] == 6 and sel["phase"] == "full"
+    assert flow.default_strength == 1.0 and sel["unit"] in (0.5, 1.0, 1.4, 2.0, 2.8)
     metrics = json.loads((report / "metrics.json").read_text())
-    assert len(metrics["history"]) == 7 and len(metrics["selection_settings"]) >= 7
+    assert len(metrics["history"]) == 7 and 3 <= len(metrics["selection_settings"]) <= 4
     assert (report / "loss_curves.png").stat().st_size > 0 and (report / "selection.png").stat().st_size > 0
     assert "chosen by generation" in proc.stdout and "calibrated: strength 1" in proc.stdout
 
 
-def test_an_always_on_pairs_file_chooses_among_the_start_the_shift_and_the_couplings(tmp_path):
-    """A user's file of fixed sentences (no neutral items): the flow's start (mean-diff), the end of
-    its linear phase and the end of training write held-out replies on the ladder (and above it
-    where still fluent); the shipped flow is the one selection chose, calibrated to a rung it was
-    measured at."""
+def test_an_always_on_pairs_file_chooses_between_the_shift_and_the_couplings(tmp_path):
+    """A user's file of fixed sentences (no neutral items) with the couplings asked for
+    (--coupling-steps; by default such a flow is its linear phase): the end of the linear phase and
+    the end of training write held-out replies at 1 and 2, then one more rung each; the shipped flow
+    is the one selection chose, calibrated to a rung it was measured at. Here the model judges its
+    own fluency (--judge none)."""
     src = Path(__file__).resolve().parents[2] / "innsteer_local" / "eval" / "data" / "checks" / "space.jsonl"
     out, report = tmp_path / "space.gguf", tmp_path / "report"
     proc = subprocess.run([CLI, "train", "--pairs", str(src), "--layer", str(LAYER), "--max-pairs", "12",
-                           "--steps", "3", "--coupling-steps", "2", "-o", str(out), "--report", str(report)],
-                          capture_output=True, text=True, timeout=1500)
+                           "--steps", "3", "--coupling-steps", "2", "--judge", "none", "-o", str(out),
+                           "--report", str(report)], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     flow = Flow.load(out)
     sel = flow.provenance["selection"]
-    assert sel["neutral_prompts"] == 0 and sel["scorer"] == "contrast"
+    assert sel["neutral_prompts"] == 0 and sel["scorer"] == "contrast" and sel["judge"] == "self"
     # the whole reply is the training window: the longest reply in the file fits in it
     assert flow.provenance["hyperparameters"]["max_reply_tokens"] >= 48
     settings = json.loads((report / "metrics.json").read_text())["selection_settings"][1:]
-    assert {r["phase"] for r in settings} == {"start", "linear", "full"}
-    for phase in ("start", "linear", "full"):
+    assert {r["phase"] for r in settings} == {"linear", "full"}
+    for phase in ("linear", "full"):
         rungs = {r["strength"] for r in settings if r["phase"] == phase}
-        assert {0.7, 1.0, 1.4} <= rungs <= {0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8}  # the ladder, then down or up
-    assert sel["phase"] in ("start", "linear", "full")
-    assert sel["checkpoint_step"] == {"start": 0, "linear": 3, "full": 5}[sel["phase"]]
+        # 1 and 2, then one rung more: above where 2 was fluent, between, or below where neither was
+        assert {1.0, 2.0} <= rungs <= {0.5, 1.0, 1.4, 2.0, 2.8} and len(rungs) <= 3
+    assert sel["phase"] in ("linear", "full")
+    assert sel["checkpoint_step"] == {"linear": 3, "full": 5}[sel["phase"]]
     assert sel["unit"] in {r["strength"] for r in settings if r["phase"] == sel["phase"]}

@@ -100,11 +100,12 @@ def test_training_defaults_come_from_the_configs():
     pytest.importorskip("torch")
     from innsteer_local.train.activations.geometry import GeometryConfig
     from innsteer_local.train.pipeline import TrainConfig
-    from innsteer_local.train.through.trainer import ThroughConfig
+    from innsteer_local.train.through.trainer import COUPLING_STEPS, ThroughConfig
 
     through, geometry = ThroughConfig(), GeometryConfig()
     assert option("train", "--steps").default_text() == str(through.steps)
-    assert option("train", "--coupling-steps").default_text() == str(through.coupling_steps)
+    assert through.coupling_steps is None  # decided by the data: neutral items or none
+    assert option("train", "--coupling-steps").default_text().startswith(f"{COUPLING_STEPS} for data with neutral")
     assert option("train", "--epochs").default_text() == str(geometry.epochs)
     assert option("train", "--hidden").default_text() == f"{through.inn.hidden}; geometry: {geometry.inn.hidden}"
     assert option("train", "--method").default_text() == TrainConfig().method

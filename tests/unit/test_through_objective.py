@@ -15,6 +15,7 @@ from innsteer_local.runtime.prompts import Example  # noqa: E402
 from innsteer_local.train.through.hf_model import HFModel  # noqa: E402
 from innsteer_local.train.inn import InnConfig, InnFlow, VectorFlow  # noqa: E402
 from innsteer_local.train.through.trainer import (  # noqa: E402
+    COUPLING_STEPS,
     ThroughConfig,
     ThroughTrainer,
     encode,
@@ -240,3 +241,21 @@ def test_the_dequantized_copy_loads_the_same_model(tmp_path):
     (tmp_path / "copy" / "model.safetensors").write_bytes(b"not a safetensors file")
     assert _load_copy(tmp_path / "copy") is None  # a damaged copy is rebuilt, not trusted
     assert _load_copy(tmp_path / "nothing") is None
+
+
+def test_couplings_train_by_default_only_where_the_data_has_neutral_items(tiny):
+    """Unset, the coupling phase runs for a selective behaviour (data with neutral items) and not
+    for an always-on one, whose flow is its linear phase; given, it runs for either."""
+    pairs, neutral = data(tiny)
+    assert neutral
+    flow, _, _ = make_flow(pairs, neutral)
+    cfg = ThroughConfig(steps=3, pairs_per_step=3, neutral_per_step=2, val_fraction=0.0)
+    assert cfg.coupling_steps is None
+    selective = ThroughTrainer(tiny, flow, pairs, neutral, cfg)
+    assert selective.linear_steps == 3 and selective.total_steps == 3 + COUPLING_STEPS
+    always_on = ThroughTrainer(tiny, flow, pairs, [], cfg)
+    assert always_on.linear_steps == 3 and always_on.total_steps == 3
+    _, checkpoints = always_on.fit()
+    assert [s for s, _ in checkpoints] == [0, 3]  # the start and the linear phase
+    asked = ThroughTrainer(tiny, flow, pairs, [], ThroughConfig(steps=3, coupling_steps=2, val_fraction=0.0))
+    assert asked.total_steps == 5

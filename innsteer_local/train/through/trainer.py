@@ -27,12 +27,16 @@ from .hf_model import LIVE_PROMPT, HFModel
 # training), "innsteer" for the shift while a flow's couplings move. On the sea pairs file the
 # vector's held-out objective after 20 steps was 2.52 at 1e-2 and 2.39 at 3e-2 (2.46 after 40 at 1e-2).
 SHIFT_LR = {"innsteer": 3e-3, "vector": 2e-2}
+COUPLING_STEPS = 10
 
 
 @dataclass
 class ThroughConfig:
     steps: int = 20  # of the shift alone (all of --method vector; a flow's first phase)
-    coupling_steps: int = 10  # a flow's second phase: its couplings move too
+    # a flow's second phase, in which its couplings move too; None: COUPLING_STEPS where the data has
+    # neutral items (a selective behaviour: telling where to act is the couplings' job), none for an
+    # always-on one, whose flow is then its linear phase (docs/training.md, "Two phases")
+    coupling_steps: Optional[int] = None
     pairs_per_step: int = 4
     neutral_per_step: int = 2
     lr: Optional[float] = None  # the shift: None = the method's default (SHIFT_LR)
@@ -180,7 +184,8 @@ class ThroughTrainer:
         # checkpoint where they start moving is kept for selection, so that a flow whose
         # nonlinear part does not help on held-out prompts falls back to its linear start
         self.linear_steps = cfg.steps if nonlinear else 0
-        self.total_steps = cfg.steps + (cfg.coupling_steps if nonlinear else 0)
+        coupling_steps = cfg.coupling_steps if cfg.coupling_steps is not None else COUPLING_STEPS if neutral else 0
+        self.total_steps = cfg.steps + (coupling_steps if nonlinear else 0)
         self.linear_opt = torch.optim.Adam([flow.delta], lr=cfg.lr if cfg.lr is not None else SHIFT_LR["vector"])
         groups = [{"params": [flow.delta], "lr": lr}]
         if nonlinear:
