@@ -83,7 +83,7 @@ def _judge_path(llm: Any, spec: str, progress: Progress) -> str:
         path = registry.resolve_judge(None if spec == "auto" else spec, model, registry.identify(model), progress)
     except ModelError as e:
         if spec != "auto":
-            raise
+            raise ModelError(f"fluency judge {spec!r}: {e}") from None
         progress.message(f"note: no fluency judge ({e}); the model reads its own replies in selection "
                          "(--judge chooses one)")
         return "none"

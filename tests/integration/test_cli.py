@@ -13,6 +13,7 @@ import pytest
 from innsteer_local.flow import random_flow
 
 HONESTY = "honesty.gguf"  # resolves to the shipped flow of the default model
+CHECKS = Path(__file__).resolve().parents[2] / "innsteer_local" / "eval" / "data" / "checks"
 
 
 def cli_path() -> str:
@@ -104,6 +105,11 @@ def test_models_list_and_path():
     (["generate", "-p", "x", "--model", "no-such-model"], "unknown model"),
     (["generate", "-p", "x", "--model", "/nonexistent/model.gguf"], "model file not found"),
     (["inspect", "/nonexistent/flow.gguf"], "not found"),
+    # selection's fluency judge is checked before any training
+    (["train", "--pairs", str(CHECKS / "space.jsonl"), "--method", "mean-diff", "--judge", "no-such-model", "-o",
+      "/nonexistent/x.gguf"], "fluency judge 'no-such-model': unknown model"),
+    (["train", "--pairs", str(CHECKS / "space.jsonl"), "--method", "mean-diff", "--judge", "smollm2-135m", "-o",
+      "/nonexistent/x.gguf"], "judge must be another model than the one steered"),
 ])
 def test_cli_errors_are_clear(args, fragment):
     proc = run(*args, check=False)
