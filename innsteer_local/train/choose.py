@@ -95,6 +95,7 @@ def _prompts(out: TrainOutcome, recipe: Optional[behaviors.Recipe], n: int, n_se
         prompts, neutral = out.held_out
         if not prompts:  # activation-based methods train on every pair: take the last ones
             prompts = [p.positive_prompt for p in out.data.pairs[-n:] if p.positive_prompt]
+        if not neutral:  # too few neutral items to hold any out: the behaviour is still selective
             neutral = [x.prompt for x in out.data.neutral[-n_selective:]]
     if neutral:
         return prompts[:n_selective], neutral[:n_selective]

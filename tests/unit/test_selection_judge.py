@@ -72,3 +72,25 @@ def test_a_damaged_memo_is_forgotten_not_believed(tmp_path, files, damage):
     assert again.get("How do tides work?") is None
     again.put({"How do tides work?": {"text": "fine", "ppl": 3.0}})  # and it is written afresh
     assert UnsteeredMemo.for_models(root, str(files["model"]), None, True, 40).get("How do tides work?")["ppl"] == 3.0
+
+
+def test_selection_prompts_keep_a_behaviour_selective_when_no_neutral_item_was_held_out():
+    """Data with neutral items is selective even where too few of them were held out: selection
+    then checks the last neutral items' prompts, and asks as many behaviour prompts."""
+    import numpy as np
+
+    from innsteer_local import Flow, ModelInfo
+    from innsteer_local.train.choose import _prompts
+    from innsteer_local.train.data import Dataset, Neutral, Pair
+    from innsteer_local.train.outcome import TrainOutcome
+
+    pairs = [Pair(f"no {i}", f"yes {i}", f"bad request {i}", f"bad request {i}") for i in range(20)]
+    neutral = [Neutral(f"harmless request {i}", f"sure {i}") for i in range(5)]
+    flow = Flow.linear({1: np.ones(8, np.float32)}, ModelInfo("m", "llama", 8, 4))
+    out = TrainOutcome(flow=flow, layer=1, data=Dataset("d", pairs, neutral),
+                       held_out=([f"bad request {i}" for i in range(16, 20)] + ["bad request 15"] * 4, []))
+    prompts, kept = _prompts(out, None, n=6, n_selective=4)
+    assert kept == [f"harmless request {i}" for i in range(1, 5)] and len(prompts) == 4
+    always_on = TrainOutcome(flow=flow, layer=1, data=Dataset("d", pairs, []), held_out=(out.held_out[0], []))
+    prompts, kept = _prompts(always_on, None, n=6, n_selective=4)
+    assert kept == [] and len(prompts) == 6
