@@ -46,6 +46,9 @@ def test_the_dequantized_copy_is_the_same_model(hf, model_path, copies):
 
     folder = copies / file_sha256(model_path)[:32]
     assert (folder / "model.safetensors").is_file()
+    import gguf  # the first load read the GGUF once (hf_model._gguf_read_once) and left gguf-py as it was
+
+    assert isinstance(gguf.GGUFReader, type) and not hasattr(gguf.get_tensor_name_map, "cache_info")
 
     def no_gguf(*args, **kwargs):
         raise AssertionError("the copy should have been used")

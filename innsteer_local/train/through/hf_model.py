@@ -8,6 +8,7 @@ Layer L here is llama.cpp's `l_out-L`: the output of block L (transformers' hidd
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -367,12 +368,38 @@ def _load_gguf(path: Path, supported: Sequence[str]) -> Any:
     import torch
 
     try:
-        with _quiet():
+        with _quiet(), _gguf_read_once():
             return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                      dtype=torch.float32)
     except Exception as e:  # transformers raises many kinds for an unsupported file
         raise InnsteerError(f"transformers could not load {path.name} ({type(e).__name__}: {str(e)[:300]}); "
                             f"architectures it loads from GGUF: {', '.join(supported)}") from None
+
+
+@contextlib.contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """transformers parses the GGUF twice (config, then weights: 4 s each for smollm2-135m, most of
+    it the tokenizer's fields) and builds gguf-py's tensor-name table anew for every module (397
+    times, 5 s), both read-only; during one load each is made once. Without gguf-py, nothing to do."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def read(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 # the dequantized copy on disk: config, float32 weights (safetensors: no pickle) and what wrote them
