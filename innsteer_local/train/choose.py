@@ -116,8 +116,9 @@ def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg:
     candidates = [c for c in out.candidates if c.phase in competing] or out.candidates or [Candidate(out.flow)]
     progress.phase(f"choosing and calibrating by generation ({name} score)", 1 + len(candidates) * (len(LADDER) + 1))
     per_setting = len(prompts) + len(neutral)
+    judge_path = None if cfg.judge == "none" else cfg.judge  # pipeline.train resolved "auto"
     judge = held_out.Judge(llm, scorer, chat, cfg.select_tokens,
-                           parallel=min(64, per_setting * (1 + len(candidates) * len(LADDER))), judge_path=None if cfg.judge == "none" else cfg.judge,
+                           parallel=min(64, per_setting * (1 + len(candidates) * len(LADDER))), judge_path=judge_path,
                            memo_dir=None if cache_dir is None else cache_dir / "unsteered")
     done = 0
     settings: list[held_out.Setting] = []
@@ -182,8 +183,8 @@ def choose(llm: Any, out: TrainOutcome, recipe: Optional[behaviors.Recipe], cfg:
     flow.rescale(unit)
     flow.default_strength = 1.0
     flow.provenance["selection"] = {"scorer": name, "prompts": len(prompts), "neutral_prompts": len(neutral),
-                                    "tokens": cfg.select_tokens,
-                                    "judge": "self" if cfg.judge == "none" else Path(cfg.judge).name, "checkpoint_step": candidates[pick].step,
+                                    "tokens": cfg.select_tokens, "judge": Path(judge_path).name if judge_path else "self",
+                                    "checkpoint_step": candidates[pick].step,
                                     "phase": candidates[pick].phase,
                                     "unit": unit, "baseline": baseline.row(), "chosen": chosen.row(),
                                     "default": next(s for s in own if s.strength == unit).row(),

@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class Candidate:
-    """A flow selection (choose.py) may ship, and where in training it comes from: phase "start"
-    (a flow's identity start, mean-diff's shift), "linear" (the end of its shift-alone phase),
-    "full" (the end of training), "" for a one-phase trainer; step: its training step."""
+    """A flow selection (choose.py) may ship, and where in training it comes from: phase "linear"
+    (the end of its shift-alone phase), "full" (the end of training), "" for a one-phase trainer;
+    step: its training step."""
 
     flow: Flow
     phase: str = ""

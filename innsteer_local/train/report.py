@@ -41,8 +41,7 @@ def summary(out: TrainOutcome) -> str:
     if sel:
         c, b = sel["chosen"], sel["baseline"]
         d = sel.get("default", c)
-        phase = {"start": "the identity start (mean-diff's shift)",
-                 "linear": "the end of the linear phase (its shift alone)", "full": "the end of training"}.get(
+        phase = {"linear": "the end of the linear phase (its shift alone)", "full": "the end of training"}.get(
             sel.get("phase", ""), "")
 
         def at(r: dict[str, Any]) -> str:

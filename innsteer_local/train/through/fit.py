@@ -84,8 +84,9 @@ def train_through(llm: Any, ds: Dataset, layer: int, cfg: TrainConfig, recipe: O
                     **{k: v for k, v in meta.items() if k != "provenance"})
 
     lin = trainer.linear_steps
-    phases = {0: "start", lin: "linear"} if lin else {}
-    candidates = [Candidate(to_flow(state), phases.get(step, "full" if lin else ""), step) for step, state in checkpoints]
+    # the identity start (mean-diff's shift) is no candidate: it scored below the trained shift on every check
+    candidates = [Candidate(to_flow(state), "linear" if step == lin else "full" if lin else "", step)
+                  for step, state in checkpoints if step != 0]
     out = TrainOutcome(flow=candidates[-1].flow, layer=layer, data=ds, history=history, seconds=seconds)
     out.metrics = {"layer": layer, "start": history[0], "end": history[-1],
                    "checkpoints": [c.step for c in candidates], "linear_steps": lin}

@@ -291,7 +291,7 @@ class ThroughTrainer:
         checkpoints: list[tuple[int, dict]] = []
         start = {"step": 0, **self.held_out()}
         history.append(start)
-        if lin:  # the identity start (mean-diff's shift exactly) competes too: a flow contains it
+        if lin:  # the identity start (mean-diff's shift exactly), kept beside the phases' ends
             checkpoints.append((0, {k: v.detach().clone() for k, v in self.flow.state_dict().items()}))
         t0 = time.perf_counter()
         for step in range(1, total + 1):
